@@ -1,0 +1,31 @@
+"""ament_python package speculative_vlm (builds with colcon on ROS 2, or pip in a venv)."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = "speculative_vlm"
+
+setup(
+    name=package_name,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "bench"]),
+    package_data={package_name: ["protocol/*.proto", "go2/scenes/*.yaml"]},
+    data_files=[
+        ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
+        ("share/" + package_name, ["package.xml"]),
+        ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
+        ("share/" + package_name + "/config", glob("config/*.yaml")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=False,
+    maintainer="speculative_vlm developers",
+    maintainer_email="dev@speculative-vlm.invalid",
+    description="Speculative edge-cloud decoding with early exits driving a Unitree Go2.",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "speculative-vlm = speculative_vlm.cli:main",
+        ],
+    },
+)

@@ -1,0 +1,32 @@
+"""The `speculative-vlm` command: one entry point, subcommands imported on demand."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-models": ("speculative_vlm.decoding.model_store", "convert the bundled SmolLM2 GGUF once"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="speculative-vlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    # Only the chosen subcommand's module is imported, so `--help` stays fast.
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+        sp = argparse.ArgumentParser(prog=f"speculative-vlm {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+        module.add_arguments(sp)
+        return int(module.run(sp.parse_args(argv[1:])) or 0)
+    parser.parse_args(argv)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

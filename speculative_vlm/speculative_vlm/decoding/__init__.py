@@ -1,0 +1,1 @@
+"""The ROS-free speculative decoding engine: model adapters, verification rules, the loop."""

@@ -1,0 +1,119 @@
+"""The contract between the speculative loop and whatever verifies its drafts.
+
+The loop on the robot talks only to :class:`Verifier` and :class:`VerifierSession`;
+an in-process verifier, the gRPC client (``protocol``) and the ROS topic adapter
+(``nodes``) implement it, so one loop and one test suite serve every transport.
+
+Positions are counted in *output* tokens (the prompt excluded): the draft and the
+target may tokenize the prompt differently (a VLM target sees image tokens the
+text-only draft never does), but they share the output vocabulary.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+class VerifierError(RuntimeError):
+    """Base class of errors raised through the Verifier interface."""
+
+
+class SessionNotFound(VerifierError):
+    """The verifier has no such session (never opened, closed, or expired)."""
+
+
+class VerifierTimeout(VerifierError):
+    """No verdict arrived within the deadline."""
+
+
+class LinkLost(VerifierError):
+    """The connection to the verifier is gone; open a new session once it is back."""
+
+
+class Refused(VerifierError):
+    """The verifier refused a request; ``code`` and the message say why."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    max_new_tokens: int = 64
+    grammar: str = ""  # "" = unconstrained, "command" = the robot command schema
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    prompt: str  # the user message (instruction + scene text)
+    system: str = ""  # system message; each side applies its own chat template
+    image: bytes | None = None  # JPEG for a VLM target
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+@dataclass(frozen=True)
+class DraftBlock:
+    round: int
+    base_length: int  # number of output tokens the block extends
+    base_tail: tuple[int, ...]  # last output tokens the block assumes (checked by the verifier)
+    tokens: tuple[int, ...]
+    preemptive: bool = False
+    # Sparse draft distributions, one {token_id: prob} per drafted token (sampling only).
+    q: tuple[dict[int, float], ...] | None = None
+
+
+class VerdictKind(enum.Enum):
+    EARLY = 0  # provisional, from an exit layer; a speculation signal only
+    FINAL = 1  # from the last layer; the only verdict that decides output
+    DROPPED = 2  # the block's assumed prefix did not hold; it was not verified
+
+
+@dataclass(frozen=True)
+class Verdict:
+    round: int
+    kind: VerdictKind
+    accepted: int = 0  # leading draft tokens accepted
+    token: int = -1  # next token after the accepted prefix (correction or bonus), -1 if none
+    confidence: float = 1.0  # EARLY: the exit's probability of `token`
+    exit_layer: int = -1  # EARLY: the exit's decoder layer index
+    eos: bool = False  # the output is complete after `token`
+    verify_time_s: float = 0.0  # verifier-side time spent on this block
+
+
+class VerifierSession(ABC):
+    """One decoding session on a verifier."""
+
+    session_id: str
+
+    @abstractmethod
+    def submit(self, block: DraftBlock) -> None:
+        """Send a block for verification; returns at once."""
+
+    @abstractmethod
+    def next_verdict(self, timeout: float | None = None) -> Verdict:
+        """Block until the next verdict (EARLY, FINAL or DROPPED) arrives, in order of sending.
+
+        Raises VerifierTimeout, LinkLost, SessionNotFound or Refused.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the session on the verifier; idempotent."""
+
+
+class Verifier(ABC):
+    @abstractmethod
+    def open(self, request: SessionRequest) -> VerifierSession:
+        """Open a session (prefills the prompt on the target). Raises Refused on bad input."""
