@@ -1,0 +1,1 @@
+"""The cloud verifier service: hosts the target model for many robots (no ROS here)."""

@@ -1,0 +1,109 @@
+"""Configuration of the verifier server: one dataclass, read from YAML and command-line flags.
+
+The YAML is a plain mapping with the field names below (``limits:`` nested); a
+``ros__parameters`` wrapper, as the robot-side configs use, is accepted and unwrapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The server configuration is unusable; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC receive limit; larger messages are refused
+    max_image_bytes: int = 2 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 8000
+    max_system_chars: int = 8000
+    max_draft_tokens: int = 32
+    max_new_tokens: int = 1024
+    max_sessions_per_client: int = 8
+    requests_per_second: float = 500.0  # per client; Open and Draft both count
+    burst: int = 100
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = "smollm2-135m-instruct"  # a folder or a model-store name
+    exit_layers: tuple[int, ...] = ()
+    exit_heads: str | None = None  # trained exit adapters; None = shared norm + LM head
+    max_batch: int = 8  # 1 = unbatched
+    max_wait_ms: float = 5.0  # longest a block waits for others to join its batch
+    bind: str = "127.0.0.1:50051"  # port 0 picks a free one
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    allow_insecure: bool = False  # plaintext on a non-loopback address
+    require_auth: bool = True
+    tokens_file: str | None = None  # lines "client-name token" (or just "token")
+    tokens_env: str = "SPECULATIVE_VLM_TOKENS"  # "name:token,name:token" (or just tokens)
+    metrics_port: int | None = None  # None = off, 0 = pick a free port
+    metrics_bind: str = "127.0.0.1"
+    session_idle_s: float = 60.0
+    workers: int = 64  # gRPC handler threads; each open stream holds one
+    torch_threads: int | None = None
+    log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def host(self) -> str:
+        return self.bind.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+    def validate(self) -> ServerConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: give both, or neither for plaintext")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1 (1 = unbatched), got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if ":" not in self.bind:
+            raise ConfigError(f"bind must be host:port, got {self.bind!r}")
+        return self
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def from_mapping(data: dict[str, Any]) -> ServerConfig:
+    """A validated ServerConfig from a mapping; unknown keys are an error, not ignored."""
+    if "ros__parameters" in data:
+        data = data["ros__parameters"]
+    elif len(data) == 1 and isinstance(next(iter(data.values())), dict) and \
+            "ros__parameters" in next(iter(data.values())):
+        data = next(iter(data.values()))["ros__parameters"]
+    data = dict(data)
+    limits_data = dict(data.pop("limits", {}) or {})
+    known = {f.name for f in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown server settings {unknown}; known: {sorted(known)}")
+    known_limits = {f.name for f in dataclasses.fields(Limits)}
+    unknown = sorted(set(limits_data) - known_limits)
+    if unknown:
+        raise ConfigError(f"unknown limits {unknown}; known: {sorted(known_limits)}")
+    if "exit_layers" in data:
+        data["exit_layers"] = tuple(int(x) for x in data["exit_layers"] or ())
+    return ServerConfig(**data, limits=Limits(**limits_data)).validate()
+
+
+def from_yaml(path: str | Path) -> ServerConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read server config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return from_mapping(data)

@@ -1,0 +1,121 @@
+"""Conversion between the wire messages (``verifier_pb2``) and the engine's dataclasses.
+
+Both the server and the client go through these functions, so the two ends cannot
+disagree on what a field means (for example ``token = -1`` meaning "no token").
+"""
+
+from __future__ import annotations
+
+from speculative_vlm.decoding.verifier import (
+    DraftBlock,
+    GenerationSettings,
+    SessionRequest,
+    Verdict,
+    VerdictKind,
+)
+from speculative_vlm.protocol import verifier_pb2 as pb
+
+PROTOCOL_VERSION = 1
+
+
+def settings_to_pb(settings: GenerationSettings) -> pb.GenerationSettings:
+    return pb.GenerationSettings(
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        grammar=settings.grammar,
+        seed=settings.seed,
+    )
+
+
+def settings_from_pb(msg: pb.GenerationSettings) -> GenerationSettings:
+    return GenerationSettings(
+        temperature=float(msg.temperature),
+        top_k=int(msg.top_k),
+        # proto3 has no "unset": 0 would mean "keep nothing", which no caller means.
+        top_p=float(msg.top_p) if msg.top_p > 0 else 1.0,
+        max_new_tokens=int(msg.max_new_tokens) if msg.max_new_tokens > 0 else GenerationSettings.max_new_tokens,
+        grammar=msg.grammar,
+        seed=int(msg.seed),
+    )
+
+
+def open_to_pb(request: SessionRequest, autoregressive: bool = False) -> pb.ClientMessage:
+    return pb.ClientMessage(open=pb.Open(
+        protocol_version=PROTOCOL_VERSION,
+        image_jpeg=request.image or b"",
+        system=request.system,
+        prompt=request.prompt,
+        settings=settings_to_pb(request.settings),
+        mode=pb.AUTOREGRESSIVE if autoregressive else pb.SPECULATIVE,
+    ))
+
+
+def open_from_pb(msg: pb.Open) -> SessionRequest:
+    return SessionRequest(
+        prompt=msg.prompt,
+        system=msg.system,
+        image=bytes(msg.image_jpeg) or None,
+        settings=settings_from_pb(msg.settings),
+    )
+
+
+def draft_to_pb(block: DraftBlock) -> pb.ClientMessage:
+    q = []
+    for dist in block.q or ():
+        ids = list(dist.keys())
+        q.append(pb.SparseDistribution(token_ids=ids, probs=[dist[i] for i in ids]))
+    return pb.ClientMessage(draft=pb.Draft(
+        round=block.round,
+        base_length=block.base_length,
+        base_tail=list(block.base_tail),
+        tokens=list(block.tokens),
+        preemptive=block.preemptive,
+        q=q,
+    ))
+
+
+def draft_from_pb(msg: pb.Draft) -> DraftBlock:
+    q = tuple(dict(zip((int(i) for i in d.token_ids), (float(p) for p in d.probs), strict=True))
+              for d in msg.q) or None
+    return DraftBlock(
+        round=int(msg.round),
+        base_length=int(msg.base_length),
+        base_tail=tuple(int(t) for t in msg.base_tail),
+        tokens=tuple(int(t) for t in msg.tokens),
+        preemptive=bool(msg.preemptive),
+        q=q,
+    )
+
+
+def verdict_to_pb(verdict: Verdict) -> pb.ServerMessage:
+    if verdict.kind is VerdictKind.EARLY:
+        return pb.ServerMessage(early=pb.Early(
+            round=verdict.round, accepted=verdict.accepted, token=verdict.token,
+            confidence=verdict.confidence, layer=verdict.exit_layer))
+    if verdict.kind is VerdictKind.FINAL:
+        return pb.ServerMessage(final=pb.Final(
+            round=verdict.round, accepted=verdict.accepted, token=verdict.token,
+            eos=verdict.eos, verify_time_s=verdict.verify_time_s))
+    return pb.ServerMessage(dropped=pb.Dropped(round=verdict.round))
+
+
+def verdict_from_pb(msg: pb.ServerMessage) -> Verdict | None:
+    """The verdict a server message carries, or None for the kinds that are not verdicts."""
+    kind = msg.WhichOneof("kind")
+    if kind == "early":
+        e = msg.early
+        return Verdict(round=e.round, kind=VerdictKind.EARLY, accepted=e.accepted, token=e.token,
+                       confidence=e.confidence, exit_layer=e.layer)
+    if kind == "final":
+        f = msg.final
+        return Verdict(round=f.round, kind=VerdictKind.FINAL, accepted=f.accepted, token=f.token,
+                       eos=f.eos, verify_time_s=f.verify_time_s)
+    if kind == "dropped":
+        return Verdict(round=msg.dropped.round, kind=VerdictKind.DROPPED)
+    return None
+
+
+def error(code: str, reason: str) -> pb.ServerMessage:
+    return pb.ServerMessage(error=pb.Error(code=code, reason=reason))
