@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-
 from speculative_vlm.cloud.netem import DelayProxy, LinkProfile
 
 

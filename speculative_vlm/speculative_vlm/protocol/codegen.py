@@ -13,7 +13,7 @@ from importlib.resources import files
 from pathlib import Path
 
 PROTO_NAME = "verifier.proto"
-GENERATED = ("verifier_pb2.py", "verifier_pb2.pyi", "verifier_pb2_grpc.py")
+GENERATED = ("verifier_pb2.py", "verifier_pb2_grpc.py")
 
 
 def protocol_dir() -> Path:
@@ -38,7 +38,6 @@ def generate(out_dir: Path) -> dict[str, bytes]:
         f"-I{root}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         str(proto.relative_to(root)),
     ]
