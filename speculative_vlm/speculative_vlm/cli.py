@@ -9,6 +9,8 @@ import sys
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare-models": ("speculative_vlm.decoding.model_store", "convert the bundled SmolLM2 GGUF once"),
+    "record": ("speculative_vlm.bags.record", "record topics into a rosbag2 MCAP bag"),
+    "replay": ("speculative_vlm.bags.replay", "play a rosbag2 bag with /clock"),
 }
 
 
