@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     MOVE = "move"
     STOP = "stop"
     STAND_UP = "stand_up"
@@ -80,7 +80,10 @@ def _number(obj: dict, key: str, lo: float, hi: float) -> float:
     value = obj[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CommandError(f"field {key!r} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer too large for a float
+        raise CommandError(f"field {key!r} is too large") from None
     if not math.isfinite(value):
         raise CommandError(f"field {key!r} must be finite, got {value!r}")
     if not lo <= value <= hi:
@@ -88,11 +91,20 @@ def _number(obj: dict, key: str, lo: float, hi: float) -> float:
     return value
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # A repeated key has two values; picking one would be guessing.
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"duplicate keys {dup}")
+    return dict(pairs)
+
+
 def parse_command(text: str, limits: Limits = DEFAULT_LIMITS) -> LocomotionCommand:
     """Parse model text into a command, or raise :class:`CommandError` with the reason."""
     try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, huge integers, duplicates
         raise CommandError(f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise CommandError(f"expected a JSON object, got {type(obj).__name__}")
