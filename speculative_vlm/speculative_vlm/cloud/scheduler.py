@@ -1,0 +1,153 @@
+"""The batch scheduler: blocks from different sessions that arrive together share one pass.
+
+One thread owns verification. It waits for a first pending block, then gives other
+sessions up to ``max_wait_s`` to join (it stops waiting as soon as the batch is full or
+every active session already has a block waiting, since nobody else could join), and
+verifies the batch in one ``engine.verify`` call. Each session has at most one block in a
+pass, so a session's pipelined blocks are verified in order, each after the previous
+one's final verdict: the engine then verifies it if its assumed prefix holds and drops it
+otherwise. Early verdicts go to their session's stream the moment the exit layer fires.
+A batch that fails is retried one block at a time, so one bad request fails only its own
+session.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from speculative_vlm.cloud.metrics import ServerMetrics
+from speculative_vlm.cloud.sessions import ServerSession
+from speculative_vlm.decoding.verifier import DraftBlock, Refused, Verdict, VerdictKind
+from speculative_vlm.protocol import convert
+
+log = logging.getLogger("speculative_vlm.cloud.scheduler")
+
+
+class BatchScheduler:
+    def __init__(self, engine: Any, max_batch: int, max_wait_s: float, metrics: ServerMetrics,
+                 engine_lock: threading.Lock, on_failed: Callable[[ServerSession, str, str], None]):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.metrics = metrics
+        # Prefill, verification and close all use the model: one at a time.
+        self.engine_lock = engine_lock
+        self._on_failed = on_failed
+        self._cond = threading.Condition()
+        self._active: set[ServerSession] = set()
+        self._stopped = False
+        self.passes = 0
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="batch-scheduler")
+        self._thread.start()
+
+    # -- called from stream threads ------------------------------------------------
+    def register(self, session: ServerSession) -> None:
+        with self._cond:
+            self._active.add(session)
+
+    def unregister(self, session: ServerSession) -> None:
+        with self._cond:
+            self._active.discard(session)
+            session.pending.clear()
+            self._cond.notify_all()
+
+    def submit(self, session: ServerSession, block: DraftBlock) -> None:
+        with self._cond:
+            session.pending.append((block, time.monotonic()))
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+
+    # -- the verification thread ---------------------------------------------------
+    def _ready(self) -> list[ServerSession]:
+        return [s for s in self._active if s.pending and not s.closed]
+
+    def _next_batch(self) -> list[tuple[ServerSession, DraftBlock, float]] | None:
+        with self._cond:
+            while not self._stopped and not self._ready():
+                self._cond.wait()
+            if self._stopped:
+                return None
+            deadline = min(s.pending[0][1] for s in self._ready()) + self.max_wait_s
+            while not self._stopped:
+                ready = self._ready()
+                everyone_waiting = len(ready) == len([s for s in self._active if not s.closed])
+                remaining = deadline - time.monotonic()
+                if len(ready) >= self.max_batch or everyone_waiting or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            ready = sorted(self._ready(), key=lambda s: s.pending[0][1])[: self.max_batch]
+            batch = []
+            for s in ready:
+                block, arrived = s.pending.popleft()
+                batch.append((s, block, arrived))
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                try:
+                    self._verify(batch)
+                except Exception:  # the scheduler must outlive any one bad batch
+                    log.exception("verification thread error", extra={"event": "scheduler_error"})
+
+    def _verify(self, batch: list[tuple[ServerSession, DraftBlock, float]]) -> None:
+        by_target = {id(s.target): s for s, _, _ in batch}
+
+        def on_early(target: Any, verdict: Verdict) -> None:
+            session = by_target.get(id(target))
+            if session is not None:
+                session.send(convert.verdict_to_pb(verdict))
+                self.metrics.early_verdicts.inc()
+
+        start = time.monotonic()
+        for _, _, arrived in batch:
+            self.metrics.queue_wait.observe(start - arrived)
+        try:
+            with self.engine_lock:
+                verdicts = self.engine.verify([(s.target, b) for s, b, _ in batch], on_early)
+            results: list[tuple[ServerSession, Verdict | Exception]] = list(
+                zip((s for s, _, _ in batch), verdicts, strict=True))
+        except Exception as exc:
+            if len(batch) == 1:
+                results = [(batch[0][0], exc)]
+            else:
+                log.warning("batched verification failed; retrying one block at a time",
+                            extra={"event": "batch_retry", "error": repr(exc), "batch": len(batch)})
+                results = []
+                for s, b, _ in batch:
+                    try:
+                        with self.engine_lock:
+                            results.append((s, self.engine.verify([(s.target, b)], on_early)[0]))
+                    except Exception as one_exc:
+                        results.append((s, one_exc))
+        elapsed = time.monotonic() - start
+        self.passes += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.verify_latency.observe(elapsed)
+        for session, result in results:
+            if isinstance(result, Exception):
+                code = result.code if isinstance(result, Refused) else "verify_failed"
+                reason = result.reason if isinstance(result, Refused) else \
+                    f"verification failed ({result!r}); open a new session"
+                self._on_failed(session, code, reason)
+                continue
+            if result.kind is VerdictKind.FINAL:
+                self.metrics.rounds_total.labels("verified").inc()
+                self.metrics.accepted_tokens.observe(result.accepted)
+            else:
+                self.metrics.rounds_total.labels("dropped").inc()
+            session.send(convert.verdict_to_pb(result))

@@ -1,0 +1,216 @@
+"""Starts the verifier server: in-process (``serve(config)``) or as ``speculative-vlm-cloud``.
+
+Security is decided here, before a port opens: plaintext is refused on a non-loopback
+address unless explicitly allowed, authentication needs configured tokens, and only a
+loopback server may run without authentication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from speculative_vlm.cloud import logs
+from speculative_vlm.cloud.auth import AuthConfigError, TokenAuthenticator, load_tokens
+from speculative_vlm.cloud.config import ConfigError, Limits, ServerConfig, from_yaml
+from speculative_vlm.cloud.metrics import ServerMetrics
+from speculative_vlm.cloud.service import SERVICE_NAME, VerificationService
+
+log = logging.getLogger("speculative_vlm.cloud.server")
+
+
+class InsecureBind(ConfigError):
+    """Plaintext was requested on an address other machines can reach."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+def check_security(config: ServerConfig) -> dict[str, str]:
+    """The {token: client} table, after refusing insecure set-ups; raises ConfigError/AuthConfigError."""
+    loopback = is_loopback(config.host)
+    if not config.tls and not loopback and not config.allow_insecure:
+        raise InsecureBind(f"refusing plaintext on {config.bind}: give tls_cert and tls_key, bind to 127.0.0.1, "
+                           "or set allow_insecure if the network is trusted")
+    if not config.require_auth:
+        if not loopback:
+            raise ConfigError(f"authentication can only be turned off on a loopback address, not {config.bind}")
+        return {}
+    tokens = load_tokens(config.tokens_file, config.tokens_env)
+    if not tokens:
+        raise AuthConfigError(f"no tokens configured: write 'name token' lines to a tokens_file or set "
+                              f"{config.tokens_env}=name:token (or set require_auth: false on loopback)")
+    return tokens
+
+
+def build_engine(config: ServerConfig) -> Any:
+    """The target engine for ``config.model`` (with its exit layers), loaded through the engine's loader."""
+    from speculative_vlm.decoding.models import load_target
+    from speculative_vlm.decoding.target_engine import TargetEngine
+
+    adapter = load_target(config.model)
+    return TargetEngine(adapter, exit_layers=list(config.exit_layers), exit_heads=config.exit_heads,
+                        max_batch=config.max_batch)
+
+
+@dataclass
+class ServerHandle:
+    """A running server: ``port`` for clients, ``stop()`` to end it."""
+
+    port: int
+    metrics_port: int | None
+    config: ServerConfig
+    service: VerificationService
+    metrics: ServerMetrics
+    _server: grpc.Server
+    _health: health.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self._health.enter_graceful_shutdown()
+        self.service.shutdown()
+        self._server.stop(grace).wait()
+        self.metrics.stop()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+
+def serve(config: ServerConfig, engine: Any = None) -> ServerHandle:
+    """Start a server for ``config`` (port 0 picks a free port); ``engine`` overrides loading one."""
+    config.validate()
+    tokens = check_security(config)
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    engine = engine if engine is not None else build_engine(config)
+    metrics = ServerMetrics()
+    service = VerificationService(config, engine, metrics, TokenAuthenticator(tokens) if tokens else None)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
+        # Refuse new streams rather than queueing them behind busy threads.
+        maximum_concurrent_rpcs=max(1, config.workers - 2),
+        options=[
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+            ("grpc.max_send_message_length", 1024 * 1024),
+            # Robots ping to detect a dead link quickly; allow it.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    server.add_generic_rpc_handlers((service.handler(),))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.tls:
+        key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+        port = server.add_secure_port(config.bind, grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        port = server.add_insecure_port(config.bind)
+    if port == 0:
+        raise ConfigError(f"cannot bind {config.bind} (address in use or not local)")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = metrics.serve(config.metrics_port, config.metrics_bind) if config.metrics_port is not None \
+        else None
+    log.info("serving", extra={"event": "serving", "port": port, "bind": config.bind, "tls": config.tls,
+                               "auth": bool(tokens), "metrics_port": metrics_port, "model": config.model,
+                               "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms})
+    return ServerHandle(port, metrics_port, config, service, metrics, server, health_servicer)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speculative-vlm-cloud", description=(
+        "The cloud verifier: hosts the target model (with early exits) for many robots over gRPC. "
+        "Settings come from --config YAML; flags override it."))
+    p.add_argument("--config", help="YAML with server settings (see cloud/config.py)")
+    p.add_argument("--model", help="target model folder or model-store name")
+    p.add_argument("--exit-layers", help="comma-separated decoder layer indices with early exits")
+    p.add_argument("--exit-heads", help="trained exit adapters checkpoint")
+    p.add_argument("--max-batch", type=int, help="blocks per forward pass (1 = unbatched)")
+    p.add_argument("--max-wait-ms", type=float, help="longest added wait for a batch to fill")
+    p.add_argument("--bind", help="host:port (port 0 picks one)")
+    p.add_argument("--tls-cert", help="PEM certificate chain")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--allow-insecure", action="store_true", default=None,
+                   help="allow plaintext on a non-loopback address")
+    p.add_argument("--no-auth", action="store_true", help="no authentication (loopback only)")
+    p.add_argument("--tokens-file", help="file of 'client-name token' lines")
+    p.add_argument("--tokens-env", help="environment variable with name:token,... (default SPECULATIVE_VLM_TOKENS)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = pick one)")
+    p.add_argument("--session-idle-s", type=float, help="expire sessions idle this long")
+    p.add_argument("--torch-threads", type=int, help="torch CPU threads")
+    p.add_argument("--max-image-bytes", type=int, help="largest JPEG accepted")
+    p.add_argument("--max-sessions-per-client", type=int, help="open sessions per client")
+    p.add_argument("--requests-per-second", type=float, help="per-client request rate")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    config = from_yaml(args.config) if args.config else ServerConfig()
+    changes: dict[str, Any] = {}
+    for name in ("model", "exit_heads", "max_batch", "max_wait_ms", "bind", "tls_cert", "tls_key", "allow_insecure",
+                 "tokens_file", "tokens_env", "metrics_port", "session_idle_s", "torch_threads", "log_level"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.exit_layers is not None:
+        changes["exit_layers"] = tuple(int(x) for x in args.exit_layers.split(",") if x.strip())
+    if args.no_auth:
+        changes["require_auth"] = False
+    limit_changes = {name: getattr(args, name) for name in ("max_image_bytes", "max_sessions_per_client",
+                                                             "requests_per_second")
+                     if getattr(args, name) is not None}
+    if limit_changes:
+        import dataclasses
+
+        changes["limits"] = dataclasses.replace(config.limits, **limit_changes)
+    return config.replace(**changes).validate() if changes else config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"speculative-vlm-cloud: {exc}")
+        return 2
+    logs.configure(config.log_level)
+    try:
+        handle = serve(config)
+    except (ConfigError, AuthConfigError) as exc:
+        log.error(str(exc), extra={"event": "refused_to_start"})
+        return 2
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    log.info("stopping", extra={"event": "stopping"})
+    handle.stop(grace=2.0)
+    return 0
+
+
+__all__ = ["Limits", "ServerConfig", "ServerHandle", "serve", "main", "InsecureBind"]

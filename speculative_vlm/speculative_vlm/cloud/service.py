@@ -1,0 +1,225 @@
+"""The gRPC service: one bidirectional stream per session, on top of the session store and
+the batch scheduler.
+
+Each stream has two threads: the gRPC handler thread drains the session's outbox into the
+response stream, and a reader thread takes the client's messages (so an Early verdict can
+go out while the client is still sending). Every refusal is an ``Error`` message with a
+code and a reason on that stream only, after which the stream ends; other sessions are
+not affected. Garbage that does not parse as a ``ClientMessage`` is refused the same way,
+because the service installs its own request deserializer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from speculative_vlm.cloud.auth import TokenAuthenticator, Unauthenticated
+from speculative_vlm.cloud.config import ServerConfig
+from speculative_vlm.cloud.limits import LimitExceeded, RateLimiter, check_draft, check_open
+from speculative_vlm.cloud.metrics import ServerMetrics
+from speculative_vlm.cloud.scheduler import BatchScheduler
+from speculative_vlm.cloud.sessions import ServerSession, SessionStore
+from speculative_vlm.decoding.verifier import Refused
+from speculative_vlm.protocol import convert
+from speculative_vlm.protocol import verifier_pb2 as pb
+
+log = logging.getLogger("speculative_vlm.cloud.service")
+
+SERVICE_NAME = "speculative_vlm.v1.Verification"
+
+
+class Malformed:
+    """What the deserializer returns for bytes that are not a ClientMessage."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def deserialize_client_message(data: bytes) -> pb.ClientMessage | Malformed:
+    try:
+        msg = pb.ClientMessage.FromString(data)
+    except DecodeError as exc:
+        return Malformed(f"bytes do not parse as speculative_vlm.v1.ClientMessage ({exc})")
+    if msg.WhichOneof("kind") is None:
+        return Malformed("message has none of open/draft/close set; is the client speaking protocol v1?")
+    return msg
+
+
+class VerificationService:
+    def __init__(self, config: ServerConfig, engine: Any, metrics: ServerMetrics,
+                 authenticator: TokenAuthenticator | None):
+        self.config = config
+        self.engine = engine
+        self.metrics = metrics
+        self.auth = authenticator
+        self.store = SessionStore(config.session_idle_s)
+        self.rate = RateLimiter(config.limits.requests_per_second, config.limits.burst)
+        self.engine_lock = threading.Lock()
+        self.scheduler = BatchScheduler(engine, config.max_batch, config.max_wait_ms / 1000, metrics,
+                                        self.engine_lock, on_failed=self._fail)
+        self.vocab_size: int | None = getattr(engine, "vocab_size", None)
+        self._stopped = threading.Event()
+        self._janitor = threading.Thread(target=self._expire_idle, daemon=True, name="session-janitor")
+        self._janitor.start()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Session": grpc.stream_stream_rpc_method_handler(
+                self.session,
+                request_deserializer=deserialize_client_message,
+                response_serializer=pb.ServerMessage.SerializeToString,
+            ),
+        })
+
+    # -- the stream ----------------------------------------------------------------
+    def session(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[pb.ServerMessage]:
+        peer = context.peer()
+        try:
+            client = self.auth.client_for(context.invocation_metadata()) if self.auth else peer
+        except Unauthenticated as exc:
+            self._count_refusal("unauthenticated", str(exc), client="?", peer=peer)
+            yield convert.error("unauthenticated", str(exc))
+            return
+        session = ServerSession(client=client, peer=peer)
+        context.add_callback(lambda: self._cleanup(session))  # client cancelled or link died
+        threading.Thread(target=self._read, args=(session, requests), daemon=True,
+                         name=f"reader-{session.id}").start()
+        try:
+            while True:
+                message = session.outbox.get()
+                if message is None:
+                    return
+                yield message
+        finally:
+            self._cleanup(session)
+
+    def _read(self, session: ServerSession, requests: Iterator[Any]) -> None:
+        try:
+            for message in requests:
+                session.touch()
+                if session.closed:
+                    return
+                if isinstance(message, Malformed):
+                    self._fail(session, "malformed", message.reason)
+                    return
+                kind = message.WhichOneof("kind")
+                if kind == "open":
+                    self._open(session, message.open)
+                elif kind == "draft":
+                    self._draft(session, message.draft)
+                else:
+                    session.end()
+                    return
+        except Exception as exc:  # the client went away mid-read; nothing to answer
+            log.debug("stream read ended", extra={"event": "read_end", "session": session.id, "error": repr(exc)})
+        finally:
+            if not session.closed and session.target is None:
+                session.end()
+
+    def _open(self, session: ServerSession, msg: pb.Open) -> None:
+        if session.target is not None:
+            self._fail(session, "already_open", f"session {session.id} is open; one Open per stream")
+            return
+        if msg.protocol_version != convert.PROTOCOL_VERSION:
+            self._fail(session, "unsupported_version", f"protocol version {msg.protocol_version} is not served; "
+                       f"this server speaks {convert.PROTOCOL_VERSION}")
+            return
+        if msg.mode != pb.SPECULATIVE:
+            self._fail(session, "unsupported_mode", "autoregressive mode is not served by this server")
+            return
+        try:
+            self.rate.take(session.client)
+            if self.store.count_for(session.client) >= self.config.limits.max_sessions_per_client:
+                raise LimitExceeded("too_many_sessions", f"client {session.client!r} already has "
+                                    f"{self.config.limits.max_sessions_per_client} sessions open; close one")
+            request = convert.open_from_pb(msg)
+            check_open(request, self.config.limits)
+        except LimitExceeded as exc:
+            self._fail(session, exc.code, exc.reason)
+            return
+        start = time.monotonic()
+        # Registered before the prefill so concurrent opens count against the client's limit.
+        self.store.add(session)
+        try:
+            with self.engine_lock:
+                session.target = self.engine.open_session(request)
+        except Refused as exc:
+            self.store.remove(session)
+            self._fail(session, exc.code, exc.reason)
+            return
+        except Exception as exc:
+            self.store.remove(session)
+            log.exception("prefill failed", extra={"event": "open_failed", "session": session.id})
+            self._fail(session, "open_failed", f"the target could not prefill this request ({exc!r})")
+            return
+        prefill = time.monotonic() - start
+        self.scheduler.register(session)
+        self.metrics.sessions_total.inc()
+        self.metrics.sessions_open.inc()
+        session.send(pb.ServerMessage(opened=pb.Opened(
+            session_id=session.id, protocol_version=convert.PROTOCOL_VERSION, target_model=str(self.config.model),
+            exit_layers=list(self.config.exit_layers), prefill_time_s=prefill)))
+        log.info("session opened", extra={"event": "open", "session": session.id, "client": session.client,
+                                          "peer": session.peer, "prefill_s": round(prefill, 4),
+                                          "prompt_chars": len(request.prompt), "image": request.image is not None})
+
+    def _draft(self, session: ServerSession, msg: pb.Draft) -> None:
+        if session.target is None:
+            self._fail(session, "no_session", "Draft before Open: this stream has no session; send Open first")
+            return
+        try:
+            self.rate.take(session.client)
+            block = convert.draft_from_pb(msg)
+            check_draft(block, self.config.limits, self.vocab_size)
+        except LimitExceeded as exc:
+            self._fail(session, exc.code, exc.reason)
+            return
+        except ValueError as exc:  # ragged sparse q
+            self._fail(session, "bad_draft", f"round {msg.round}: {exc}")
+            return
+        self.scheduler.submit(session, block)
+
+    # -- endings -------------------------------------------------------------------
+    def _count_refusal(self, code: str, reason: str, client: str, peer: str, session: str = "") -> None:
+        self.metrics.refusals.labels(code).inc()
+        log.warning("refused", extra={"event": "refused", "code": code, "reason": reason, "client": client,
+                                      "peer": peer, "session": session})
+
+    def _fail(self, session: ServerSession, code: str, reason: str) -> None:
+        self._count_refusal(code, reason, session.client, session.peer, session.id)
+        session.end(convert.error(code, reason))
+        self._cleanup(session)
+
+    def _cleanup(self, session: ServerSession) -> None:
+        session.end()
+        if not self.store.remove(session):
+            return
+        self.scheduler.unregister(session)
+        if session.target is not None:
+            self.metrics.sessions_open.dec()
+            try:
+                with self.engine_lock:
+                    self.engine.close_session(session.target)
+            except Exception:
+                log.exception("close failed", extra={"event": "close_failed", "session": session.id})
+            log.info("session closed", extra={"event": "close", "session": session.id, "client": session.client})
+
+    def _expire_idle(self) -> None:
+        period = max(0.05, min(1.0, self.config.session_idle_s / 4))
+        while not self._stopped.wait(period):
+            for session in self.store.idle():
+                self._fail(session, "session_expired", f"session {session.id} expired after "
+                           f"{self.config.session_idle_s:g} s idle; open a new one")
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        for session in self.store.all():
+            self._fail(session, "server_shutdown", "the server is shutting down; reconnect and open a new session")
+        self.scheduler.stop()
