@@ -26,6 +26,9 @@ setup(
     entry_points={
         "console_scripts": [
             "speculative-vlm = speculative_vlm.cli:main",
+            "motion = speculative_vlm.nodes.motion:main",
+            "camera = speculative_vlm.nodes.camera:main",
+            "speculative-vlm-sim-go2 = speculative_vlm.go2.sim:main",
         ],
     },
 )

@@ -1,0 +1,1 @@
+"""Thin rclpy nodes: camera, drafter, bridge, motion, monitor. Each is a Node subclass plus a main()."""

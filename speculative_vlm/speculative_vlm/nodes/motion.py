@@ -1,0 +1,485 @@
+"""The motion node: verified LocomotionCommands and cmd_vel -> Go2 sport requests, safely.
+
+A lifecycle node (configure connects to the robot, activate starts the Move stream).
+Safety lives here, not in the models:
+- every velocity is clamped to the ``max_*``/``min_vx`` parameters, every duration to
+  ``max_duration_s``;
+- Move is re-sent at ``move_rate_hz`` (the Go2 stops 1-2 s after the last Move) from a
+  dedicated thread on the steady clock, so executor load cannot starve it;
+- StopMove is sent when a command's duration ends, when cmd_vel goes stale
+  (``stale_timeout_s``), on e-stop, on deactivate and on shutdown;
+- the e-stop latches: ``motion/estop`` (std_msgs/Bool, True engages) or the
+  ``motion/engage_estop`` service engage it; only the ``motion/release_estop`` service
+  releases it, and while it is engaged nothing reaches the robot but StopMove.
+
+Interfaces (relative names, so a namespace applies):
+  subscribes  motion/command (speculative_vlm_msgs/LocomotionCommand), cmd_vel (geometry_msgs/Twist),
+              motion/estop (std_msgs/Bool, reliable + transient local)
+  publishes   odom (nav_msgs/Odometry, from rt/sportmodestate), /diagnostics,
+              motion/idle (std_msgs/Bool, transient local): True when nothing is executing,
+              motion/active_command (LocomotionCommand, transient local): the command being
+              executed, clamped, with the header stamp of the command it came from,
+              motion/estop_engaged (std_msgs/Bool, transient local)
+  services    motion/engage_estop, motion/release_estop (std_srvs/Trigger)
+How a client knows a command finished: publish it with a fresh header stamp, wait for
+``motion/active_command`` with that stamp, then for ``motion/idle`` == True.
+TF: tf2_msgs is not installable from PyPI here, so the odom -> base_link transform is
+published as nav_msgs/Odometry only (frame ids from parameters).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Twist
+from nav_msgs.msg import Odometry
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.executors import ExternalShutdownException
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import Bool
+from std_srvs.srv import Trigger
+
+from speculative_vlm.go2.dds import MAX_DOMAIN_ID, DdsDomainError
+from speculative_vlm.go2.sdk_backend import RobotState, SportBackend, code_name
+from speculative_vlm_msgs.msg import LocomotionCommand
+
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def _float_param(lo: float, hi: float, text: str) -> ParameterDescriptor:
+    return ParameterDescriptor(
+        description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
+    )
+
+
+@dataclass
+class _Velocity:
+    """A velocity being streamed to the robot as Move."""
+
+    vx: float
+    vy: float
+    vyaw: float
+    end: float | None  # monotonic deadline (LocomotionCommand) or None (cmd_vel, ends when stale)
+    last_input: float  # monotonic time of the input that set it
+
+
+class MotionNode(LifecycleNode):
+    """Lifecycle node driving a Go2 (real or simulated) through unitree_sdk2py's SportClient."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("motion", **kwargs)
+        d = self.declare_parameter
+        d("network_interface", "lo", ParameterDescriptor(
+            description="Network interface for the Go2's DDS traffic: 'lo' for the simulated Go2, "
+            "the NIC wired to the robot (e.g. eth0, enp3s0) for a real one"))
+        d("dds_domain_id", 0, ParameterDescriptor(
+            description="DDS domain of the robot (the Go2 uses 0)",
+            integer_range=[IntegerRange(from_value=0, to_value=MAX_DOMAIN_ID, step=1)]))
+        d("sdk_timeout_s", 0.5, _float_param(0.05, 5.0, "Timeout of one SDK request (reply wait, send wait)"))
+        d("move_rate_hz", 25.0, _float_param(5.0, 50.0, "Rate at which Move is re-sent while moving (Go2 needs 20-30 Hz)"))
+        d("stale_timeout_s", 0.5, _float_param(0.05, 5.0, "cmd_vel older than this (steady clock) stops the robot"))
+        d("max_vx", 1.0, _float_param(0.0, 3.0, "Largest forward velocity sent to the robot, m/s"))
+        d("min_vx", -0.5, _float_param(-3.0, 0.0, "Most negative (backward) velocity sent to the robot, m/s"))
+        d("max_vy", 0.5, _float_param(0.0, 1.5, "Largest lateral speed (either side) sent to the robot, m/s"))
+        d("max_vyaw", 1.5, _float_param(0.0, 4.0, "Largest yaw rate (either way) sent to the robot, rad/s"))
+        d("max_duration_s", 5.0, _float_param(0.1, 60.0, "Longest a single LocomotionCommand MOVE may run, s"))
+        d("state_timeout_s", 0.5, _float_param(0.05, 10.0, "rt/sportmodestate older than this means the robot is lost"))
+        d("diagnostics_period_s", 1.0, _float_param(0.1, 10.0, "Period of /diagnostics messages, s"))
+        d("odom_frame", "odom", ParameterDescriptor(description="frame_id of published odometry"))
+        d("base_frame", "base_link", ParameterDescriptor(description="child_frame_id of published odometry"))
+        d("autostart", False, ParameterDescriptor(
+            description="Configure and activate right after start (for bringups without a lifecycle manager)"))
+
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop_loop = threading.Event()
+        self._loop: threading.Thread | None = None
+        self._backend: SportBackend | None = None
+        self._velocity: _Velocity | None = None
+        self._actions: deque[str] = deque()
+        self._stop_pending = False
+        self._estop = False
+        self._active = False
+        self._idle: bool | None = None
+        self._last_command_time: float | None = None
+        self._rejected = 0
+        self._last_codes: dict[str, int] = {}
+        self._error_counts: dict[str, int] = {}
+        self._move_times: deque[float] = deque(maxlen=200)
+        self._subs: list = []
+        self._services: list = []
+        self._timers: list = []
+        self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = None
+        self._autostart_timer = None
+        if self.get_parameter("autostart").value:
+            self._autostart_timer = self.create_timer(0.01, self._autostart)
+
+    # ---- lifecycle ----------------------------------------------------------------
+    def _autostart(self) -> None:
+        self._autostart_timer.cancel()
+        self.destroy_timer(self._autostart_timer)
+        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self.trigger_activate()
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        p = self._params()
+        try:
+            self._backend = SportBackend(p["dds_domain_id"], p["network_interface"], p["sdk_timeout_s"], self._on_state)
+        except DdsDomainError as exc:
+            self.get_logger().error(f"cannot connect to the Go2: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self._odom_pub = self.create_lifecycle_publisher(Odometry, "odom", 10)
+        self._idle_pub = self.create_publisher(Bool, "motion/idle", LATCHED)
+        self._active_pub = self.create_publisher(LocomotionCommand, "motion/active_command", LATCHED)
+        self._estop_pub = self.create_publisher(Bool, "motion/estop_engaged", LATCHED)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._subs = [
+            self.create_subscription(LocomotionCommand, "motion/command", self._on_command, 10),
+            self.create_subscription(Twist, "cmd_vel", self._on_cmd_vel, 10),
+            self.create_subscription(Bool, "motion/estop", self._on_estop_topic, LATCHED),
+        ]
+        self._services = [
+            self.create_service(Trigger, "motion/engage_estop", self._on_engage_srv),
+            self.create_service(Trigger, "motion/release_estop", self._on_release_srv),
+        ]
+        self._timers = [self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)]
+        self._estop_pub.publish(Bool(data=self._estop))
+        self._set_idle(True)
+        self.get_logger().info(
+            f"connected to Go2 SDK on DDS domain {p['dds_domain_id']} via {p['network_interface']!r}"
+        )
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_loop.clear()
+        self._active = True
+        self._loop = threading.Thread(target=self._run, name="motion_move_stream", daemon=True)
+        self._loop.start()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.halt()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.halt()
+        self._release_interfaces()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.halt()
+        self._release_interfaces()
+        return super().on_shutdown(state)
+
+    def halt(self) -> None:
+        """Stop streaming and send StopMove (synchronously); safe to call any time, repeatedly."""
+        self._active = False
+        self._stop_loop.set()
+        self._wake.set()
+        if self._loop is not None and self._loop is not threading.current_thread():
+            self._loop.join(timeout=5.0)
+        self._loop = None
+        with self._lock:
+            self._velocity = None
+            self._actions.clear()
+            self._stop_pending = False
+        if self._backend is not None:
+            self._call("StopMove", self._backend.stop_move)
+        self._set_idle(True)
+
+    def _release_interfaces(self) -> None:
+        for timer in self._timers:
+            self.destroy_timer(timer)
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        for srv in self._services:
+            self.destroy_service(srv)
+        pubs = (self._odom_pub, self._idle_pub, self._active_pub, self._estop_pub, self._diag_pub)
+        self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = None
+        for pub in pubs:
+            if pub is not None:
+                self.destroy_publisher(pub)
+        self._timers, self._subs, self._services = [], [], []
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def _params(self) -> dict:
+        names = (
+            "network_interface", "dds_domain_id", "sdk_timeout_s", "move_rate_hz", "stale_timeout_s", "max_vx",
+            "min_vx", "max_vy", "max_vyaw", "max_duration_s", "state_timeout_s", "diagnostics_period_s",
+            "odom_frame", "base_frame",
+        )
+        return {n: self.get_parameter(n).value for n in names}
+
+    # ---- inputs -------------------------------------------------------------------
+    def _clamp(self, vx: float, vy: float, vyaw: float) -> tuple[float, float, float]:
+        p = self._params()
+
+        def clamp(v: float, lo: float, hi: float) -> float:
+            return 0.0 if not math.isfinite(v) else max(lo, min(hi, v))
+
+        return (
+            clamp(vx, p["min_vx"], p["max_vx"]),
+            clamp(vy, -p["max_vy"], p["max_vy"]),
+            clamp(vyaw, -p["max_vyaw"], p["max_vyaw"]),
+        )
+
+    def _accepting(self, what: str) -> bool:
+        if not self._active:
+            self.get_logger().warning(f"{what} ignored: node is not active", throttle_duration_sec=2.0)
+            return False
+        if self._estop:
+            self._rejected += 1
+            self.get_logger().warning(
+                f"{what} refused: e-stop engaged; call motion/release_estop first", throttle_duration_sec=1.0
+            )
+            return False
+        return True
+
+    def _on_command(self, msg: LocomotionCommand) -> None:
+        if not self._accepting("LocomotionCommand"):
+            return
+        if not msg.verified:
+            self.get_logger().warning(f"executing an UNVERIFIED command: {msg.text!r}")
+        now = time.monotonic()
+        self._last_command_time = now
+        echo = LocomotionCommand(header=msg.header, action=msg.action, verified=msg.verified, text=msg.text)
+        with self._lock:
+            self._actions.clear()
+            self._velocity = None
+            if msg.action == LocomotionCommand.MOVE:
+                vx, vy, vyaw = self._clamp(msg.vx, msg.vy, msg.vyaw)
+                duration = min(max(float(msg.duration), 0.0), self.get_parameter("max_duration_s").value)
+                if not math.isfinite(duration) or duration <= 0.0:
+                    duration = 0.0
+                echo.vx, echo.vy, echo.vyaw, echo.duration = vx, vy, vyaw, duration
+                if duration > 0.0:
+                    self._velocity = _Velocity(vx, vy, vyaw, now + duration, now)
+                else:
+                    self._stop_pending = True
+            elif msg.action == LocomotionCommand.STOP:
+                self._stop_pending = True
+            elif msg.action == LocomotionCommand.STAND_UP:
+                # StandUp locks the joints; BalanceStand makes the robot obey Move again.
+                self._actions.extend(["StandUp", "BalanceStand"])
+            elif msg.action == LocomotionCommand.STAND_DOWN:
+                self._actions.extend(["StopMove", "StandDown"])
+            elif msg.action == LocomotionCommand.SIT:
+                self._actions.extend(["StopMove", "Sit"])
+            elif msg.action == LocomotionCommand.DONE:
+                pass
+            else:
+                self.get_logger().error(f"LocomotionCommand with unknown action {msg.action} ignored")
+                return
+            busy = self._velocity is not None or bool(self._actions) or self._stop_pending
+        self._active_pub.publish(echo)
+        if busy:
+            self._set_idle(False)
+        self._wake.set()
+
+    def _on_cmd_vel(self, msg: Twist) -> None:
+        if not self._accepting("cmd_vel"):
+            return
+        now = time.monotonic()
+        self._last_command_time = now
+        vx, vy, vyaw = self._clamp(msg.linear.x, msg.linear.y, msg.angular.z)
+        with self._lock:
+            self._actions.clear()
+            self._velocity = _Velocity(vx, vy, vyaw, None, now)
+        self._set_idle(False)
+
+    def _on_estop_topic(self, msg: Bool) -> None:
+        if msg.data:
+            self.engage_estop("motion/estop topic")
+        elif self._estop:
+            self.get_logger().warning("motion/estop False ignored: release is explicit, call motion/release_estop")
+
+    def _on_engage_srv(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self.engage_estop("motion/engage_estop service")
+        response.success, response.message = True, "e-stop engaged; StopMove sent"
+        return response
+
+    def _on_release_srv(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        was = self._estop
+        self._estop = False
+        if self._estop_pub is not None:
+            self._estop_pub.publish(Bool(data=False))
+        if was:
+            self.get_logger().warning("e-stop released: commands are accepted again")
+        response.success, response.message = True, "e-stop released" if was else "e-stop was not engaged"
+        return response
+
+    def engage_estop(self, source: str) -> None:
+        """Latch the e-stop: drop everything queued, StopMove at once, refuse commands until released."""
+        self._estop = True
+        with self._lock:
+            self._velocity = None
+            self._actions.clear()
+            self._stop_pending = True
+        self._wake.set()
+        if self._estop_pub is not None:
+            self._estop_pub.publish(Bool(data=True))
+        self.get_logger().error(f"E-STOP engaged by {source}")
+
+    # ---- the Move stream ----------------------------------------------------------
+    def _run(self) -> None:
+        p = self._params()
+        period = 1.0 / p["move_rate_hz"]
+        stale = p["stale_timeout_s"]
+        next_tick = time.monotonic()
+        while not self._stop_loop.is_set():
+            self._wake.wait(max(0.0, next_tick - time.monotonic()))
+            self._wake.clear()
+            if self._stop_loop.is_set():
+                break
+            now = time.monotonic()
+            with self._lock:
+                stop = self._stop_pending
+                self._stop_pending = False
+                actions = list(self._actions)
+                self._actions.clear()
+                v = self._velocity
+                if v is not None and (
+                    (v.end is not None and now >= v.end) or (v.end is None and now - v.last_input > stale)
+                ):
+                    self._velocity, v, stop = None, None, True
+            backend = self._backend
+            if backend is None:
+                break
+            if stop:
+                self._call("StopMove", backend.stop_move)
+            for name in actions:
+                self._call(name, getattr(backend, _ACTION_METHODS[name]))
+            if now >= next_tick:
+                if v is not None and not self._estop:
+                    self._call("Move", lambda b=backend, v=v: b.move(v.vx, v.vy, v.vyaw))
+                    self._move_times.append(time.monotonic())
+                next_tick += period
+                if next_tick < now:  # fell behind (e.g. a blocked send): do not burst to catch up
+                    next_tick = now + period
+            if v is None and (stop or actions):
+                with self._lock:
+                    done = self._velocity is None and not self._actions and not self._stop_pending
+                if done:
+                    self._set_idle(True)
+
+    def _call(self, name: str, fn) -> int:
+        try:
+            code = int(fn())
+        except Exception as exc:  # the SDK raises bare exceptions on DDS errors; keep streaming
+            self.get_logger().error(f"{name} raised {exc!r}", throttle_duration_sec=1.0)
+            code = -1
+        self._last_codes[name] = code
+        if code != 0:
+            self._error_counts[name] = self._error_counts.get(name, 0) + 1
+            self.get_logger().warning(f"{name} -> {code} ({code_name(code)})", throttle_duration_sec=1.0)
+        return code
+
+    def _set_idle(self, idle: bool) -> None:
+        if idle != self._idle and self._idle_pub is not None:
+            self._idle = idle
+            self._idle_pub.publish(Bool(data=idle))
+
+    # ---- outputs ------------------------------------------------------------------
+    def _on_state(self, s: RobotState) -> None:
+        pub = self._odom_pub
+        if not self._active or pub is None:
+            return
+        msg = Odometry()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.frame_id = self.get_parameter("odom_frame").value
+        msg.child_frame_id = self.get_parameter("base_frame").value
+        msg.pose.pose.position.x, msg.pose.pose.position.y, msg.pose.pose.position.z = s.x, s.y, s.z
+        q = msg.pose.pose.orientation
+        q.w, q.x, q.y, q.z = s.quaternion_wxyz
+        msg.twist.twist.linear.x, msg.twist.twist.linear.y = s.vx_body, s.vy_body
+        msg.twist.twist.angular.z = s.yaw_rate
+        try:
+            pub.publish(msg)
+        except Exception:  # publisher destroyed between the check and the call during cleanup
+            pass
+
+    def _publish_diagnostics(self) -> None:
+        p = self._params()
+        now = time.monotonic()
+        hw = f"go2:{p['network_interface']}/domain{p['dds_domain_id']}"
+        backend = self._backend
+        state = backend.latest_state() if backend is not None else None
+
+        conn = DiagnosticStatus(name="motion: Go2 connection", hardware_id=hw)
+        if state is None:
+            conn.level, conn.message = DiagnosticStatus.ERROR, "no rt/sportmodestate received yet: robot off, wrong interface or domain"
+            age = math.inf
+        else:
+            age = now - state.received
+            if age > p["state_timeout_s"]:
+                conn.level = DiagnosticStatus.ERROR
+                conn.message = f"robot connection lost: no rt/sportmodestate for {age:.1f} s"
+            else:
+                conn.level, conn.message = DiagnosticStatus.OK, f"connected, sport mode {state.mode}"
+        conn.values = [
+            KeyValue(key="state_age_s", value=f"{age:.3f}"),
+            KeyValue(key="states_received", value=str(backend.states_received if backend else 0)),
+        ]
+
+        cmd = DiagnosticStatus(name="motion: commands", hardware_id=hw)
+        last_age = now - self._last_command_time if self._last_command_time is not None else math.inf
+        recent = [t for t in self._move_times if now - t <= 1.0]
+        cmd.level = DiagnosticStatus.WARN if self._estop else DiagnosticStatus.OK
+        cmd.message = "E-STOP ENGAGED" if self._estop else ("moving" if self._velocity else "idle")
+        cmd.values = [
+            KeyValue(key="last_command_age_s", value=f"{last_age:.3f}"),
+            KeyValue(key="move_rate_hz_last_1s", value=str(len(recent))),
+            KeyValue(key="estop_engaged", value=str(self._estop)),
+            KeyValue(key="refused_while_estop", value=str(self._rejected)),
+        ]
+
+        sdk = DiagnosticStatus(name="motion: SDK return codes", hardware_id=hw)
+        failing = {k: c for k, c in self._last_codes.items() if c != 0}
+        sdk.level = DiagnosticStatus.ERROR if failing else DiagnosticStatus.OK
+        sdk.message = (
+            "; ".join(f"{k} -> {c} ({code_name(c)})" for k, c in sorted(failing.items())) if failing else "all OK"
+        )
+        sdk.values = [KeyValue(key=f"{k}_last_code", value=str(c)) for k, c in sorted(self._last_codes.items())]
+        sdk.values += [KeyValue(key=f"{k}_errors", value=str(c)) for k, c in sorted(self._error_counts.items())]
+
+        array = DiagnosticArray(status=[conn, cmd, sdk])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(array)
+
+
+_ACTION_METHODS = {
+    "StopMove": "stop_move",
+    "StandUp": "stand_up",
+    "StandDown": "stand_down",
+    "BalanceStand": "balance_stand",
+    "Sit": "sit",
+    "RiseSit": "rise_sit",
+}
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    node = MotionNode()
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.halt()  # StopMove before anything else goes away
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
