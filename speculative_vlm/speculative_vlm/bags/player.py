@@ -95,7 +95,7 @@ class BagPlayer:
             self.start_ns = reader.start_time
             self.end_ns = reader.end_time
             self.message_count = reader.message_count
-            connections = reader.connections
+            connections = list(reader.connections)
         self.duration_s = max(0, self.end_ns - self.start_ns) / NS_PER_S
         self._offset_ns = int(start_offset_s * NS_PER_S)
         bag_topics = {c.topic for c in connections}
@@ -123,9 +123,10 @@ class BagPlayer:
         if not self._publishers:
             raise ValueError(f"nothing to play in {self.path}: no topic selected has a type rclpy can load {self.skipped}")
         self._connection_ids = set(self._publishers)
-        # Best effort like rclpy's own /clock subscription; depth 1 since only the newest matters.
+        # Reliable matches both rclpy's best-effort /clock subscription and reliable ones;
+        # a short history so a busy subscriber still sees the stamp that precedes each message.
         self._clock_pub = (
-            node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+            node.create_publisher(Clock, "/clock", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
             if clock_hz > 0
             else None
         )
