@@ -106,6 +106,7 @@ class MotionNode(LifecycleNode):
         self._velocity: _Velocity | None = None
         self._actions: deque[str] = deque()
         self._stop_pending = False
+        self._restart_ticks = False  # a new motion starts its Move stream at once, not at the next tick
         self._estop = False
         self._active = False
         self._idle: bool | None = None
@@ -264,6 +265,7 @@ class MotionNode(LifecycleNode):
                 echo.vx, echo.vy, echo.vyaw, echo.duration = vx, vy, vyaw, duration
                 if duration > 0.0:
                     self._velocity = _Velocity(vx, vy, vyaw, now + duration, now)
+                    self._restart_ticks = True
                 else:
                     self._stop_pending = True
             elif msg.action == LocomotionCommand.STOP:
@@ -294,8 +296,11 @@ class MotionNode(LifecycleNode):
         vx, vy, vyaw = self._clamp(msg.linear.x, msg.linear.y, msg.angular.z)
         with self._lock:
             self._actions.clear()
+            if self._velocity is None:
+                self._restart_ticks = True
             self._velocity = _Velocity(vx, vy, vyaw, None, now)
         self._set_idle(False)
+        self._wake.set()
 
     def _on_estop_topic(self, msg: Bool) -> None:
         if msg.data:
@@ -347,6 +352,9 @@ class MotionNode(LifecycleNode):
                 self._stop_pending = False
                 actions = list(self._actions)
                 self._actions.clear()
+                if self._restart_ticks:
+                    self._restart_ticks = False
+                    next_tick = now
                 v = self._velocity
                 if v is not None and (
                     (v.end is not None and now >= v.end) or (v.end is None and now - v.last_input > stale)
