@@ -41,6 +41,19 @@ class Refused(VerifierError):
         self.reason = reason
 
 
+# Bad input, refused when a session opens (each also on the draft side, before any work).
+class EmptyPrompt(Refused):
+    """The prompt is empty or blank (code ``empty_prompt``)."""
+
+
+class PromptTooLong(Refused):
+    """The prompt and the new-token budget exceed the model's context (code ``prompt_too_long``)."""
+
+
+class ImageNotSupported(Refused):
+    """An image was sent to a text-only model, or could not be decoded (``image_not_supported``, ``bad_image``)."""
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     temperature: float = 0.0  # 0 = greedy

@@ -1,0 +1,86 @@
+"""The engine side of grammar-constrained decoding: masks, advance, rollback, forced tokens.
+
+Wraps an ``xgrammar.GrammarMatcher`` compiled by ``speculative_vlm.commands.grammar``.
+Draft and target each hold one per sequence and apply the same mask to their logits, so
+a token the grammar forbids is never drafted and never accepted. A token is *forced* when
+it is the only one the grammar allows; such tokens are appended on both sides without
+drafting or verifying (a choice of one costs no model pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class GrammarViolation(ValueError):
+    """A token the grammar does not allow was committed; the two sides' grammars disagree."""
+
+
+class GrammarConstraint:
+    def __init__(self, compiled, vocab_size: int):
+        import xgrammar as xgr
+
+        self._matcher = xgr.GrammarMatcher(compiled)
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self._shifts = torch.arange(32, dtype=torch.int32)
+        self.vocab_size = vocab_size
+        self.steps = 0  # tokens accepted so far (rollback depth available)
+
+    @property
+    def terminated(self) -> bool:
+        return bool(self._matcher.is_terminated())
+
+    def allowed(self) -> torch.Tensor:
+        """Bool mask (vocab_size,) of the tokens allowed next."""
+        if self.terminated:
+            return torch.zeros(self.vocab_size, dtype=torch.bool)
+        self._matcher.fill_next_token_bitmask(self._bitmask)
+        bits = (self._bitmask[0].unsqueeze(-1) >> self._shifts) & 1
+        return bits.flatten()[: self.vocab_size].bool()
+
+    def accept(self, token: int) -> None:
+        if not self._matcher.accept_token(int(token)):
+            raise GrammarViolation(f"token {token} is not allowed by the grammar here")
+        self.steps += 1
+
+    def rollback(self, n: int) -> None:
+        if n:
+            self._matcher.rollback(n)
+            self.steps -= n
+
+    def forced_token(self) -> int | None:
+        """The only allowed token, or None when there is a choice (or nothing is left)."""
+        mask = self.allowed()
+        if int(mask.sum()) == 1:
+            return int(torch.nonzero(mask)[0])
+        return None
+
+    def masks_along(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Masks (len(tokens)+1, V) before each token and after the last, without moving the matcher.
+
+        Past the first disallowed token the remaining masks are all-False (those positions
+        can never be accepted).
+        """
+        masks = torch.zeros((len(tokens) + 1, self.vocab_size), dtype=torch.bool)
+        advanced = 0
+        for i, t in enumerate(tokens):
+            masks[i] = self.allowed()
+            if not masks[i, t] or not self._matcher.accept_token(int(t)):
+                break
+            advanced += 1
+        else:
+            masks[len(tokens)] = self.allowed()
+        if advanced:
+            self._matcher.rollback(advanced)
+        return masks
+
+
+def apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V') with disallowed tokens at -inf; V' may exceed the mask's vocabulary."""
+    if logits.shape[-1] != mask.shape[-1]:
+        full = torch.zeros(mask.shape[:-1] + (logits.shape[-1],), dtype=torch.bool)
+        full[..., : mask.shape[-1]] = mask
+        mask = full
+    return logits.masked_fill(~mask, float("-inf"))

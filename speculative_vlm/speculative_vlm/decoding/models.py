@@ -1,0 +1,314 @@
+"""Hugging Face model adapters: prompt encoding, a KV cache per sequence, rollback, batching.
+
+One :class:`ModelAdapter` wraps any ``AutoModelForCausalLM`` (text) or
+``AutoModelForImageTextToText`` (Idefics3/SmolVLM; image + text) and gives the engine
+four things: :meth:`~ModelAdapter.encode` turns a :class:`SessionRequest` into prompt ids
+(with the chat template, and the image for a VLM), :meth:`~ModelAdapter.start` prefills a
+:class:`KVState`, :meth:`~ModelAdapter.forward` runs the uncached tail of one or several
+sequences in one pass (KV caches stacked with left padding, ragged inputs right-padded),
+and :meth:`KVState.truncate` rolls a sequence back to a prefix without recomputing it.
+
+A sequence's cache always holds a prefix of its ids; the tokens after it are fed on the
+next pass. So rolling back after a rejection is a crop, and the prompt is computed once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from speculative_vlm.decoding import model_store
+from speculative_vlm.decoding.verifier import (
+    EmptyPrompt,
+    ImageNotSupported,
+    PromptTooLong,
+    SessionRequest,
+)
+
+
+class VocabularyMismatch(ValueError):
+    """A draft and a target that do not share an output vocabulary cannot be paired."""
+
+
+@dataclass
+class KVState:
+    """One sequence on one model: its ids (prompt + output) and the cache of a prefix of them."""
+
+    ids: list[int]
+    prompt_len: int
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    cached: int = 0  # leading ids whose keys/values are in the cache
+
+    @property
+    def output(self) -> list[int]:
+        return self.ids[self.prompt_len :]
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` ids; the cache is cropped, never recomputed."""
+        if length < self.prompt_len:
+            raise ValueError(f"cannot truncate into the prompt ({length} < {self.prompt_len})")
+        del self.ids[length:]
+        self.crop(length)
+
+    def crop(self, length: int) -> None:
+        """Drop cached keys/values beyond the first ``length`` ids."""
+        if self.cached > length:
+            # transformers 5 crops by a negative count of tokens to remove.
+            self.cache.crop(length - self.cached)
+            self.cached = length
+
+    def append(self, tokens) -> None:
+        self.ids.extend(int(t) for t in tokens)
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    extra: dict  # model inputs for the prefill only (pixel_values, ...)
+
+
+# Layer hooks receive (layer index, hidden states (B, T, H)) during a forward pass.
+LayerHook = "Callable[[int, torch.Tensor], None]"
+
+
+class ModelAdapter:
+    """A causal LM or VLM with a tokenizer (and processor), ready for speculative decoding."""
+
+    def __init__(self, model, tokenizer, processor=None, name: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        text_config = model.config.get_text_config(decoder=True)
+        self.is_vlm = processor is not None and getattr(model.config, "vision_config", None) is not None
+        self.vocab_size: int = int(model.get_output_embeddings().weight.shape[0])
+        self.num_layers: int = int(text_config.num_hidden_layers)
+        self.max_context: int = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 30)
+        self.hidden_size: int = int(text_config.hidden_size)
+        decoder = model.get_decoder()
+        self.decoder_layers = decoder.layers
+        self.final_norm = decoder.norm
+        self.lm_head = model.get_output_embeddings()
+        self.eos_token_ids: tuple[int, ...] = _eos_ids(model, tokenizer)
+        self.pad_token_id: int = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.dtype = next(model.parameters()).dtype
+
+    # ---- prompts -------------------------------------------------------------------------
+    def encode(self, request: SessionRequest) -> Prompt:
+        """Prompt ids for a request (chat template applied); raises a typed Refused on bad input."""
+        if not request.prompt or not request.prompt.strip():
+            raise EmptyPrompt("empty_prompt", "the prompt is empty; send an instruction such as 'walk to the red ball'")
+        if request.image is not None and not self.is_vlm:
+            raise ImageNotSupported(
+                "image_not_supported",
+                f"model {self.name!r} is text-only; send no image, or use a vision-language target",
+            )
+        messages = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        if self.is_vlm and request.image is not None:
+            messages.append(
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.prompt}]}
+            )
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            image = _decode_image(request.image)
+            inputs = self.processor(text=text, images=[image], return_tensors="pt")
+            ids = inputs.pop("input_ids")[0].tolist()
+            inputs.pop("attention_mask", None)
+            extra = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        else:
+            messages.append({"role": "user", "content": request.prompt})
+            template_owner = self.processor if (self.is_vlm and self.processor.chat_template) else self.tokenizer
+            if self.is_vlm:
+                messages[-1] = {"role": "user", "content": [{"type": "text", "text": request.prompt}]}
+            text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            extra = {}
+        budget = self.max_context - request.settings.max_new_tokens
+        if len(ids) > budget:
+            raise PromptTooLong(
+                "prompt_too_long",
+                f"the prompt is {len(ids)} tokens but model {self.name!r} has room for {budget} "
+                f"({self.max_context} context - {request.settings.max_new_tokens} new tokens); "
+                "shorten the prompt or ask for fewer new tokens",
+            )
+        return Prompt(ids=list(ids), extra=extra)
+
+    def decode(self, tokens) -> str:
+        tokens = [t for t in tokens if t not in self.eos_token_ids]
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # ---- sequences -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, prompt: Prompt) -> KVState:
+        """Prefill all prompt ids but the last (it is fed with the first block)."""
+        state = KVState(ids=list(prompt.ids), prompt_len=len(prompt.ids))
+        if len(prompt.ids) > 1:
+            ids = torch.tensor([prompt.ids[:-1]])
+            self.model(input_ids=ids, past_key_values=state.cache, use_cache=True, logits_to_keep=1, **prompt.extra)
+            state.cached = len(prompt.ids) - 1
+        return state
+
+    @torch.inference_mode()
+    def forward(self, states: list[KVState], hooks: dict[int, object] | None = None) -> list[torch.Tensor]:
+        """Feed each state's uncached ids in one pass; returns per state logits (n_i, V) in fp32.
+
+        Several states are stacked: caches left-padded to a common length, inputs
+        right-padded, with an attention mask and position ids per row, then split back.
+        ``hooks`` maps a decoder layer index to ``fn(layer, hidden (B, T, H))``, called as
+        soon as that layer has run (before the later layers).
+        """
+        for s in states:
+            if s.cached >= len(s.ids):  # logits are needed for the last id: recompute it
+                s.crop(len(s.ids) - 1)
+        handles = []
+        for layer, fn in (hooks or {}).items():
+            handles.append(self.decoder_layers[layer].register_forward_hook(_hook(layer, fn)))
+        try:
+            if len(states) == 1:
+                return [self._forward_one(states[0])]
+            return self._forward_batch(states)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _forward_one(self, s: KVState) -> torch.Tensor:
+        new = s.ids[s.cached :]
+        out = self.model(input_ids=torch.tensor([new]), past_key_values=s.cache, use_cache=True)
+        s.cached = len(s.ids)
+        return out.logits[0].float()
+
+    def _forward_batch(self, states: list[KVState]) -> list[torch.Tensor]:
+        lens = [s.cached for s in states]
+        news = [s.ids[s.cached :] for s in states]
+        lmax, tmax = max(lens), max(len(n) for n in news)
+        b = len(states)
+        input_ids = torch.full((b, tmax), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((b, lmax + tmax), dtype=torch.long)
+        positions = torch.zeros((b, tmax), dtype=torch.long)
+        for i, (length, new) in enumerate(zip(lens, news)):
+            input_ids[i, : len(new)] = torch.tensor(new)
+            mask[i, lmax - length : lmax + len(new)] = 1
+            positions[i] = length + torch.arange(tmax)
+        stacked = None
+        if lmax > 0:
+            per_layer = []
+            for layer in range(len(states[0].cache.layers)):
+                ks, vs = [], []
+                for s, length in zip(states, lens):
+                    k, v = s.cache.layers[layer].keys, s.cache.layers[layer].values
+                    pad = lmax - length
+                    if pad:
+                        zk = k.new_zeros(k.shape[:-2] + (pad, k.shape[-1]))
+                        k, v = torch.cat([zk, k], -2), torch.cat([zk.new_zeros(v.shape[:-2] + (pad, v.shape[-1])), v], -2)
+                    ks.append(k)
+                    vs.append(v)
+                per_layer.append((torch.cat(ks), torch.cat(vs)))
+            stacked = DynamicCache(ddp_cache_data=per_layer)
+        else:
+            stacked = DynamicCache()
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=stacked, use_cache=True
+        )
+        logits = []
+        for i, (s, length, new) in enumerate(zip(states, lens, news)):
+            rows = []
+            for layer in stacked.layers:
+                k = layer.keys[i : i + 1, :, lmax - length : lmax + len(new)]
+                v = layer.values[i : i + 1, :, lmax - length : lmax + len(new)]
+                rows.append((k.contiguous(), v.contiguous()))
+            s.cache = DynamicCache(ddp_cache_data=rows)
+            s.cached = len(s.ids)
+            logits.append(out.logits[i, : len(new)].float())
+        return logits
+
+    # ---- exit heads ----------------------------------------------------------------------
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared final norm + LM head applied to a hidden state (the default exit head)."""
+        return self.lm_head(self.final_norm(hidden.to(self.dtype))).float()
+
+    def check_pairs_with(self, target: ModelAdapter) -> None:
+        """Raise VocabularyMismatch unless this (draft) model emits the target's token ids."""
+        if self.vocab_size != target.vocab_size:
+            raise VocabularyMismatch(
+                f"draft {self.name!r} has {self.vocab_size} output tokens but target {target.name!r} has "
+                f"{target.vocab_size}; pick a draft trained on the target's tokenizer"
+            )
+        mine, theirs = self.tokenizer.get_vocab(), target.tokenizer.get_vocab()
+        differing = [t for t, i in mine.items() if theirs.get(t, i) != i or t not in theirs]
+        if differing:
+            raise VocabularyMismatch(
+                f"draft {self.name!r} and target {target.name!r} map {len(differing)} tokens differently "
+                f"(e.g. {differing[:3]}); pick a draft trained on the target's tokenizer"
+            )
+
+
+def _hook(layer: int, fn):
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        fn(layer, hidden)
+
+    return hook
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is None:
+            continue
+        ids.extend(eos if isinstance(eos, (list, tuple)) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _decode_image(data: bytes):
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        return image.convert("RGB")
+    except Exception as exc:  # PIL raises several types for undecodable bytes
+        raise ImageNotSupported("bad_image", f"the image could not be decoded ({exc}); send a JPEG or PNG") from None
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> ModelAdapter:
+    """Load a model folder (or model-store name) as an adapter: a VLM when it has a vision config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = model_store.resolve(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "vision_config", None) is not None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+        return ModelAdapter(model, processor.tokenizer, processor, name=str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    return ModelAdapter(model, tokenizer, name=str(name_or_path))
+
+
+def describe(adapter: ModelAdapter) -> dict:
+    """A small JSON-able summary (for logs and --json output)."""
+    return json.loads(
+        json.dumps(
+            {
+                "name": adapter.name,
+                "vlm": adapter.is_vlm,
+                "layers": adapter.num_layers,
+                "vocab": adapter.vocab_size,
+                "parameters": sum(p.numel() for p in adapter.model.parameters()),
+                "path": str(Path(adapter.name)) if adapter.name else "",
+            }
+        )
+    )

@@ -1,0 +1,252 @@
+"""The target side: sessions, batched verification with early exits, and target-alone generation.
+
+Used by the in-process verifier and by the cloud gRPC server alike::
+
+    engine = TargetEngine(load_model(path), exit_layers=[20, 24])
+    sess = engine.open_session(request)              # prefill; raises Refused on bad input
+    verdicts = engine.verify([(sess, block)], on_early=callback)   # one forward pass
+    engine.close_session(sess)
+
+``verify`` runs ONE forward pass for all items (one block per session), with the
+sessions' caches stacked. At each exit layer a forward hook computes the provisional
+verdict of every item from the exit head and calls ``on_early`` before the later layers
+run. The returned verdicts are decided by the final layer alone. A block whose assumed
+prefix (``base_length``/``base_tail``) is not the session's committed output is not
+verified: its verdict is DROPPED.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from speculative_vlm.decoding import rules
+from speculative_vlm.decoding.exits import ExitHeads, load_exit_heads
+from speculative_vlm.decoding.grammar import GrammarConstraint, apply_mask
+from speculative_vlm.decoding.models import KVState, ModelAdapter
+from speculative_vlm.decoding.sequence import OutputTracker
+from speculative_vlm.decoding.verifier import (
+    DraftBlock,
+    Refused,
+    SessionNotFound,
+    SessionRequest,
+    Verdict,
+    VerdictKind,
+)
+
+EarlyCallback = Callable[["TargetSession", Verdict], None]
+
+
+def make_tracker(model: ModelAdapter, request: SessionRequest) -> OutputTracker:
+    """The output rules of a request on a model (EOS, budget, grammar); same on both sides."""
+    grammar = None
+    if request.settings.grammar:
+        from speculative_vlm.commands.grammar import GrammarNotFound, compile_grammar
+
+        try:
+            compiled = compile_grammar(
+                request.settings.grammar, model.tokenizer, model.vocab_size, model.eos_token_ids
+            )
+        except GrammarNotFound as exc:
+            raise Refused("unknown_grammar", str(exc)) from None
+        grammar = GrammarConstraint(compiled, model.vocab_size)
+    return OutputTracker(model.eos_token_ids, request.settings.max_new_tokens, grammar)
+
+
+@dataclass
+class TargetSession:
+    session_id: str
+    request: SessionRequest
+    kv: KVState
+    out: OutputTracker
+    generator: torch.Generator
+    rounds: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    @property
+    def output(self) -> list[int]:
+        return self.out.tokens
+
+    @property
+    def done(self) -> bool:
+        return self.out.done
+
+
+@dataclass
+class _Item:
+    session: TargetSession
+    block: DraftBlock
+    tokens: list[int]  # the block's tokens that are verified (trimmed to the budget)
+    fed: int  # tokens fed this pass (uncached ids + block)
+    masks: torch.Tensor | None  # grammar masks (k+1, V)
+    early_sent: bool = False
+
+
+class TargetEngine:
+    def __init__(
+        self,
+        model: ModelAdapter,
+        exit_layers=(),
+        exit_heads: ExitHeads | str | os.PathLike | None = None,
+        max_batch: int = 8,
+    ):
+        self.model = model
+        if isinstance(exit_heads, ExitHeads):
+            self.exits = exit_heads
+        elif exit_heads:
+            self.exits = load_exit_heads(exit_heads, model, layers=exit_layers or None)
+        else:
+            self.exits = ExitHeads(model, exit_layers)
+        self.max_batch = max(1, int(max_batch))
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # one forward pass at a time
+        self.sessions: dict[str, TargetSession] = {}
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.exits.layers)
+
+    # ---- sessions ------------------------------------------------------------------------
+    def open_session(self, request: SessionRequest) -> TargetSession:
+        """Encode and prefill the prompt; raises Refused (EmptyPrompt, PromptTooLong, ...)."""
+        prompt = self.model.encode(request)
+        out = make_tracker(self.model, request)
+        with self._lock:
+            kv = self.model.start(prompt)
+        gen = torch.Generator().manual_seed(int(request.settings.seed))
+        sess = TargetSession(f"t{next(self._ids)}", request, kv, out, gen)
+        # Tokens the grammar forces before any choice are output at once, as the drafter does.
+        kv.append(out.append_forced())
+        self.sessions[sess.session_id] = sess
+        return sess
+
+    def close_session(self, sess: TargetSession) -> None:
+        sess.closed = True
+        self.sessions.pop(sess.session_id, None)
+        sess.kv.cache = None  # free the cache now, not when the last reference goes
+
+    # ---- verification --------------------------------------------------------------------
+    def verify(
+        self, items: list[tuple[TargetSession, DraftBlock]], on_early: EarlyCallback | None = None
+    ) -> list[Verdict]:
+        """Verify one block per session in one forward pass; FINAL or DROPPED verdicts, in order."""
+        if len({id(s) for s, _ in items}) != len(items):
+            raise ValueError("verify() takes at most one block per session per pass")
+        start = time.perf_counter()
+        verdicts: list[Verdict | None] = [None] * len(items)
+        live: list[tuple[int, _Item]] = []
+        for i, (sess, block) in enumerate(items):
+            if sess.closed:
+                raise SessionNotFound(f"session {sess.session_id} is closed; open a new one")
+            if not self._prefix_holds(sess, block):
+                verdicts[i] = Verdict(block.round, VerdictKind.DROPPED)
+                continue
+            if sess.done:
+                raise Refused("session_done", f"session {sess.session_id} has finished its output; close it")
+            bad = [t for t in block.tokens if not 0 <= t < self.model.vocab_size]
+            if bad:
+                raise Refused("bad_token", f"draft tokens {bad[:3]} are outside the vocabulary of {self.model.vocab_size}")
+            tokens = list(block.tokens[: max(0, sess.out.room - 1)])
+            uncached = len(sess.kv.ids) - sess.kv.cached
+            masks = sess.out.grammar.masks_along(tokens) if sess.out.grammar is not None else None
+            live.append((i, _Item(sess, block, tokens, max(uncached, 1) + len(tokens), masks)))
+        for chunk_start in range(0, len(live), self.max_batch):
+            chunk = live[chunk_start : chunk_start + self.max_batch]
+            for (i, _), verdict in zip(chunk, self._verify_pass([it for _, it in chunk], on_early, start)):
+                verdicts[i] = verdict
+        return verdicts  # type: ignore[return-value]
+
+    def _prefix_holds(self, sess: TargetSession, block: DraftBlock) -> bool:
+        out = sess.output
+        if block.base_length != len(out):
+            return False
+        tail = list(block.base_tail)
+        return not tail or (len(tail) <= len(out) and out[len(out) - len(tail) :] == tail)
+
+    def _verify_pass(self, items: list[_Item], on_early: EarlyCallback | None, start: float) -> list[Verdict]:
+        hooks = {}
+        if on_early is not None and self.exits.layers:
+
+            def at_exit(layer: int, hidden: torch.Tensor) -> None:
+                for row, it in enumerate(items):
+                    k = len(it.tokens)
+                    h = hidden[row, it.fed - k - 1 : it.fed]
+                    logits = self.exits.logits(layer, h)
+                    if it.masks is not None:
+                        logits = apply_mask(logits, it.masks)
+                    on_early(it.session, self._early_verdict(it, layer, logits))
+
+            hooks = {layer: at_exit for layer in self.exits.layers}
+        with self._lock:
+            for it in items:
+                it.session.kv.append(it.tokens)
+            all_logits = self.model.forward([it.session.kv for it in items], hooks=hooks)
+        verdicts = []
+        for it, logits in zip(items, all_logits):
+            k = len(it.tokens)
+            logits = logits[-k - 1 :]
+            if it.masks is not None:
+                logits = apply_mask(logits, it.masks)
+            settings = it.session.request.settings
+            if settings.greedy:
+                outcome = rules.verify_greedy(logits, it.tokens)
+            else:
+                outcome = rules.verify_sampling(logits, it.tokens, it.block.q, settings, it.session.generator)
+            verdicts.append(self._commit(it, outcome, time.perf_counter() - start))
+        return verdicts
+
+    def _early_verdict(self, it: _Item, layer: int, logits: torch.Tensor) -> Verdict:
+        # The exit's most likely outcome; confidence = the exit's probability of that whole
+        # outcome (every accepted draft token and the next token), which is what a
+        # preemptive block bets on.
+        probs = torch.softmax(logits, dim=-1)
+        outcome = rules.verify_greedy(logits, it.tokens)
+        chosen = torch.tensor(list(it.tokens[: outcome.accepted]) + [outcome.token])
+        confidence = float(probs[torch.arange(len(chosen)), chosen].prod())
+        return Verdict(
+            it.block.round, VerdictKind.EARLY, outcome.accepted, outcome.token, confidence=confidence, exit_layer=layer
+        )
+
+    def _commit(self, it: _Item, outcome: rules.Outcome, elapsed: float) -> Verdict:
+        sess = it.session
+        base = len(sess.kv.ids) - len(it.tokens)
+        sess.kv.truncate(base + outcome.accepted)
+        new = list(it.tokens[: outcome.accepted]) + [outcome.token]
+        sess.kv.append([outcome.token])
+        sess.out.extend(new)
+        forced = sess.out.append_forced()
+        sess.kv.append(forced)
+        sess.rounds += 1
+        sess.last_used = time.monotonic()
+        return Verdict(
+            it.block.round, VerdictKind.FINAL, outcome.accepted, outcome.token, eos=sess.done, verify_time_s=elapsed
+        )
+
+    # ---- the cloud-autoregressive baseline -----------------------------------------------
+    def generate(self, sess: TargetSession, max_new_tokens: int | None = None) -> Iterator[int]:
+        """Generate on the target alone, one pass per token, yielding each output token
+        (forced tokens included) as it is decided; same grammar and settings as verification."""
+        limit = sess.out.max_new_tokens if max_new_tokens is None else min(max_new_tokens, sess.out.max_new_tokens)
+        settings = sess.request.settings
+        yield from list(sess.output)  # forced at open
+        while not sess.done and len(sess.output) < limit:
+            with self._lock:
+                logits = self.model.forward([sess.kv])[0][-1]
+            mask = sess.out.mask()
+            if mask is not None:
+                logits = apply_mask(logits, mask)
+            token, _ = rules.pick(logits, settings, sess.generator)
+            sess.kv.append([token])
+            sess.out.extend([token])
+            yield token
+            for t in sess.out.append_forced():
+                sess.kv.append([t])
+                yield t
