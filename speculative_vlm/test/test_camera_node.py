@@ -1,0 +1,138 @@
+"""The camera node: frames from the simulated Go2's video service, an image topic, a video file."""
+
+from __future__ import annotations
+
+import uuid
+
+import cv2
+import numpy as np
+import pytest
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from go2_harness import SimProcess, Spinner, init_rclpy, join_domain, wait_for
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image
+from speculative_vlm.nodes.camera import CameraNode, CameraSourceError
+from speculative_vlm.nodes.image_conversion import image_to_numpy, numpy_to_image
+
+pytestmark = pytest.mark.ros
+
+
+@pytest.fixture(scope="module")
+def spinner():
+    join_domain()
+    init_rclpy()
+    s = Spinner()
+    yield s
+    s.shutdown()
+    rclpy.try_shutdown()
+
+
+class CameraRig:
+    def __init__(self, spinner: Spinner, **params) -> None:
+        self.ns = "/t" + uuid.uuid4().hex[:8]
+        self.node = CameraNode(
+            namespace=self.ns, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()]
+        )
+        self.probe = Node("probe", namespace=self.ns)
+        self.images: list[Image] = []
+        self.infos: list[CameraInfo] = []
+        self.diagnostics: list[DiagnosticArray] = []
+        self.probe.create_subscription(Image, "camera/image_raw", self.images.append, qos_profile_sensor_data)
+        self.probe.create_subscription(CameraInfo, "camera/camera_info", self.infos.append, qos_profile_sensor_data)
+        self.probe.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
+        self.spinner = spinner
+        spinner.add(self.node)
+        spinner.add(self.probe)
+
+    def close(self) -> None:
+        self.spinner.remove(self.node)
+        self.spinner.remove(self.probe)
+        self.node.destroy_node()
+        self.probe.destroy_node()
+
+
+def test_frames_from_the_go2_video_service_arrive_as_bgr8_images_of_the_requested_size(spinner):
+    sim = SimProcess("--width", "640", "--height", "480")
+    rig = CameraRig(
+        spinner, source="go2_video", dds_domain_id=join_domain(), rate_hz=10.0, width=320, height=240
+    )
+    try:
+        assert wait_for(lambda: len(rig.images) >= 3 and rig.infos, 10.0), "no frames from the video service"
+        img = rig.images[-1]
+        assert (img.encoding, img.width, img.height, img.step) == ("bgr8", 320, 240, 960)
+        assert len(img.data) == 320 * 240 * 3
+        assert img.header.frame_id == "front_camera"
+        info = rig.infos[-1]
+        assert (info.width, info.height) == (320, 240)
+        assert info.k[0] == pytest.approx(160.0 / np.tan(np.radians(45.0)))
+        # The default scene's red ball is ahead-left: red pixels sit left of the centre.
+        bgr = image_to_numpy(img)
+        red = (bgr[:, :, 2] > 150) & (bgr[:, :, 1] < 80) & (bgr[:, :, 0] < 80)
+        assert red.sum() > 20
+        assert np.nonzero(red)[1].mean() < 160
+    finally:
+        rig.close()
+        sim.stop()
+
+
+def test_a_corrupt_jpeg_is_skipped_and_counted(spinner):
+    sim = SimProcess("--width", "160", "--height", "120", "--corrupt-every", "2")
+    rig = CameraRig(spinner, source="go2_video", dds_domain_id=join_domain(), rate_hz=20.0, diagnostics_period_s=0.2)
+    try:
+        assert wait_for(lambda: rig.node.undecodable >= 2 and len(rig.images) >= 2, 10.0)
+        assert all(len(i.data) == i.step * i.height and i.width == 160 for i in rig.images)
+        assert abs(rig.node.undecodable - rig.node.published) <= 1  # every second frame was broken
+        assert wait_for(
+            lambda: any(
+                int({kv.key: kv.value for kv in s.values}["undecodable"]) > 0
+                for a in rig.diagnostics
+                for s in a.status
+                if s.name == "camera: frames"
+            ),
+            3.0,
+        ), "undecodable frames not reported in diagnostics"
+    finally:
+        rig.close()
+        sim.stop()
+
+
+def test_an_image_topic_is_republished_as_bgr8_at_the_requested_size(spinner):
+    rig = CameraRig(spinner, source="topic", input_topic="image_in", width=32, height=24, rate_hz=50.0)
+    pub = rig.probe.create_publisher(Image, "image_in", qos_profile_sensor_data)
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[:, :, 0] = 255  # pure red in RGB
+    try:
+        assert wait_for(lambda: pub.get_subscription_count() > 0, 5.0)
+
+        def publish_and_check() -> bool:
+            pub.publish(numpy_to_image(rgb, "rgb8"))
+            return bool(rig.images)
+
+        assert wait_for(publish_and_check, 5.0, step=0.05)
+        out = image_to_numpy(rig.images[-1])
+        assert out.shape == (24, 32, 3) and rig.images[-1].encoding == "bgr8"
+        assert (out[:, :, 2] == 255).all() and (out[:, :, :2] == 0).all()
+    finally:
+        rig.close()
+
+
+def test_a_video_file_is_published_frame_by_frame(spinner, tmp_path):
+    path = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    for i in range(5):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    rig = CameraRig(spinner, source="file", video_path=path, rate_hz=30.0)
+    try:
+        assert wait_for(lambda: len(rig.images) >= 7, 5.0), "file frames not published (or not looped)"
+        assert (rig.images[0].width, rig.images[0].height) == (64, 48)
+    finally:
+        rig.close()
+
+
+def test_an_unknown_source_is_refused_with_the_valid_choices(spinner):
+    with pytest.raises(CameraSourceError, match="go2_video"):
+        CameraNode(parameter_overrides=[Parameter("source", value="webcam")])
