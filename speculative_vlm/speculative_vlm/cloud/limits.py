@@ -62,8 +62,8 @@ def check_open(request: SessionRequest, limits: Limits) -> None:
 
 
 def check_draft(block: DraftBlock, limits: Limits, vocab_size: int | None) -> None:
-    if not block.tokens:
-        raise LimitExceeded("empty_draft", f"round {block.round} has no tokens; send at least one")
+    # An empty block is legal: it asks the target for the next token alone (the loop sends
+    # one when a single token of budget is left).
     if len(block.tokens) > limits.max_draft_tokens:
         raise LimitExceeded("draft_too_long", f"round {block.round} has {len(block.tokens)} tokens, the limit is "
                             f"{limits.max_draft_tokens}")

@@ -61,11 +61,10 @@ def check_security(config: ServerConfig) -> dict[str, str]:
 
 def build_engine(config: ServerConfig) -> Any:
     """The target engine for ``config.model`` (with its exit layers), loaded through the engine's loader."""
-    from speculative_vlm.decoding.models import load_target
+    from speculative_vlm.decoding.models import load_model
     from speculative_vlm.decoding.target_engine import TargetEngine
 
-    adapter = load_target(config.model)
-    return TargetEngine(adapter, exit_layers=list(config.exit_layers), exit_heads=config.exit_heads,
+    return TargetEngine(load_model(config.model), exit_layers=list(config.exit_layers), exit_heads=config.exit_heads,
                         max_batch=config.max_batch)
 
 

@@ -64,7 +64,8 @@ class VerificationService:
         self.engine_lock = threading.Lock()
         self.scheduler = BatchScheduler(engine, config.max_batch, config.max_wait_ms / 1000, metrics,
                                         self.engine_lock, on_failed=self._fail)
-        self.vocab_size: int | None = getattr(engine, "vocab_size", None)
+        model = getattr(engine, "model", None)
+        self.vocab_size: int | None = getattr(model, "vocab_size", None)
         self._stopped = threading.Event()
         self._janitor = threading.Thread(target=self._expire_idle, daemon=True, name="session-janitor")
         self._janitor.start()
@@ -131,8 +132,9 @@ class VerificationService:
             self._fail(session, "unsupported_version", f"protocol version {msg.protocol_version} is not served; "
                        f"this server speaks {convert.PROTOCOL_VERSION}")
             return
-        if msg.mode != pb.SPECULATIVE:
-            self._fail(session, "unsupported_mode", "autoregressive mode is not served by this server")
+        if msg.mode not in (pb.SPECULATIVE, pb.AUTOREGRESSIVE):
+            self._fail(session, "unsupported_mode", f"mode {msg.mode} is not served; use SPECULATIVE or "
+                       "AUTOREGRESSIVE")
             return
         try:
             self.rate.take(session.client)
@@ -160,15 +162,47 @@ class VerificationService:
             self._fail(session, "open_failed", f"the target could not prefill this request ({exc!r})")
             return
         prefill = time.monotonic() - start
-        self.scheduler.register(session)
+        if msg.mode == pb.SPECULATIVE:
+            self.scheduler.register(session)
         self.metrics.sessions_total.inc()
         self.metrics.sessions_open.inc()
         session.send(pb.ServerMessage(opened=pb.Opened(
             session_id=session.id, protocol_version=convert.PROTOCOL_VERSION, target_model=str(self.config.model),
-            exit_layers=list(self.config.exit_layers), prefill_time_s=prefill)))
+            exit_layers=list(getattr(self.engine, "exit_layers", self.config.exit_layers)),
+            prefill_time_s=prefill)))
         log.info("session opened", extra={"event": "open", "session": session.id, "client": session.client,
                                           "peer": session.peer, "prefill_s": round(prefill, 4),
-                                          "prompt_chars": len(request.prompt), "image": request.image is not None})
+                                          "prompt_chars": len(request.prompt), "image": request.image is not None,
+                                          "mode": pb.Mode.Name(msg.mode)})
+        if msg.mode == pb.AUTOREGRESSIVE:
+            threading.Thread(target=self._generate, args=(session,), daemon=True,
+                             name=f"generate-{session.id}").start()
+
+    def _generate(self, session: ServerSession) -> None:
+        """The cloud-autoregressive baseline: stream the target's own tokens as they are decided.
+
+        The engine lock is taken per token, so verification passes of other sessions
+        interleave with this generation instead of waiting for all of it.
+        """
+        tokens = self.engine.generate(session.target)
+        index = 0
+        try:
+            while not session.closed:
+                with self.engine_lock:
+                    token = next(tokens, None)
+                if token is None:
+                    break
+                eos = bool(session.target.done)
+                session.send(pb.ServerMessage(token=pb.Token(index=index, token=int(token), eos=eos)))
+                self.metrics.tokens_generated.inc()
+                session.touch()
+                index += 1
+                if eos:
+                    return
+            session.send(pb.ServerMessage(token=pb.Token(index=index, token=-1, eos=True)))
+        except Exception as exc:
+            log.exception("generation failed", extra={"event": "generate_failed", "session": session.id})
+            self._fail(session, "generate_failed", f"target generation failed ({exc!r}); open a new session")
 
     def _draft(self, session: ServerSession, msg: pb.Draft) -> None:
         if session.target is None:

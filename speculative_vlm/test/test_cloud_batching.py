@@ -1,0 +1,124 @@
+"""Many robots, one target: the server batches verification across sessions, and each robot
+still gets exactly its own target-greedy output."""
+
+import threading
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from speculative_vlm.cloud.config import ServerConfig
+from speculative_vlm.cloud.server import serve
+from speculative_vlm.decoding.loop import SpeculativeDecoder
+from speculative_vlm.decoding.target_engine import TargetEngine
+from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
+from speculative_vlm.protocol.client import GrpcVerifier
+from tiny_models import noisy_copy, tiny_causal_lm
+
+TOKEN = "batching-test-token-0123456789"
+PROMPTS = ["walk to the red ball", "turn left slowly", "sit down now", "go back two metres"]
+
+
+def _request(prompt: str, max_new_tokens: int = 24) -> SessionRequest:
+    return SessionRequest(prompt=prompt, settings=GenerationSettings(max_new_tokens=max_new_tokens))
+
+
+def _target_greedy(engine: TargetEngine, request: SessionRequest) -> list[int]:
+    session = engine.open_session(request)
+    try:
+        return list(engine.generate(session))
+    finally:
+        engine.close_session(session)
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_causal_lm(seed=0)
+    return target, noisy_copy(target, noise=0.05)
+
+
+@pytest.fixture(scope="module")
+def expected(models):
+    engine = TargetEngine(models[0], exit_layers=[2])
+    return {p: _target_greedy(engine, _request(p)) for p in PROMPTS}
+
+
+def _server(models, monkeypatch, **changes):
+    monkeypatch.setenv("SPECULATIVE_VLM_TOKENS", f"robots:{TOKEN}")
+    config = ServerConfig(bind="127.0.0.1:0", metrics_port=0, exit_layers=(2,), **changes)
+    engine = TargetEngine(models[0], exit_layers=[2], max_batch=config.max_batch)
+    return serve(config, engine=engine)
+
+
+def _run_clients(models, port: int) -> dict[str, list[int]]:
+    results: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(PROMPTS))
+
+    def robot(prompt: str) -> None:
+        try:
+            verifier = GrpcVerifier(f"127.0.0.1:{port}", token=TOKEN)
+            decoder = SpeculativeDecoder(models[1], verifier, preempt=False, verdict_timeout_s=30)
+            start.wait()
+            results[prompt] = decoder.generate(_request(prompt)).token_ids
+            verifier.close()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=robot, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return results
+
+
+def test_four_concurrent_robots_each_get_their_own_target_output_while_batched(models, expected, monkeypatch):
+    handle = _server(models, monkeypatch, max_batch=4, max_wait_ms=20)
+    try:
+        results = _run_clients(models, handle.port)
+        assert results == expected
+        assert handle.service.scheduler.largest_batch > 1, "no pass verified more than one session"
+    finally:
+        handle.stop()
+
+
+def test_batch_size_one_never_puts_two_sessions_in_one_pass(models, expected, monkeypatch):
+    handle = _server(models, monkeypatch, max_batch=1)
+    try:
+        assert _run_clients(models, handle.port) == expected
+        assert handle.service.scheduler.largest_batch == 1
+    finally:
+        handle.stop()
+
+
+def test_cloud_autoregressive_streams_the_target_output(models, expected, monkeypatch):
+    handle = _server(models, monkeypatch)
+    try:
+        verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
+        streamed: list[int] = []
+        tokens = verifier.generate(_request(PROMPTS[0]), on_token=streamed.append)
+        verifier.close()
+        assert tokens == streamed == expected[PROMPTS[0]]
+    finally:
+        handle.stop()
+
+
+def test_health_service_and_metrics_report_the_serving_state(models, monkeypatch):
+    handle = _server(models, monkeypatch)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "speculative_vlm.v1.Verification"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
+        SpeculativeDecoder(models[1], verifier, verdict_timeout_s=30).generate(_request(PROMPTS[1], 8))
+        verifier.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=5).read().decode()
+        for name in ("svlm_sessions_total 1.0", "svlm_batch_size_count", "svlm_accepted_tokens_count",
+                     "svlm_verify_latency_seconds_count", 'svlm_rounds_total{outcome="verified"}'):
+            assert name in text, name
+    finally:
+        handle.stop()
