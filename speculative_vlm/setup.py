@@ -29,6 +29,7 @@ setup(
             "motion = speculative_vlm.nodes.motion:main",
             "camera = speculative_vlm.nodes.camera:main",
             "speculative-vlm-sim-go2 = speculative_vlm.go2.sim:main",
+            "monitor = speculative_vlm.nodes.monitor:main",
         ],
     },
 )
