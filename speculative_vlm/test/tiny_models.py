@@ -103,7 +103,7 @@ def tiny_vlm(seed: int = 0, layers: int = 4) -> ModelAdapter:
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
+        Idefics3ImageProcessorPil,
         Idefics3Processor,
     )
 
@@ -127,7 +127,7 @@ def tiny_vlm(seed: int = 0, layers: int = 4) -> ModelAdapter:
         tie_word_embeddings=True,
     )
     model = Idefics3ForConditionalGeneration(config).eval()
-    image_processor = Idefics3ImageProcessor(
+    image_processor = Idefics3ImageProcessorPil(
         do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}
     )
     processor = Idefics3Processor(

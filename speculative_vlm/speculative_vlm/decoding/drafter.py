@@ -9,6 +9,7 @@ prompt) and appending the corrected tokens; it can also be moved to an *assumed*
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ class Drafter:
     def __init__(self, model: ModelAdapter, request: SessionRequest):
         self.model = model
         self.settings = request.settings
+        if request.image is not None and not model.is_vlm:
+            # A text-only draft serving a VLM target drafts from the instruction alone.
+            request = dataclasses.replace(request, image=None)
         self.kv = model.start(model.encode(request))
         self.out = make_tracker(model, request)  # the drafter's view: committed + drafted
         self.generator = torch.Generator().manual_seed(int(request.settings.seed) + 7919)

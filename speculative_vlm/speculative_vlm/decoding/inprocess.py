@@ -109,7 +109,7 @@ class InProcessVerifier(Verifier):
                 batch = [(s, s.pending.popleft()) for s in ready]
             by_target = {id(s.target): s for s, _ in batch}
 
-            def on_early(target: TargetSession, verdict: Verdict) -> None:
+            def on_early(target: TargetSession, verdict: Verdict, by_target=by_target) -> None:
                 by_target[id(target)].verdicts.put(verdict)
 
             try:
@@ -122,5 +122,5 @@ class InProcessVerifier(Verifier):
                 for s, _ in batch:
                     s.verdicts.put(exc)
                 continue
-            for (s, _), verdict in zip(batch, verdicts):
+            for (s, _), verdict in zip(batch, verdicts, strict=True):
                 s.verdicts.put(verdict)

@@ -192,7 +192,7 @@ class ModelAdapter:
         input_ids = torch.full((b, tmax), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((b, lmax + tmax), dtype=torch.long)
         positions = torch.zeros((b, tmax), dtype=torch.long)
-        for i, (length, new) in enumerate(zip(lens, news)):
+        for i, (length, new) in enumerate(zip(lens, news, strict=True)):
             input_ids[i, : len(new)] = torch.tensor(new)
             mask[i, lmax - length : lmax + len(new)] = 1
             positions[i] = length + torch.arange(tmax)
@@ -201,7 +201,7 @@ class ModelAdapter:
             per_layer = []
             for layer in range(len(states[0].cache.layers)):
                 ks, vs = [], []
-                for s, length in zip(states, lens):
+                for s, length in zip(states, lens, strict=True):
                     k, v = s.cache.layers[layer].keys, s.cache.layers[layer].values
                     pad = lmax - length
                     if pad:
@@ -217,7 +217,7 @@ class ModelAdapter:
             input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=stacked, use_cache=True
         )
         logits = []
-        for i, (s, length, new) in enumerate(zip(states, lens, news)):
+        for i, (s, length, new) in enumerate(zip(states, lens, news, strict=True)):
             rows = []
             for layer in stacked.layers:
                 k = layer.keys[i : i + 1, :, lmax - length : lmax + len(new)]

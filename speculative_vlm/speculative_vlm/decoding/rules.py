@@ -99,4 +99,4 @@ def sparse(probs: torch.Tensor, limit: int = 64, floor: float = 0.0) -> dict[int
     """
     nz = int((probs > floor).sum())
     values, idx = torch.topk(probs, min(limit, max(nz, 1)))
-    return {int(i): float(v) for i, v in zip(idx.tolist(), values.tolist()) if v > floor}
+    return {int(i): float(v) for i, v in zip(idx.tolist(), values.tolist(), strict=True) if v > floor}

@@ -160,7 +160,7 @@ class TargetEngine:
             live.append((i, _Item(sess, block, tokens, max(uncached, 1) + len(tokens), masks)))
         for chunk_start in range(0, len(live), self.max_batch):
             chunk = live[chunk_start : chunk_start + self.max_batch]
-            for (i, _), verdict in zip(chunk, self._verify_pass([it for _, it in chunk], on_early, start)):
+            for (i, _), verdict in zip(chunk, self._verify_pass([it for _, it in chunk], on_early, start), strict=True):
                 verdicts[i] = verdict
         return verdicts  # type: ignore[return-value]
 
@@ -190,7 +190,7 @@ class TargetEngine:
                 it.session.kv.append(it.tokens)
             all_logits = self.model.forward([it.session.kv for it in items], hooks=hooks)
         verdicts = []
-        for it, logits in zip(items, all_logits):
+        for it, logits in zip(items, all_logits, strict=True):
             k = len(it.tokens)
             logits = logits[-k - 1 :]
             if it.masks is not None:
