@@ -30,6 +30,9 @@ setup(
             "camera = speculative_vlm.nodes.camera:main",
             "speculative-vlm-sim-go2 = speculative_vlm.go2.sim:main",
             "monitor = speculative_vlm.nodes.monitor:main",
+            "speculative-vlm-cloud = speculative_vlm.cloud.server:main",
+            "drafter = speculative_vlm.nodes.drafter:main",
+            "bridge = speculative_vlm.nodes.bridge:main",
         ],
     },
 )

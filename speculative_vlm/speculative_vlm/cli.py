@@ -8,9 +8,14 @@ import sys
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("speculative_vlm.bringup", "start the node graph of a YAML config in one process"),
     "prepare-models": ("speculative_vlm.decoding.model_store", "convert the bundled SmolLM2 GGUF once"),
     "record": ("speculative_vlm.bags.record", "record topics into a rosbag2 MCAP bag"),
     "replay": ("speculative_vlm.bags.replay", "play a rosbag2 bag with /clock"),
+    "gen-protocol": ("speculative_vlm.protocol.codegen", "regenerate the cloud protocol stubs from the .proto"),
+    "cloud-certs": ("speculative_vlm.cloud.certs", "make a self-signed TLS pair for a verifier server"),
+    "netem": ("speculative_vlm.cloud.netem", "run a loopback proxy adding delay, jitter, bandwidth limit"),
+    "bench-cloud-batching": ("speculative_vlm.cloud.batch_bench", "tokens/s of N robots, batched vs unbatched"),
 }
 
 

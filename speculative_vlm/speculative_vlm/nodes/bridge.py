@@ -1,0 +1,219 @@
+"""Bridge node: owns the robot's link to the cloud verifier.
+
+The drafter opens sessions through ``spec/open`` and streams DraftBlocks on ``spec/draft``; the
+bridge forwards them over the gRPC client (auth, TLS and deadlines from parameters) and publishes
+every verdict, early and final, on ``spec/verdict``. Refusals and link loss become ERROR verdicts
+with a code and a reason, so the drafter can stop the robot. The link state is published on
+``bridge/link`` (latched) and ``/diagnostics``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile
+from std_msgs.msg import String
+
+from speculative_vlm.decoding.verifier import (
+    GenerationSettings,
+    LinkLost,
+    Refused,
+    SessionNotFound,
+    SessionRequest,
+    Verifier,
+    VerifierError,
+    VerifierSession,
+    VerifierTimeout,
+)
+from speculative_vlm.nodes.ros_verifier import SPEC_QOS
+from speculative_vlm.nodes.spec_messages import error_msg, msg_to_block, verdict_to_msg
+from speculative_vlm_msgs.msg import DraftBlock as DraftBlockMsg
+from speculative_vlm_msgs.msg import Verdict as VerdictMsg
+from speculative_vlm_msgs.srv import CloseSession, OpenSession
+
+LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def error_code(exc: Exception) -> str:
+    if isinstance(exc, Refused):
+        return exc.code
+    return {SessionNotFound: "SESSION_NOT_FOUND", LinkLost: "LINK_LOST", VerifierTimeout: "TIMEOUT"}.get(
+        type(exc), "ERROR")
+
+
+def grpc_verifier_from_parameters(node: Node) -> Verifier:
+    """The gRPC client configured from the node's parameters (token from env or file, never YAML)."""
+    from speculative_vlm.protocol.client import GrpcVerifier, read_token
+
+    p = node.get_parameter
+    env_name, token_file = p("auth_token_env").value, p("auth_token_file").value
+    token = read_token(None, token_file or None, env=env_name) if (env_name or token_file) else None
+    if env_name and not token:
+        raise ValueError(f"auth_token_env={env_name!r} but that environment variable is empty")
+    tls_ca = p("tls_ca").value
+    root_cert = None
+    if tls_ca:
+        with open(tls_ca, "rb") as f:
+            root_cert = f.read()
+    return GrpcVerifier(p("cloud_address").value, token, tls=bool(tls_ca), root_cert=root_cert,
+                        verdict_timeout_s=p("deadline_s").value)
+
+
+class BridgeNode(Node):
+    def __init__(self, verifier: Verifier | None = None, **kwargs):
+        super().__init__("bridge", **kwargs)
+        self.declare_parameter("cloud_address", "127.0.0.1:50561",
+                               ParameterDescriptor(description="host:port of the cloud verifier"))
+        self.declare_parameter("auth_token_env", "", ParameterDescriptor(
+            description="name of the environment variable holding the bearer token ('' = none)"))
+        self.declare_parameter("auth_token_file", "", ParameterDescriptor(
+            description="file holding the bearer token, used when auth_token_env is ''"))
+        self.declare_parameter("tls_ca", "", ParameterDescriptor(
+            description="CA certificate (PEM) to verify the verifier's TLS certificate; '' = plaintext"))
+        self.declare_parameter("deadline_s", 5.0, ParameterDescriptor(
+            description="deadline for a verdict before the link counts as lost, s",
+            floating_point_range=[FloatingPointRange(from_value=0.1, to_value=120.0)]))
+        self._verifier = verifier if verifier is not None else grpc_verifier_from_parameters(self)
+        self._sessions: dict[str, VerifierSession] = {}
+        self._lock = threading.Lock()
+        self._link = "CONNECTED"
+        group = ReentrantCallbackGroup()
+        self._verdict_pub = self.create_publisher(VerdictMsg, "spec/verdict", SPEC_QOS)
+        self._link_pub = self.create_publisher(String, "bridge/link", LATCHED)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_subscription(DraftBlockMsg, "spec/draft", self._on_draft, SPEC_QOS, callback_group=group)
+        self.create_service(OpenSession, "spec/open", self._on_open, callback_group=group)
+        self.create_service(CloseSession, "spec/close", self._on_close, callback_group=group)
+        self.create_timer(1.0, self._publish_diagnostics)
+        add_listener = getattr(self._verifier, "add_link_listener", None)
+        if add_listener is not None:
+            add_listener(lambda state, _reason="": self._set_link(getattr(state, "name", str(state))))
+        self._set_link(self._link)
+
+    # -- link state ---------------------------------------------------------------------------
+    def _set_link(self, state: str) -> None:
+        self._link = state
+        self._link_pub.publish(String(data=state))
+        if state == "LOST":
+            # Every open session is gone with the link: tell each drafter at once.
+            with self._lock:
+                sessions = list(self._sessions)
+            for sid in sessions:
+                self._verdict_pub.publish(error_msg(sid, "LINK_LOST", "the cloud verifier link is lost"))
+
+    def _publish_diagnostics(self) -> None:
+        level = {"CONNECTED": DiagnosticStatus.OK, "DEGRADED": DiagnosticStatus.WARN}.get(
+            self._link, DiagnosticStatus.ERROR)
+        with self._lock:
+            n = len(self._sessions)
+        status = DiagnosticStatus(
+            level=level, name="speculative_vlm/bridge: cloud link", hardware_id=self.get_parameter(
+                "cloud_address").value, message=self._link,
+            values=[KeyValue(key="sessions", value=str(n))],
+        )
+        self._diag_pub.publish(DiagnosticArray(header=_header(self), status=[status]))
+
+    # -- sessions -------------------------------------------------------------------------------
+    def _on_open(self, req: OpenSession.Request, res: OpenSession.Response) -> OpenSession.Response:
+        settings = GenerationSettings(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p or 1.0,
+                                      max_new_tokens=req.max_new_tokens or 64, grammar=req.grammar,
+                                      seed=req.seed)
+        request = SessionRequest(prompt=req.prompt, system=req.system,
+                                 image=bytes(req.image.data) or None, settings=settings)
+        try:
+            session = self._verifier.open(request)
+        except VerifierError as exc:
+            res.success, res.reason = False, f"{error_code(exc)}: {exc}"
+            self.get_logger().warning(f"open refused: {res.reason}")
+            return res
+        with self._lock:
+            self._sessions[session.session_id] = session
+        threading.Thread(target=self._pump, args=(session,), name=f"verdicts-{session.session_id}",
+                         daemon=True).start()
+        res.success, res.session_id = True, session.session_id
+        return res
+
+    def _on_close(self, req: CloseSession.Request, res: CloseSession.Response) -> CloseSession.Response:
+        with self._lock:
+            session = self._sessions.pop(req.session_id, None)
+        if session is None:
+            res.success, res.reason = False, f"unknown session {req.session_id!r}"
+            return res
+        session.close()
+        res.success = True
+        return res
+
+    def _on_draft(self, msg: DraftBlockMsg) -> None:
+        with self._lock:
+            session = self._sessions.get(msg.session_id)
+        if session is None:
+            self._verdict_pub.publish(error_msg(
+                msg.session_id, "SESSION_NOT_FOUND", f"no open session {msg.session_id!r}; open one first"))
+            return
+        try:
+            session.submit(msg_to_block(msg))
+        except VerifierError as exc:
+            self._verdict_pub.publish(error_msg(msg.session_id, error_code(exc), str(exc)))
+
+    def _pump(self, session: VerifierSession) -> None:
+        """Forward the session's verdicts to spec/verdict until it is closed or fails."""
+        sid = session.session_id
+        while True:
+            with self._lock:
+                if sid not in self._sessions:
+                    return
+            try:
+                verdict = session.next_verdict(timeout=0.5)
+            except VerifierTimeout:
+                continue  # idle between rounds; the client enforces its own deadline per block
+            except VerifierError as exc:
+                self._verdict_pub.publish(error_msg(sid, error_code(exc), str(exc)))
+                with self._lock:
+                    self._sessions.pop(sid, None)
+                return
+            self._verdict_pub.publish(verdict_to_msg(sid, verdict))
+
+    def destroy_node(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            try:
+                session.close()
+            except VerifierError:
+                pass
+        close = getattr(self._verifier, "close", None)
+        if close is not None:
+            close()
+        super().destroy_node()
+
+
+def _header(node: Node):
+    from std_msgs.msg import Header
+
+    return Header(stamp=node.get_clock().now().to_msg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    rclpy.init(args=argv)
+    node = BridgeNode()
+    executor = MultiThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

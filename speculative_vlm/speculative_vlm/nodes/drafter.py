@@ -1,0 +1,408 @@
+"""Drafter node: hosts the draft model and serves the ``Instruct`` action.
+
+For a goal it runs a closed loop, one verified command per step: take the latest camera frame,
+turn it into a prompt (scene text for a text-only target, the JPEG itself for a VLM target),
+decode speculatively against the verifier behind the bridge (``spec/*``), parse the verified text
+into a command (the grammar guarantees it parses; the parser still refuses anything else), send it
+to the motion node and wait until the motion node reports it finished. It repeats until the model
+says ``done``, the step limit is reached, or the goal is cancelled (cancel stops the robot).
+
+When the cloud link is lost mid-step the robot is stopped; with ``on_link_lost: draft_only`` the
+step is finished on the draft alone, marked unverified, and executed only if
+``execute_unverified`` allows it. Decoding runs in the action's execute callback, on a thread of
+the multi-threaded executor, so the node keeps serving topics and cancel requests meanwhile.
+
+Interfaces: action ``instruct`` (speculative_vlm_msgs/Instruct); subscribes the camera image,
+``motion/active_command``, ``motion/idle`` and ``bridge/link``; publishes ``motion/command``,
+``drafter/text`` (verified text), ``drafter/prompt`` (the user message of each step),
+``drafter/stats`` (DecodingStats) and ``/diagnostics``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from std_msgs.msg import Bool, String
+
+from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
+from speculative_vlm.commands.scene_text import describe_image
+from speculative_vlm.commands.schema import CommandError, parse_command
+from speculative_vlm.commands.to_msg import to_msg
+from speculative_vlm.decoding.loop import GenerationResult, SpeculativeDecoder
+from speculative_vlm.decoding.models import load_model
+from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
+from speculative_vlm.decoding.verifier import GenerationSettings, LinkLost, SessionRequest, VerifierError
+from speculative_vlm.nodes.image_conversion import image_to_numpy
+from speculative_vlm.nodes.ros_verifier import RosVerifier
+from speculative_vlm_msgs.action import Instruct
+from speculative_vlm_msgs.msg import DecodingStats, LocomotionCommand
+
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+PERCEPTIONS = ("scene_text", "image")
+LINK_POLICIES = ("stop", "draft_only")
+
+
+class StepFailed(RuntimeError):
+    """A step cannot go on; the goal ends with this reason and the robot is stopped."""
+
+
+def _float(lo: float, hi: float, text: str) -> ParameterDescriptor:
+    return ParameterDescriptor(description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi)])
+
+
+def _int(lo: int, hi: int, text: str) -> ParameterDescriptor:
+    return ParameterDescriptor(description=text, integer_range=[IntegerRange(from_value=lo, to_value=hi, step=1)])
+
+
+def stats_msg(result: GenerationResult, session_id: str = "") -> DecodingStats:
+    s = result.summary()
+    return DecodingStats(
+        session_id=session_id, rounds=s["rounds"], drafted=s["drafted"], accepted=s["accepted"],
+        generated=s["tokens"], forced=sum(r.forced for r in result.rounds) + result.prompt_forced,
+        target_passes=result.target_passes, early_hits=s["early_hits"], early_misses=s["early_misses"],
+        draft_length=result.rounds[-1].drafted if result.rounds else 0,
+        acceptance_rate=float(s["acceptance"]), tokens_per_pass=float(s["tokens_per_target_pass"]),
+        draft_time_s=float(s["draft_s"]), wait_time_s=float(s["wait_s"]), verify_time_s=float(s["verify_s"]),
+        elapsed_s=float(s["wall_s"]), tokens_per_second=float(s["tokens_per_s"]),
+    )
+
+
+def total_stats(results: list[GenerationResult]) -> DecodingStats:
+    """Totals over a goal's steps (rates recomputed from the sums)."""
+    total = DecodingStats()
+    for r in results:
+        m = stats_msg(r)
+        for f in ("rounds", "drafted", "accepted", "generated", "forced", "target_passes", "early_hits",
+                  "early_misses"):
+            setattr(total, f, getattr(total, f) + getattr(m, f))
+        for f in ("draft_time_s", "wait_time_s", "verify_time_s", "elapsed_s"):
+            setattr(total, f, getattr(total, f) + getattr(m, f))
+    total.acceptance_rate = total.accepted / total.drafted if total.drafted else 0.0
+    total.tokens_per_pass = total.generated / total.target_passes if total.target_passes else 0.0
+    total.tokens_per_second = total.generated / total.elapsed_s if total.elapsed_s else 0.0
+    return total
+
+
+class DrafterNode(Node):
+    def __init__(self, **kwargs) -> None:
+        super().__init__("drafter", **kwargs)
+        d = self.declare_parameter
+        d("draft_model", "command-draft", ParameterDescriptor(
+            description="draft model: a folder or a model-store name (the shipped draft is 'command-draft')"))
+        d("perception", "scene_text", ParameterDescriptor(
+            description=f"how a frame reaches the models, one of {PERCEPTIONS}: scene_text describes coloured "
+            "objects in words (text-only target), image sends the JPEG (VLM target)"))
+        d("system_prompt", "", ParameterDescriptor(description="system message; '' = the built-in command prompt"))
+        d("grammar", "command", ParameterDescriptor(description="output grammar: 'command' or '' (none)"))
+        d("draft_length", 4, _int(0, 16, "tokens per draft block (the start value when adaptive)"))
+        d("adaptive_draft_length", True, ParameterDescriptor(
+            description="adapt the draft length per round from acceptance, draft, verify and round-trip time"))
+        d("preemptive", True, ParameterDescriptor(description="draft the next block on a confident early verdict"))
+        d("pipelining", True, ParameterDescriptor(description="send preemptive blocks before the final verdict"))
+        d("early_confidence", 0.5, _float(0.0, 1.0, "early-verdict confidence needed to draft preemptively"))
+        d("max_new_tokens", 48, _int(1, 512, "token limit of one step's answer"))
+        d("temperature", 0.0, _float(0.0, 2.0, "sampling temperature; 0 = greedy"))
+        d("seed", 0, _int(0, 2**31 - 1, "sampling seed"))
+        d("max_steps", 6, _int(1, 1000, "default step limit of a goal (the goal's max_steps wins when > 0)"))
+        d("on_link_lost", "stop", ParameterDescriptor(
+            description=f"when the cloud link is lost mid-step, one of {LINK_POLICIES}: stop the robot and end "
+            "the goal, or finish the step on the draft alone (unverified)"))
+        d("execute_unverified", False, ParameterDescriptor(
+            description="execute a command the target never verified (draft_only fallback); off by default"))
+        d("image_topic", "camera/image_raw", ParameterDescriptor(description="camera image topic"))
+        d("frame_timeout_s", 5.0, _float(0.1, 60.0, "how long a step waits for a camera frame, s"))
+        d("verdict_timeout_s", 10.0, _float(0.1, 600.0, "how long to wait for a verdict before the link counts as lost"))
+        d("motion_timeout_s", 3.0, _float(0.5, 60.0, "slack beyond a command's duration to see it finish, s"))
+        for name in ("perception", "on_link_lost"):
+            allowed = PERCEPTIONS if name == "perception" else LINK_POLICIES
+            if self.get_parameter(name).value not in allowed:
+                raise ValueError(f"parameter {name}={self.get_parameter(name).value!r} is not one of {allowed}")
+
+        self._group = ReentrantCallbackGroup()
+        self._frame_lock = threading.Lock()
+        self._frame: Image | None = None
+        self._frame_event = threading.Event()
+        self._motion_cv = threading.Condition()
+        self._active_stamp = None
+        self._active_duration = 0.0
+        self._idle = True
+        self._link = "UNKNOWN"
+        self._goal_lock = threading.Lock()
+        self._busy = False
+        self._steps_done = 0
+        self._last_error = ""
+
+        self._cmd_pub = self.create_publisher(LocomotionCommand, "motion/command", 10)
+        self._text_pub = self.create_publisher(String, "drafter/text", 10)
+        self._prompt_pub = self.create_publisher(String, "drafter/prompt", 10)
+        self._stats_pub = self.create_publisher(DecodingStats, "drafter/stats", 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_subscription(Image, self.get_parameter("image_topic").value, self._on_image,
+                                 qos_profile_sensor_data, callback_group=self._group)
+        self.create_subscription(LocomotionCommand, "motion/active_command", self._on_active, LATCHED,
+                                 callback_group=self._group)
+        self.create_subscription(Bool, "motion/idle", self._on_idle, LATCHED, callback_group=self._group)
+        self.create_subscription(String, "bridge/link", self._on_link, LATCHED, callback_group=self._group)
+        self.create_timer(1.0, self._publish_diagnostics)
+
+        self._verifier = RosVerifier(self)
+        self._decoder: SpeculativeDecoder | None = None
+        self._load_error: str = ""
+        self._loaded = threading.Event()
+        # Loading the draft takes a moment: off the constructor, goals wait for it.
+        threading.Thread(target=self._load, name="drafter-load", daemon=True).start()
+        self._action = ActionServer(
+            self, Instruct, "instruct", execute_callback=self._execute, goal_callback=self._on_goal,
+            cancel_callback=lambda _g: CancelResponse.ACCEPT, callback_group=self._group,
+        )
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _load(self) -> None:
+        p = self.get_parameter
+        try:
+            draft = load_model(p("draft_model").value)
+            length = p("draft_length").value
+            policy = AdaptiveLength(initial=max(1, length)) if p("adaptive_draft_length").value else FixedLength(length)
+            self._decoder = SpeculativeDecoder(
+                draft, self._verifier, policy=policy, preempt=p("preemptive").value,
+                pipeline=p("pipelining").value, early_threshold=p("early_confidence").value,
+                verdict_timeout_s=p("verdict_timeout_s").value,
+            )
+            self.get_logger().info(f"draft model {p('draft_model').value!r} loaded")
+        except Exception as exc:  # reported on every goal and in diagnostics
+            self._load_error = f"cannot load draft model {p('draft_model').value!r}: {exc}"
+            self.get_logger().error(self._load_error)
+        finally:
+            self._loaded.set()
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def _on_image(self, msg: Image) -> None:
+        with self._frame_lock:
+            self._frame = msg
+        self._frame_event.set()
+
+    def _on_active(self, msg: LocomotionCommand) -> None:
+        with self._motion_cv:
+            self._active_stamp = (msg.header.stamp.sec, msg.header.stamp.nanosec)
+            self._active_duration = msg.duration if msg.action == LocomotionCommand.MOVE else 0.0
+            self._motion_cv.notify_all()
+
+    def _on_idle(self, msg: Bool) -> None:
+        with self._motion_cv:
+            self._idle = msg.data
+            self._motion_cv.notify_all()
+
+    def _on_link(self, msg: String) -> None:
+        self._link = msg.data
+
+    # -- the action -------------------------------------------------------------------------------
+    def _on_goal(self, goal: Instruct.Goal) -> GoalResponse:
+        if not goal.instruction.strip():
+            self.get_logger().warning("refused a goal with an empty instruction")
+            return GoalResponse.REJECT
+        with self._goal_lock:
+            if self._busy:
+                self.get_logger().warning("refused a goal: another goal is running")
+                return GoalResponse.REJECT
+            self._busy = True
+        return GoalResponse.ACCEPT
+
+    def _execute(self, handle) -> Instruct.Result:
+        try:
+            return self._run_goal(handle)
+        finally:
+            with self._goal_lock:
+                self._busy = False
+
+    def _run_goal(self, handle) -> Instruct.Result:
+        goal: Instruct.Goal = handle.request
+        result = Instruct.Result()
+        max_steps = goal.max_steps or self.get_parameter("max_steps").value
+        results: list[GenerationResult] = []
+
+        def finish(success: bool, reason: str, how: str) -> Instruct.Result:
+            result.success, result.reason, result.steps = success, reason, len(result.commands)
+            result.stats = total_stats(results)
+            getattr(handle, how)()
+            self.get_logger().info(f"goal {how}: {reason}")
+            return result
+
+        self._loaded.wait()
+        if self._decoder is None:
+            return finish(False, self._load_error, "abort")
+        for step in range(1, max_steps + 1):
+            if handle.is_cancel_requested:
+                self.stop_robot()
+                return finish(False, "cancelled", "canceled")
+            try:
+                command, gen = self._step(handle, goal.instruction, step)
+            except StepFailed as exc:
+                self.stop_robot()
+                self._last_error = str(exc)
+                return finish(False, str(exc), "abort")
+            results.append(gen)
+            if command.action == LocomotionCommand.DONE:
+                return finish(True, f"the model says the task is done after {step - 1} commands", "succeed")
+            if not command.verified and not self.get_parameter("execute_unverified").value:
+                self.stop_robot()
+                return finish(False, "cloud link lost: the step was finished on the draft alone and its "
+                              "unverified command was not executed (execute_unverified is off)", "abort")
+            result.commands.append(command)
+            if not self._execute_command(handle, command):
+                self.stop_robot()
+                return finish(False, "cancelled", "canceled")
+            self._steps_done += 1
+        return finish(True, f"step limit of {max_steps} reached", "succeed")
+
+    def _latest_frame(self) -> Image:
+        with self._frame_lock:
+            frame = self._frame
+        if frame is None:
+            timeout = self.get_parameter("frame_timeout_s").value
+            if not self._frame_event.wait(timeout):
+                raise StepFailed(f"no camera frame on {self.get_parameter('image_topic').value} within {timeout} s; "
+                                 "is the camera node running?")
+            with self._frame_lock:
+                frame = self._frame
+        return frame
+
+    def request_for(self, instruction: str, frame: Image) -> SessionRequest:
+        """The session request of one step: the prompt from the frame, settings from parameters."""
+        p = self.get_parameter
+        bgr = _bgr(frame)
+        image = None
+        if p("perception").value == "image":
+            import cv2
+
+            ok, jpeg = cv2.imencode(".jpg", bgr)
+            image = jpeg.tobytes() if ok else None
+            scene = ""
+        else:
+            scene = describe_image(bgr)
+        settings = GenerationSettings(
+            temperature=p("temperature").value, max_new_tokens=p("max_new_tokens").value,
+            grammar=p("grammar").value, seed=p("seed").value,
+        )
+        return SessionRequest(prompt=user_message(instruction, scene), system=p("system_prompt").value or SYSTEM_PROMPT,
+                              image=image, settings=settings)
+
+    def _step(self, handle, instruction: str, step: int) -> tuple[LocomotionCommand, GenerationResult]:
+        request = self.request_for(instruction, self._latest_frame())
+        self._prompt_pub.publish(String(data=request.prompt))
+        feedback = Instruct.Feedback(step=step)
+
+        def on_text(text: str) -> None:
+            feedback.text = text
+            self._text_pub.publish(String(data=text))
+            handle.publish_feedback(feedback)
+
+        try:
+            gen = self._decoder.generate(request, on_text=on_text)
+        except (LinkLost, VerifierError) as exc:
+            self.stop_robot()  # first: nothing moves on unverified output
+            if self.get_parameter("on_link_lost").value != "draft_only":
+                raise StepFailed(f"cloud link lost during step {step}: {exc}; the robot was stopped") from exc
+            self.get_logger().warning(f"link lost ({exc}); finishing step {step} on the draft alone")
+            gen = self._decoder.generate_unverified(request, on_text=on_text)
+        try:
+            command = parse_command(gen.text)
+        except CommandError as exc:
+            raise StepFailed(f"step {step}: model text {gen.text!r} is not a command ({exc}); not executed") from exc
+        msg = to_msg(command, verified=gen.verified, text=gen.text, stamp=self.get_clock().now().to_msg())
+        self._text_pub.publish(String(data=gen.text))
+        stats = stats_msg(gen)
+        self._stats_pub.publish(stats)
+        feedback.text, feedback.command, feedback.stats = gen.text, msg, stats
+        handle.publish_feedback(feedback)
+        return msg, gen
+
+    def _execute_command(self, handle, command: LocomotionCommand) -> bool:
+        """Send the command and wait until the motion node has run it; False when cancelled."""
+        stamp = (command.header.stamp.sec, command.header.stamp.nanosec)
+        sent = time.monotonic()
+        deadline = sent + command.duration + self.get_parameter("motion_timeout_s").value
+        with self._motion_cv:
+            self._cmd_pub.publish(command)
+            # The motion node echoes the command it executes (same stamp, clamped duration) and
+            # reports idle when done. The echo and the idle flag travel on different topics, so a
+            # stale idle=True may arrive after the echo: a motion also needs its duration to pass.
+            while (self._active_stamp != stamp or not self._idle
+                   or time.monotonic() < sent + self._active_duration):
+                if handle.is_cancel_requested:
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StepFailed(f"the motion node did not finish the command within {command.duration:.1f} s "
+                                     "+ motion_timeout_s; is it running and active?")
+                self._motion_cv.wait(min(0.1, remaining))
+        return True
+
+    def stop_robot(self) -> None:
+        self._cmd_pub.publish(LocomotionCommand(action=LocomotionCommand.STOP, verified=True,
+                                                header=_stamped(self)))
+
+    def _publish_diagnostics(self) -> None:
+        if self._load_error:
+            level, message = DiagnosticStatus.ERROR, self._load_error
+        elif not self._loaded.is_set():
+            level, message = DiagnosticStatus.WARN, "loading the draft model"
+        else:
+            level, message = DiagnosticStatus.OK, "busy" if self._busy else "ready"
+        status = DiagnosticStatus(level=level, name="speculative_vlm/drafter", message=message,
+                                  hardware_id=self.get_parameter("draft_model").value,
+                                  values=[KeyValue(key="link", value=self._link),
+                                          KeyValue(key="steps_done", value=str(self._steps_done)),
+                                          KeyValue(key="last_error", value=self._last_error)])
+        self._diag_pub.publish(DiagnosticArray(header=_stamped(self), status=[status]))
+
+    def destroy_node(self) -> None:
+        self._action.destroy()
+        super().destroy_node()
+
+
+def _bgr(frame: Image):
+    import cv2
+
+    array = image_to_numpy(frame)
+    if frame.encoding == "rgb8":
+        return cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    if frame.encoding == "mono8":
+        return cv2.cvtColor(array, cv2.COLOR_GRAY2BGR)
+    return array
+
+
+def _stamped(node: Node):
+    from std_msgs.msg import Header
+
+    return Header(stamp=node.get_clock().now().to_msg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    rclpy.init(args=argv)
+    node = DrafterNode()
+    executor = MultiThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.stop_robot()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The Verifier contract over ROS 2: the drafter's side of the drafter <-> bridge exchange.
+
+Blocks go out on ``spec/draft``, verdicts come back on ``spec/verdict``, sessions are opened and
+closed through the bridge's ``spec/open`` / ``spec/close`` services. Because the whole exchange
+crosses the ROS graph it can be watched (``ros2 topic echo spec/verdict``) and recorded in a bag.
+The node that owns this adapter must be spun by a multi-threaded executor: the decoding thread
+blocks here while the executor delivers verdicts.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage
+
+from speculative_vlm.decoding.verifier import (
+    DraftBlock,
+    LinkLost,
+    Refused,
+    SessionNotFound,
+    SessionRequest,
+    Verdict,
+    Verifier,
+    VerifierSession,
+    VerifierTimeout,
+)
+from speculative_vlm.nodes.spec_messages import block_to_msg, msg_to_verdict
+from speculative_vlm_msgs.msg import DraftBlock as DraftBlockMsg
+from speculative_vlm_msgs.msg import Verdict as VerdictMsg
+from speculative_vlm_msgs.srv import CloseSession, OpenSession
+
+# Verdicts must not be lost or reordered: reliable, and deep enough for a burst of rounds.
+SPEC_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+
+_ERRORS = {"SESSION_NOT_FOUND": SessionNotFound, "LINK_LOST": LinkLost, "TIMEOUT": VerifierTimeout}
+
+
+def error_from(code: str, reason: str) -> Exception:
+    cls = _ERRORS.get(code)
+    return cls(reason) if cls else Refused(code, reason)
+
+
+class RosVerifierSession(VerifierSession):
+    def __init__(self, owner: RosVerifier, session_id: str):
+        self.session_id = session_id
+        self._owner = owner
+        self._verdicts: queue.Queue[VerdictMsg] = queue.Queue()
+        self._closed = False
+
+    def submit(self, block: DraftBlock) -> None:
+        if self._closed:
+            raise SessionNotFound(f"session {self.session_id} is closed; open a new one")
+        self._owner._draft_pub.publish(block_to_msg(self.session_id, block))
+
+    def next_verdict(self, timeout: float | None = None) -> Verdict:
+        try:
+            msg = self._verdicts.get(timeout=timeout)
+        except queue.Empty:
+            raise VerifierTimeout(f"no verdict for session {self.session_id} within {timeout} s") from None
+        if msg.kind == VerdictMsg.ERROR:
+            raise error_from(msg.code, msg.reason)
+        return msg_to_verdict(msg)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._owner._forget(self.session_id)
+        self._owner._call(self._owner._close_client, CloseSession.Request(session_id=self.session_id), 2.0,
+                          raise_on_timeout=False)
+
+
+class RosVerifier(Verifier):
+    """Verifier whose verifier is the bridge node, reached over topics and services."""
+
+    def __init__(self, node: Node, service_timeout_s: float = 10.0):
+        self._node = node
+        self._timeout = service_timeout_s
+        group = ReentrantCallbackGroup()
+        self._draft_pub = node.create_publisher(DraftBlockMsg, "spec/draft", SPEC_QOS)
+        self._sub = node.create_subscription(VerdictMsg, "spec/verdict", self._on_verdict, SPEC_QOS,
+                                             callback_group=group)
+        self._open_client = node.create_client(OpenSession, "spec/open", callback_group=group)
+        self._close_client = node.create_client(CloseSession, "spec/close", callback_group=group)
+        self._sessions: dict[str, RosVerifierSession] = {}
+        self._lock = threading.Lock()
+
+    def _on_verdict(self, msg: VerdictMsg) -> None:
+        with self._lock:
+            session = self._sessions.get(msg.session_id)
+        if session is not None:
+            session._verdicts.put(msg)
+
+    def _forget(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def _call(self, client, request, timeout: float, raise_on_timeout: bool = True):
+        deadline = time.monotonic() + timeout
+        while not client.wait_for_service(timeout_sec=0.2):
+            if time.monotonic() > deadline:
+                if raise_on_timeout:
+                    raise LinkLost(f"service {client.srv_name} is not available; is the bridge node running?")
+                return None
+        future = client.call_async(request)
+        done = threading.Event()
+        future.add_done_callback(lambda _f: done.set())
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            client.remove_pending_request(future)
+            if raise_on_timeout:
+                raise VerifierTimeout(f"{client.srv_name} did not answer within {timeout} s")
+            return None
+        return future.result()
+
+    def open(self, request: SessionRequest) -> RosVerifierSession:
+        s = request.settings
+        image = CompressedImage(format="jpeg", data=list(request.image or b""))
+        req = OpenSession.Request(
+            system=request.system, prompt=request.prompt, image=image, temperature=float(s.temperature),
+            top_k=int(s.top_k), top_p=float(s.top_p), max_new_tokens=int(s.max_new_tokens),
+            grammar=s.grammar, seed=int(s.seed),
+        )
+        response = self._call(self._open_client, req, self._timeout)
+        if not response.success:
+            code, _, reason = response.reason.partition(": ")
+            raise error_from(code, reason or response.reason)
+        session = RosVerifierSession(self, response.session_id)
+        with self._lock:
+            self._sessions[response.session_id] = session
+        return session
