@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import rclpy
+import yaml
 from diagnostic_msgs.msg import DiagnosticArray
 from go2_harness import SimProcess, Spinner, init_rclpy, join_domain, wait_for
 from rclpy.node import Node
@@ -136,3 +138,16 @@ def test_a_video_file_is_published_frame_by_frame(spinner, tmp_path):
 def test_an_unknown_source_is_refused_with_the_valid_choices(spinner):
     with pytest.raises(CameraSourceError, match="go2_video"):
         CameraNode(parameter_overrides=[Parameter("source", value="webcam")])
+
+
+def test_the_shipped_parameter_file_sets_exactly_the_declared_parameters(spinner):
+    params = yaml.safe_load((Path(__file__).parents[1] / "config" / "camera.yaml").read_text())["camera"]["ros__parameters"]
+    params["source"] = "topic"  # same keys, but no robot connection for this check
+    node = CameraNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    try:
+        declared = {name for name in node._parameters if name not in ("use_sim_time", "start_type_description_service")}
+        assert declared == set(params)
+        for name in declared:
+            assert node.describe_parameter(name).description, f"{name} has no description"
+    finally:
+        node.destroy_node()

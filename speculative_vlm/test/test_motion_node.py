@@ -8,11 +8,16 @@ account of itself.
 from __future__ import annotations
 
 import math
+import shutil
+import signal
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import rclpy
+import yaml
 from geometry_msgs.msg import Twist, Vector3
 from go2_harness import SimProcess, Spinner, SportTap, StateTap, init_rclpy, join_domain, wait_for
 from nav_msgs.msg import Odometry
@@ -244,3 +249,72 @@ def test_odometry_reports_the_robot_pose_from_sportmodestate(rig):
     assert odom.pose.pose.position.y == pytest.approx(y, abs=0.01)
     yaw = 2 * math.atan2(odom.pose.pose.orientation.z, odom.pose.pose.orientation.w)
     assert yaw == pytest.approx(float(rig.state.latest.imu_state.rpy[2]), abs=0.01)
+
+
+def test_autostart_configures_and_activates_the_node_by_itself(world):
+    ns = "/t" + uuid.uuid4().hex[:8]
+    node = MotionNode(
+        namespace=ns,
+        parameter_overrides=[
+            Parameter("autostart", value=True),
+            Parameter("dds_domain_id", value=world["domain"]),
+            Parameter("network_interface", value="lo"),
+        ],
+    )
+    world["spinner"].add(node)
+    try:
+        assert wait_for(lambda: node._active, 5.0), "autostart did not activate the node"
+    finally:
+        world["spinner"].remove(node)
+        node.trigger_shutdown()
+        node.destroy_node()
+
+
+def test_the_motion_executable_sends_stop_move_when_interrupted(world):
+    ns = "/t" + uuid.uuid4().hex[:8]
+    proc = subprocess.Popen(
+        [
+            shutil.which("motion") or "motion",
+            "--ros-args", "-r", f"__ns:={ns}",
+            "-p", "network_interface:=lo", "-p", f"dds_domain_id:={world['domain']}", "-p", "autostart:=true",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    probe = Node("probe", namespace=ns)
+    pub = probe.create_publisher(LocomotionCommand, "motion/command", 10)
+    sport: SportTap = world["sport"]
+    try:
+        assert wait_for(lambda: pub.get_subscription_count() > 0, 15.0)
+        t0 = time.monotonic()
+
+        def moving() -> bool:
+            pub.publish(LocomotionCommand(action=LocomotionCommand.MOVE, vx=0.3, duration=5.0, verified=True))
+            return bool(sport.moves_since(t0))
+
+        assert wait_for(moving, 10.0, step=0.2), "the motion executable never moved the robot"
+        t_int = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0, output
+        assert sport.since(t_int, STOP_MOVE), "no StopMove when the executable was interrupted"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        probe.destroy_node()
+        world["state"].latest = None
+        assert wait_for(lambda: world["state"].latest is not None and world["state"].speed() < 1e-3, 5.0)
+
+
+def test_the_shipped_parameter_file_sets_exactly_the_declared_parameters():
+    params = yaml.safe_load((Path(__file__).parents[1] / "config" / "motion.yaml").read_text())["motion"]["ros__parameters"]
+    node = MotionNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    try:
+        declared = {name for name in node._parameters if name not in ("use_sim_time", "start_type_description_service")}
+        assert declared == set(params)
+        for name in declared:
+            assert node.describe_parameter(name).description, f"{name} has no description"
+    finally:
+        node.destroy_node()

@@ -395,7 +395,8 @@ class MotionNode(LifecycleNode):
     def _set_idle(self, idle: bool) -> None:
         if idle != self._idle and self._idle_pub is not None:
             self._idle = idle
-            self._idle_pub.publish(Bool(data=idle))
+            if self.context.ok():  # halt() also runs after Ctrl-C has shut the context down
+                self._idle_pub.publish(Bool(data=idle))
 
     # ---- outputs ------------------------------------------------------------------
     def _on_state(self, s: RobotState) -> None:
