@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import jpeg, noisy_copy, tiny_causal_lm, tiny_vlm, tiny_vlm_text_draft
-
 from speculative_vlm.decoding.inprocess import InProcessVerifier
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest
+from tiny_models import jpeg, noisy_copy, tiny_causal_lm, tiny_vlm, tiny_vlm_text_draft
 
 PROMPTS = [
     "walk to the red ball",
@@ -126,11 +125,11 @@ def test_batched_verify_of_several_sessions_equals_one_by_one(pair):
                 items.append((s, DraftBlock(r, len(s.output), (), tokens)))
             early = []
             if batched:
-                verdicts = engine.verify(items, on_early=lambda s, v: early.append((s.session_id, v)))
+                verdicts = engine.verify(items, on_early=lambda s, v, early=early: early.append((s.session_id, v)))
             else:
                 verdicts = []
                 for item in items:
-                    verdicts += engine.verify([item], on_early=lambda s, v: early.append((s.session_id, v)))
+                    verdicts += engine.verify([item], on_early=lambda s, v, early=early: early.append((s.session_id, v)))
             rounds.append((verdicts, sorted(early, key=lambda e: e[0])))
         return rounds, [s.output for s in sessions]
 
