@@ -24,7 +24,7 @@ from rclpy.qos import qos_profile_sensor_data
 from rosbags.highlevel import AnyReader
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 from speculative_vlm.bags import BagPlayer, BagRecorder, installed_typestore
@@ -259,8 +259,8 @@ def test_loop_plays_the_bag_again_until_stopped(recorded_bag, spinner):
     assert [m.text for m in commands.messages[: 2 * FRAMES]] == [f"step {i}" for i in range(FRAMES)] * 2
 
 
-def write_bag_like_ros2_bag_record(path: Path) -> list[Image]:
-    """A bag as `ros2 bag record -s mcap` on Kilted leaves it: <name>_0.mcap, version 9 metadata."""
+def write_bag_like_ros2_bag_record(path: Path, storage: StoragePlugin) -> list[Image]:
+    """A bag as `ros2 bag record -s mcap|sqlite3` on Kilted leaves it: <name>_0.<ext>, version 9 metadata."""
     store = get_typestore(Stores.ROS2_KILTED)
     ros_image = store.types["sensor_msgs/msg/Image"]
     header = store.types["std_msgs/msg/Header"]
@@ -270,7 +270,7 @@ def write_bag_like_ros2_bag_record(path: Path) -> list[Image]:
                      QosTime(9223372036, 854775807), False)
     expected = []
     t0 = 1_700_000_000_000_000_000
-    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+    with Writer(path, version=9, storage_plugin=storage) as writer:
         connection = writer.add_connection(IMAGE_TOPIC, "sensor_msgs/msg/Image", typestore=store,
                                            offered_qos_profiles=[sensor_qos])
         for i in range(4):
@@ -282,20 +282,22 @@ def write_bag_like_ros2_bag_record(path: Path) -> list[Image]:
             expected_msg.header.stamp.sec = 1_700_000_000 + i
             expected_msg.header.frame_id = "go2_camera"
             expected.append(expected_msg)
-    # ros2 bag names the first file <bag>_0.mcap and records the distro it ran on.
-    (path / f"{path.name}.mcap").rename(path / f"{path.name}_0.mcap")
+    # ros2 bag names the first file <bag>_0.<ext> and records the distro it ran on.
+    ext = "mcap" if storage == StoragePlugin.MCAP else "db3"
+    (path / f"{path.name}.{ext}").rename(path / f"{path.name}_0.{ext}")
     metadata = yaml.safe_load((path / "metadata.yaml").read_text())
     info = metadata["rosbag2_bagfile_information"]
-    info["relative_file_paths"] = [f"{path.name}_0.mcap"]
-    info["files"][0]["path"] = f"{path.name}_0.mcap"
+    info["relative_file_paths"] = [f"{path.name}_0.{ext}"]
+    info["files"][0]["path"] = f"{path.name}_0.{ext}"
     info["ros_distro"] = "kilted"
     (path / "metadata.yaml").write_text(yaml.safe_dump(metadata))
     return expected
 
 
-def test_plays_a_bag_recorded_by_ros2_bag_record(tmp_path, spinner):
+@pytest.mark.parametrize("storage", [StoragePlugin.MCAP, StoragePlugin.SQLITE3], ids=["mcap", "sqlite3"])
+def test_plays_a_bag_recorded_by_ros2_bag_record(tmp_path, spinner, storage):
     path = tmp_path / "rosbag2_2026_11_22-10_00_00"
-    expected = write_bag_like_ros2_bag_record(path)
+    expected = write_bag_like_ros2_bag_record(path, storage)
     frames = Inbox()
     spinner.node.create_subscription(Image, "/go2/camera/image_raw", frames, qos_profile_sensor_data)
     player = BagPlayer(spinner.node, path, namespace="go2", wait_for_subscribers_s=10)
@@ -303,6 +305,24 @@ def test_plays_a_bag_recorded_by_ros2_bag_record(tmp_path, spinner):
     frames.wait_for(len(expected), 5)
     assert report.published == {"/go2/camera/image_raw": len(expected)}
     assert frames.messages == expected
+    assert player.mismatched == {}
+
+
+def test_player_warns_when_the_bag_has_another_definition_of_a_type(tmp_path, spinner):
+    # An older LocomotionCommand without `verified` and `text`, recorded under the same name.
+    store = get_typestore(Stores.ROS2_KILTED)
+    store.register(get_types_from_msg("std_msgs/Header header\nuint8 action\nfloat32 vx\nfloat32 vy\n"
+                                      "float32 vyaw\nfloat32 duration\n", "speculative_vlm_msgs/msg/LocomotionCommand"))
+    path = tmp_path / "old_bag"
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        connection = writer.add_connection(COMMAND_TOPIC, "speculative_vlm_msgs/msg/LocomotionCommand", typestore=store)
+        old = store.types["speculative_vlm_msgs/msg/LocomotionCommand"]
+        header = store.types["std_msgs/msg/Header"](stamp=store.types["builtin_interfaces/msg/Time"](sec=0, nanosec=0),
+                                                   frame_id="")
+        writer.write(connection, 1, store.serialize_cdr(old(header=header, action=0, vx=0.5, vy=0.0, vyaw=0.0,
+                                                            duration=1.0), "speculative_vlm_msgs/msg/LocomotionCommand"))
+    player = BagPlayer(spinner.node, path, topics=[COMMAND_TOPIC], namespace="old")
+    assert set(player.mismatched) == {COMMAND_TOPIC}
 
 
 def test_recorder_api_records_in_process_and_refuses_to_overwrite(spinner, tmp_path):

@@ -23,7 +23,7 @@ from rosgraph_msgs.msg import Clock
 
 from speculative_vlm.bags.message_types import rclpy_class
 from speculative_vlm.bags.qos import replay_qos
-from speculative_vlm.bags.typestore import UnknownMessageType
+from speculative_vlm.bags.typestore import UnknownMessageType, installed_hash
 
 NS_PER_S = 1_000_000_000
 
@@ -105,6 +105,7 @@ class BagPlayer:
                 raise ValueError(f"topics {sorted(missing)} are not in {self.path}; it has {sorted(bag_topics)}")
         self._publishers = {}  # connection id -> (topic played, publisher)
         self.skipped: dict[str, str] = {}
+        self.mismatched: dict[str, str] = {}
         by_topic: dict[str, object] = {}
         for connection in connections:
             if topics is not None and connection.topic not in topics:
@@ -116,6 +117,7 @@ class BagPlayer:
                 self.skipped[connection.topic] = str(exc)
                 node.get_logger().error(f"not playing {connection.topic}: {exc}")
                 continue
+            self._check_definition(connection)
             if out_topic not in by_topic:
                 offered = getattr(connection.ext, "offered_qos_profiles", [])
                 by_topic[out_topic] = node.create_publisher(msg_class, out_topic, replay_qos(offered))
@@ -135,6 +137,24 @@ class BagPlayer:
         self._lock = threading.Lock()
         self.report = PlaybackReport(published={t: 0 for t, _ in self._publishers.values()})
         self.position_ns = self.start_ns + self._offset_ns
+
+    def _check_definition(self, connection) -> None:
+        """Warn when the bag was recorded with another definition of a type than the installed one.
+
+        The bytes are still played (as `ros2 bag play` does), but subscribers would decode them
+        with the installed layout, so the warning says which package version to install.
+        """
+        recorded = connection.digest or ""
+        if not recorded.startswith("RIHS01_"):
+            return  # bags before Iron carry no type hash
+        installed = installed_hash(connection.msgtype)
+        if installed is not None and installed != recorded:
+            self.mismatched[connection.topic] = f"bag {recorded}, installed {installed}"
+            self._node.get_logger().warning(
+                f"{connection.topic}: the bag's {connection.msgtype} differs from the installed definition "
+                f"(bag {recorded[:15]}..., installed {installed[:15]}...); subscribers may misread it: install the "
+                f"message package version the bag was recorded with"
+            )
 
     @property
     def topics(self) -> list[str]:

@@ -91,3 +91,11 @@ def add_types(store: Typestore, msgtypes: list[str] | tuple[str, ...]) -> None:
         store.register(new)
         for _, fields in new.values():
             pending.extend(_referenced_types(fields) - store.fielddefs.keys())
+
+
+def installed_hash(msgtype: str) -> str | None:
+    """The RIHS01 type hash of the installed definition of `msgtype`; None when it has none."""
+    try:
+        return installed_typestore([msgtype]).hash_rihs01(msgtype)
+    except UnknownMessageType:
+        return None
