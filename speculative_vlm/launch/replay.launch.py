@@ -22,14 +22,16 @@ REPLAY_EXECUTABLES = ("speculative-vlm",)
 
 def _replay(loop: bool) -> ExecuteProcess:
     """The player; launch has no optional command-line flag, so looping is a second, conditional action."""
+    # One `--flag=value` token each (a list element is concatenated), so an empty value such as
+    # the default namespace stays an argument instead of vanishing.
     cmd = [
         "speculative-vlm", "replay", LaunchConfiguration("bag"),
-        "--rate", LaunchConfiguration("rate"),
-        "--start-offset", LaunchConfiguration("start_offset"),
-        "--namespace", LaunchConfiguration("namespace"),
-        "--topics", LaunchConfiguration("camera_topic"),
+        ["--rate=", LaunchConfiguration("rate")],
+        ["--start-offset=", LaunchConfiguration("start_offset")],
+        ["--namespace=", LaunchConfiguration("namespace")],
+        ["--topics=", LaunchConfiguration("camera_topic")],
         # Nodes start alongside the player: wait for them so the first frames are not lost.
-        "--wait-for-subscribers", "10",
+        "--wait-for-subscribers=10",
     ]
     condition = IfCondition if loop else UnlessCondition
     return ExecuteProcess(cmd=cmd + (["--loop"] if loop else []), name="bag_replay", output="screen",

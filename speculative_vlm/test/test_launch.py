@@ -189,9 +189,18 @@ def test_replay_launch_command_line_is_accepted_by_the_replay_subcommand():
             defaults[call.args[0].value] = default
     cmd = next(a.value for a in ast.walk(lf.tree) if isinstance(a, ast.Assign)
                and isinstance(a.targets[0], ast.Name) and a.targets[0].id == "cmd")
-    argv = [e.value if isinstance(e, ast.Constant) else defaults[e.args[0].value] for e in cmd.elts]
+
+    def token(e: ast.AST) -> str:
+        if isinstance(e, ast.Constant):
+            return e.value
+        if isinstance(e, ast.List):  # launch concatenates the substitutions of a list element
+            return "".join(token(part) for part in e.elts)
+        return defaults[e.args[0].value]  # LaunchConfiguration("name") -> its default
+
+    argv = [token(e) for e in cmd.elts]
     assert argv[:2] == ["speculative-vlm", "replay"] and SUBCOMMANDS["replay"][0] == replay.__name__
     parser = argparse.ArgumentParser()
     replay.add_arguments(parser)
     args = parser.parse_args(argv[2:] + ["--loop"])
     assert args.bag == "/tmp/bag" and args.rate == 1.0 and args.topics == ["/camera/image_raw"] and args.loop
+    assert args.namespace == "" and args.wait_for_subscribers == 10
