@@ -204,3 +204,22 @@ def test_replay_launch_command_line_is_accepted_by_the_replay_subcommand():
     args = parser.parse_args(argv[2:] + ["--loop"])
     assert args.bag == "/tmp/bag" and args.rate == 1.0 and args.topics == ["/camera/image_raw"] and args.loop
     assert args.namespace == "" and args.wait_for_subscribers == 10
+
+
+def test_sim_peers_accept_every_flag_sim_launch_passes():
+    from speculative_vlm.cloud.server import _parser as cloud_parser
+    from speculative_vlm.go2.sim import build_parser as sim_parser
+
+    options = {o for p in (sim_parser(), cloud_parser()) for a in p._actions for o in a.option_strings}
+    flags = {s for s in launch_file("sim.launch.py").strings if s.startswith("--")}
+    assert flags and flags <= options, f"unknown peer flags {sorted(flags - options)}"
+
+
+def test_sim_launch_hands_the_verifier_a_config_it_accepts():
+    from speculative_vlm.cloud.config import from_mapping
+
+    sections = yaml.safe_load((CONFIG_DIR / "sim.yaml").read_text())
+    assert sections["bringup"]["ros__parameters"]["local_cloud"]
+    # What sim.launch.py writes for `speculative-vlm-cloud --config`: the section alone.
+    config = from_mapping({"ros__parameters": sections["cloud_server"]["ros__parameters"]})
+    assert config.bind == sections["bridge"]["ros__parameters"]["cloud_address"]
