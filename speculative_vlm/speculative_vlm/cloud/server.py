@@ -213,3 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["Limits", "ServerConfig", "ServerHandle", "serve", "main", "InsecureBind"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

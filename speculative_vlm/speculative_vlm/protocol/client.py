@@ -42,7 +42,7 @@ from speculative_vlm.protocol.link import LinkListener, LinkMonitor, LinkState
 METHOD = "/speculative_vlm.v1.Verification/Session"
 TOKEN_ENV = "SPECULATIVE_VLM_TOKEN"
 
-_SESSION_GONE = {"session_expired", "no_session", "server_shutdown"}
+_SESSION_GONE = {"session_expired", "no_session"}
 _TYPED_REFUSALS: dict[str, type[Refused]] = {
     "empty_prompt": EmptyPrompt,
     "prompt_too_long": PromptTooLong,
@@ -55,6 +55,8 @@ def error_to_exception(code: str, reason: str) -> VerifierError:
     """The typed exception for a server Error message."""
     if code in _SESSION_GONE:
         return SessionNotFound(f"{code}: {reason}")
+    if code == "server_shutdown":  # the server is going away: to the robot, a lost link
+        return LinkLost(f"{code}: {reason}")
     return _TYPED_REFUSALS.get(code, Refused)(code, reason)
 
 
@@ -96,7 +98,8 @@ class GrpcSession(VerifierSession):
             for message in self._call:
                 kind = message.WhichOneof("kind")
                 if kind == "error":
-                    self._fail(error_to_exception(message.error.code, message.error.reason), link_lost=False)
+                    error = error_to_exception(message.error.code, message.error.reason)
+                    self._fail(error, link_lost=isinstance(error, LinkLost))
                     return
                 self._events.put(message if kind in ("opened", "token") else convert.verdict_from_pb(message))
             if not self._closing:

@@ -1,0 +1,188 @@
+"""Benchmark: tokens per second of N robots on one verifier server, batched against unbatched.
+
+The server is real (gRPC on loopback, the target model, the batch scheduler). The robots
+are load generators: each replays its prompt's target-greedy output (fetched first
+through the server's autoregressive mode, which also gives the cloud-autoregressive
+baseline) as draft blocks in which every token is right with probability
+``--acceptance``, and sleeps ``--draft-ms-per-token`` per drafted token to stand for
+drafting on the robot's CPU without taking the shared cores from the server. Every
+verified output is checked against the target's own, so a run also checks losslessness.
+Optionally the traffic goes through the netem proxy (``--delay-ms``).
+
+    speculative-vlm bench-cloud-batching --model smollm2-135m-instruct --clients 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from speculative_vlm.cloud.config import ServerConfig
+from speculative_vlm.cloud.netem import DelayProxy, LinkProfile
+from speculative_vlm.cloud.server import serve
+from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest, VerdictKind
+from speculative_vlm.protocol.client import GrpcVerifier
+
+PROMPTS = [
+    "The red ball is 2 m ahead, slightly left. Walk to it.",
+    "Turn right by 90 degrees, then stop.",
+    "There is a chair 3 m behind you. Back up to it slowly.",
+    "Sit down and wait for the next instruction.",
+    "Walk forward 1 m, then turn left and walk 2 m.",
+    "The door is on your right, 4 m away. Go through it.",
+    "Stand up and look around.",
+    "Follow the person in the blue jacket.",
+]
+
+
+@dataclass
+class PhaseResult:
+    max_batch: int
+    clients: int
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    rounds: int
+    passes: int
+    mean_batch: float
+    largest_batch: int
+    exact: bool
+
+
+def _robot(address: str, token: str, request: SessionRequest, reference: list[int], gamma: int,
+           acceptance: float, draft_s_per_token: float, seed: int, vocab: int) -> tuple[int, int, bool]:
+    """One robot's decode; returns (tokens, rounds, output == reference)."""
+    rng = random.Random(seed)
+    verifier = GrpcVerifier(address, token=token, verdict_timeout_s=120)
+    session = verifier.open(request)
+    out: list[int] = []
+    rounds = 0
+    try:
+        while True:
+            truth = reference[len(out): len(out) + gamma]
+            block = tuple(t if rng.random() < acceptance else (t + 1 + rng.randrange(vocab - 1)) % vocab
+                          for t in truth)
+            time.sleep(draft_s_per_token * len(block))
+            session.submit(DraftBlock(round=rounds, base_length=len(out), base_tail=tuple(out[-4:]), tokens=block))
+            while (verdict := session.next_verdict()).kind is VerdictKind.EARLY:
+                pass
+            if verdict.kind is not VerdictKind.FINAL:
+                raise RuntimeError(f"round {rounds}: unexpected {verdict}")
+            out += list(block[: verdict.accepted]) + ([verdict.token] if verdict.token >= 0 else [])
+            rounds += 1
+            if verdict.eos or len(out) >= len(reference):
+                break
+    finally:
+        session.close()
+        verifier.close()
+    return len(out), rounds, out == reference
+
+
+def run_phase(engine, max_batch: int, requests: list[SessionRequest], references: list[list[int]],
+              args: argparse.Namespace) -> PhaseResult:
+    token = secrets.token_hex(16)
+    os.environ["SPECULATIVE_VLM_TOKENS"] = f"bench:{token}"
+    engine.max_batch = max_batch
+    config = ServerConfig(bind="127.0.0.1:0", max_batch=max_batch, max_wait_ms=args.max_wait_ms,
+                          exit_layers=tuple(engine.exit_layers))
+    handle = serve(config, engine=engine)
+    proxy = None
+    address = handle.address
+    if args.delay_ms > 0:
+        proxy = DelayProxy(("127.0.0.1", handle.port), LinkProfile(args.delay_ms / 1000, args.jitter_ms / 1000)).start()
+        address = proxy.address
+    results: list[tuple[int, int, bool] | BaseException] = [None] * len(requests)  # type: ignore[list-item]
+    vocab = engine.model.vocab_size
+
+    def work(i: int) -> None:
+        try:
+            results[i] = _robot(address, token, requests[i], references[i], args.gamma, args.acceptance,
+                                args.draft_ms_per_token / 1000, seed=i, vocab=vocab)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    sched = handle.service.scheduler
+    batch_sum = sum(s.value for m in handle.metrics.batch_size.collect() for s in m.samples
+                    if s.name.endswith("_sum"))
+    if proxy is not None:
+        proxy.stop()
+    handle.stop()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    tokens = sum(r[0] for r in results)
+    return PhaseResult(max_batch, len(requests), tokens, round(wall, 3), round(tokens / wall, 2),
+                       sum(r[1] for r in results), sched.passes, round(batch_sum / max(1, sched.passes), 2),
+                       sched.largest_batch, all(r[2] for r in results))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="target folder or model-store name")
+    parser.add_argument("--exit-layers", default="", help="comma-separated exit layers (early verdicts)")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--max-batch", type=int, default=0, help="batched phase's max batch (0 = clients)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per block")
+    parser.add_argument("--acceptance", type=float, default=0.8, help="per-token chance a draft token is right")
+    parser.add_argument("--draft-ms-per-token", type=float, default=3.0, help="emulated robot drafting time")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way link delay through the netem proxy")
+    parser.add_argument("--jitter-ms", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--json", help="also write the results here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from speculative_vlm.decoding.models import load_model
+    from speculative_vlm.decoding.target_engine import TargetEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layers = [int(x) for x in args.exit_layers.split(",") if x.strip()]
+    engine = TargetEngine(load_model(args.model), exit_layers=layers, max_batch=max(1, args.clients))
+    requests = [SessionRequest(prompt=PROMPTS[i % len(PROMPTS)],
+                               settings=GenerationSettings(max_new_tokens=args.max_new_tokens))
+                for i in range(args.clients)]
+    # The references come through the server's autoregressive mode: also the cloud-AR baseline.
+    token = secrets.token_hex(16)
+    os.environ["SPECULATIVE_VLM_TOKENS"] = f"bench:{token}"
+    handle = serve(ServerConfig(bind="127.0.0.1:0"), engine=engine)
+    verifier = GrpcVerifier(handle.address, token=token, verdict_timeout_s=120)
+    start = time.perf_counter()
+    references = [verifier.generate(r) for r in requests]
+    ar_wall = time.perf_counter() - start
+    verifier.close()
+    handle.stop()
+    ar_tokens = sum(len(r) for r in references)
+    batched = run_phase(engine, args.max_batch or args.clients, requests, references, args)
+    unbatched = run_phase(engine, 1, requests, references, args)
+    report = {
+        "model": args.model, "clients": args.clients, "gamma": args.gamma, "acceptance": args.acceptance,
+        "draft_ms_per_token": args.draft_ms_per_token, "delay_ms": args.delay_ms,
+        "torch_threads": torch.get_num_threads(),
+        "cloud_autoregressive_sequential": {"tokens": ar_tokens, "wall_s": round(ar_wall, 3),
+                                            "tokens_per_s": round(ar_tokens / ar_wall, 2)},
+        "batched": asdict(batched), "unbatched": asdict(unbatched),
+        "speedup_batched_over_unbatched": round(batched.tokens_per_s / unbatched.tokens_per_s, 3),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0 if batched.exact and unbatched.exact else 1
