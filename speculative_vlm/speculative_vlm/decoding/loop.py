@@ -215,7 +215,7 @@ class SpeculativeDecoder:
                 stats.wait_s = time.perf_counter() - (current.submitted_at or start)
                 stats.verify_s = final.verify_time_s
                 stats.accepted = final.accepted
-                new = list(current.block.tokens[: final.accepted]) + [final.token]
+                new = list(current.block.tokens[: final.accepted]) + ([final.token] if final.token >= 0 else [])
                 if preempted is not None and preempted.early is not None and _same_outcome(preempted.early, final):
                     stats.early = "hit"
                     committed = list(preempted.assumed)
@@ -266,7 +266,7 @@ class SpeculativeDecoder:
     def _preempt(
         self, drafter: Drafter, committed: list[int], current: _InFlight, early: Verdict, round_no: int
     ) -> _InFlight | None:
-        assumed = committed + list(current.block.tokens[: early.accepted]) + [early.token]
+        assumed = committed + list(current.block.tokens[: early.accepted]) + ([early.token] if early.token >= 0 else [])
         drafter.sync(assumed)
         assumed = assumed + drafter.append_forced()
         if drafter.out.done or drafter.out.room <= 1:

@@ -209,25 +209,38 @@ class TargetEngine:
         # preemptive block bets on.
         probs = torch.softmax(logits, dim=-1)
         outcome = rules.verify_greedy(logits, it.tokens)
-        chosen = torch.tensor(list(it.tokens[: outcome.accepted]) + [outcome.token])
-        confidence = float(probs[torch.arange(len(chosen)), chosen].prod())
+        token = -1 if self._output_ends(it, outcome.accepted) else outcome.token
+        chosen = list(it.tokens[: outcome.accepted]) + ([token] if token >= 0 else [])
+        confidence = float(probs[torch.arange(len(chosen)), torch.tensor(chosen, dtype=torch.long)].prod())
         return Verdict(
-            it.block.round, VerdictKind.EARLY, outcome.accepted, outcome.token, confidence=confidence, exit_layer=layer
+            it.block.round, VerdictKind.EARLY, outcome.accepted, token, confidence=confidence, exit_layer=layer
         )
+
+    def _output_ends(self, it: _Item, accepted: int) -> bool:
+        """Whether the output is complete after the first ``accepted`` draft tokens.
+
+        A draft stops at EOS or at the grammar's end, and the target may accept that last
+        token: then nothing follows it (no correction or bonus token).
+        """
+        if accepted and it.tokens[accepted - 1] in self.model.eos_token_ids:
+            return True
+        return it.masks is not None and not bool(it.masks[accepted].any())
 
     def _commit(self, it: _Item, outcome: rules.Outcome, elapsed: float) -> Verdict:
         sess = it.session
         base = len(sess.kv.ids) - len(it.tokens)
         sess.kv.truncate(base + outcome.accepted)
-        new = list(it.tokens[: outcome.accepted]) + [outcome.token]
-        sess.kv.append([outcome.token])
-        sess.out.extend(new)
+        sess.out.extend(it.tokens[: outcome.accepted])
+        token = -1 if self._output_ends(it, outcome.accepted) else outcome.token
+        if token >= 0:
+            sess.kv.append([token])
+            sess.out.extend([token])
         forced = sess.out.append_forced()
         sess.kv.append(forced)
         sess.rounds += 1
         sess.last_used = time.monotonic()
         return Verdict(
-            it.block.round, VerdictKind.FINAL, outcome.accepted, outcome.token, eos=sess.done, verify_time_s=elapsed
+            it.block.round, VerdictKind.FINAL, outcome.accepted, token, eos=sess.done, verify_time_s=elapsed
         )
 
     # ---- the cloud-autoregressive baseline -----------------------------------------------
