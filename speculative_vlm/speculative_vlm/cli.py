@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare-models": ("speculative_vlm.decoding.model_store", "convert the bundled SmolLM2 GGUF once"),
     "generate": ("speculative_vlm.decoding.generate_command", "speculative decoding of one prompt, in one process"),
     "train-exits": ("speculative_vlm.decoding.train_exits", "train early-exit adapters by self-distillation"),
+    "train-draft": ("speculative_vlm.training.train_draft", "distil a small draft from the target's own answers"),
     "record": ("speculative_vlm.bags.record", "record topics into a rosbag2 MCAP bag"),
     "replay": ("speculative_vlm.bags.replay", "play a rosbag2 bag with /clock"),
     "gen-protocol": ("speculative_vlm.protocol.codegen", "regenerate the cloud protocol stubs from the .proto"),

@@ -1,0 +1,142 @@
+"""Prompt templates for robot commands: the system prompt, the user message, and sampled tasks.
+
+One builder serves the robot's drafter node and the draft model's training data, so the
+draft is trained on exactly the prompts it will see on the robot. The user message is the
+instruction plus the scene text of :mod:`speculative_vlm.commands.scene_text` (a text-only
+target cannot see the camera frame, so it reads what coloured objects are where).
+
+:func:`sample_task` draws a random scene and instruction from the templates below; it is
+what ``speculative-vlm train-draft`` feeds the target to collect its answers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from speculative_vlm.commands.scene_text import Pose, SceneObject, describe_objects
+
+SYSTEM_PROMPT = (
+    "You control a Unitree Go2 robot dog. Reply with one JSON object and nothing else: "
+    '{"action": ..., "vx": ..., "vy": ..., "vyaw": ..., "duration": ...}. '
+    "action is one of move, stop, stand_up, stand_down, sit, done. "
+    "vx is the forward speed in m/s (-0.5 to 1.0, negative walks backwards), "
+    "vy the sideways speed in m/s (-0.5 to 0.5, positive is left), "
+    "vyaw the turn rate in rad/s (-1.5 to 1.5, positive turns left), "
+    "duration how long to do it in seconds (0 to 5). "
+    "Use done when the instruction is already fulfilled."
+)
+
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
+SHAPES = ("ball", "box", "cone", "chair", "bucket", "backpack")
+
+# {obj} is an object in the scene, {absent} one that is not; the rest need no object.
+_OBJECT_INSTRUCTIONS = (
+    "walk to the {obj}",
+    "go to the {obj}",
+    "approach the {obj}",
+    "move towards the {obj}",
+    "turn to face the {obj}",
+    "turn towards the {obj}",
+    "back away from the {obj}",
+    "walk to the {obj} and stop there",
+    "go around the {obj}",
+    "sidestep so the {obj} is straight ahead",
+    "follow the {obj}",
+    "walk slowly to the {obj}",
+    "run to the {obj}",
+    "stop in front of the {obj}",
+)
+_ABSENT_INSTRUCTIONS = (
+    "walk to the {absent}",
+    "find the {absent}",
+    "look for the {absent}",
+)
+_PLAIN_INSTRUCTIONS = (
+    "stop",
+    "stop moving",
+    "sit down",
+    "sit",
+    "stand up",
+    "lie down",
+    "stand down",
+    "walk forward",
+    "walk forward {metres} meters",
+    "walk backwards",
+    "walk back {metres} meters",
+    "turn left",
+    "turn right",
+    "turn around",
+    "step to the left",
+    "step to the right",
+    "stay where you are",
+    "spin in place",
+    "you are done, finish",
+)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One robot-command prompt: what the user asked and what the robot sees."""
+
+    instruction: str
+    scene_text: str
+    objects: tuple[SceneObject, ...] = field(default=())
+    pose: Pose = Pose()
+
+
+def user_message(instruction: str, scene_text: str) -> str:
+    """The user turn: the instruction first, then what the robot currently sees."""
+    return f"Instruction: {instruction.strip()}\nScene: {scene_text.strip()}"
+
+
+def build_messages(instruction: str, scene_text: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
+    """Chat messages (system + user) ready for ``tokenizer.apply_chat_template``."""
+    return [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": user_message(instruction, scene_text)},
+    ]
+
+
+def render_prompt(tokenizer, instruction: str, scene_text: str, system_prompt: str = SYSTEM_PROMPT) -> str:
+    """The prompt text with the assistant turn opened, as the target and the draft both see it."""
+    return tokenizer.apply_chat_template(
+        build_messages(instruction, scene_text, system_prompt), tokenize=False, add_generation_prompt=True
+    )
+
+
+def sample_scene(rng: random.Random, max_objects: int = 4) -> tuple[tuple[SceneObject, ...], Pose]:
+    """A random scene: 0..max_objects distinct coloured objects around a robot at a random pose."""
+    count = rng.choices(range(max_objects + 1), weights=[1] + [3] * max_objects)[0]
+    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], count)
+    pose = Pose(x=round(rng.uniform(-2, 2), 1), y=round(rng.uniform(-2, 2), 1), yaw=round(rng.uniform(-3.1, 3.1), 2))
+    objects = []
+    for colour, shape in kinds:
+        # Mostly in front of the robot (it usually looks at what it is told about),
+        # sometimes beside or behind it; distances like a room or a yard.
+        distance = rng.choice([rng.uniform(0.3, 1.0), rng.uniform(1.0, 6.0), rng.uniform(1.0, 6.0)])
+        bearing = rng.gauss(0.0, 0.8) if rng.random() < 0.8 else rng.uniform(-3.14, 3.14)
+        wx = pose.x + distance * math.cos(pose.yaw + bearing)
+        wy = pose.y + distance * math.sin(pose.yaw + bearing)
+        objects.append(SceneObject(name=f"{colour} {shape}", x=round(wx, 2), y=round(wy, 2)))
+    return tuple(objects), pose
+
+
+def sample_instruction(rng: random.Random, objects: tuple[SceneObject, ...]) -> str:
+    """An instruction that mostly refers to an object in view, sometimes to none or a missing one."""
+    present = {o.name for o in objects}
+    roll = rng.random()
+    if objects and roll < 0.65:
+        return rng.choice(_OBJECT_INSTRUCTIONS).format(obj=rng.choice(objects).name)
+    if roll < 0.75:
+        absent = rng.choice([f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present])
+        return rng.choice(_ABSENT_INSTRUCTIONS).format(absent=absent)
+    return rng.choice(_PLAIN_INSTRUCTIONS).format(metres=rng.choice([0.5, 1, 1.5, 2, 3]))
+
+
+def sample_task(rng: random.Random) -> Task:
+    """A random robot-command prompt from the templates, its scene described as the robot would."""
+    objects, pose = sample_scene(rng)
+    instruction = sample_instruction(rng, objects)
+    return Task(instruction=instruction, scene_text=describe_objects(objects, pose), objects=objects, pose=pose)
