@@ -136,3 +136,18 @@ def test_diagnostics_warn_when_the_camera_stops(node):
     status = next(s for a in arrays for s in a.status if s.level == DiagnosticStatus.WARN)
     assert status.name == "monitor: inputs"
     assert {"image age s", "command age s", "odom age s"} <= {kv.key for kv in status.values}
+
+
+def test_velocity_marker_follows_the_robot_between_commands(node):
+    command_pub = node.create_publisher(LocomotionCommand, "motion/command", 10)
+    odom_pub = node.create_publisher(Odometry, "odom", 10)
+    collect(node, Marker, "monitor/velocity_marker", 10, lambda r: any(m.action == Marker.ADD for m in r),
+            lambda: command_pub.publish(move(0.5, 0.0)))
+    moved = Odometry()
+    moved.header.frame_id = "odom"
+    moved.pose.pose.position.x = 3.25
+    moved.pose.pose.orientation.w = 1.0
+    # Only odometry from here on: the marker must still move to the new pose.
+    markers = collect(node, Marker, "monitor/velocity_marker", 10,
+                      lambda r: any(m.pose.position.x == 3.25 for m in r), lambda: odom_pub.publish(moved))
+    assert markers[-1].action == Marker.ADD and markers[-1].header.frame_id == "odom"

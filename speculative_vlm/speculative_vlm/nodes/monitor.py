@@ -10,8 +10,8 @@ Publishes:
   command, the acceptance and throughput of decoding, and the verified text, for
   rqt_image_view;
   monitor/velocity_marker (visualization_msgs/Marker): an arrow for the commanded velocity at
-  the robot's odometry pose (or at the origin of ``base_frame`` before any odometry), deleted
-  when the command is not a MOVE, for rviz;
+  the robot's odometry pose (or at the origin of ``base_frame`` before any odometry), moving
+  with the robot at up to 10 Hz, deleted when the command is not a MOVE, for rviz;
   /diagnostics: how old each input is, WARN when the camera or odometry has gone stale.
 Drawing is cheap (a few OpenCV primitives) and runs at most at ``max_rate_hz``.
 """
@@ -171,6 +171,7 @@ class MonitorNode(Node):
         self._odom: Odometry | None = None
         self._last_seen: dict[str, float] = {}
         self._last_drawn = 0.0
+        self._last_marker = 0.0
         self.annotated = 0
         self.undrawable = 0
         self._last_error = ""
@@ -200,11 +201,19 @@ class MonitorNode(Node):
     def _on_odom(self, msg: Odometry) -> None:
         self._seen("odom")
         self._odom = msg
+        # Move the marker with the robot, at a rate rviz needs, not at the odometry rate.
+        now = time.monotonic()
+        if self._command is not None and now - self._last_marker >= 0.1:
+            self._publish_marker()
 
     def _on_command(self, msg: LocomotionCommand) -> None:
         self._seen("command")
         self._command = msg
-        self._marker_pub.publish(self.velocity_marker(msg))
+        self._publish_marker()
+
+    def _publish_marker(self) -> None:
+        self._last_marker = time.monotonic()
+        self._marker_pub.publish(self.velocity_marker(self._command))
 
     def _on_image(self, msg: Image) -> None:
         self._seen("image")
