@@ -52,12 +52,13 @@ class PhaseResult:
     passes: int
     mean_batch: float
     largest_batch: int
-    exact: bool
+    exact: bool  # every output equals the cloud-autoregressive output
+    first_divergence: list[int]  # per robot: first differing position, -1 when identical
 
 
 def _robot(address: str, token: str, request: SessionRequest, reference: list[int], gamma: int,
-           acceptance: float, draft_s_per_token: float, seed: int, vocab: int) -> tuple[int, int, bool]:
-    """One robot's decode; returns (tokens, rounds, output == reference)."""
+           acceptance: float, draft_s_per_token: float, seed: int, vocab: int) -> tuple[int, int, int]:
+    """One robot's decode; returns (tokens, rounds, first position that differs from the reference or -1)."""
     rng = random.Random(seed)
     verifier = GrpcVerifier(address, token=token, verdict_timeout_s=120)
     session = verifier.open(request)
@@ -81,7 +82,9 @@ def _robot(address: str, token: str, request: SessionRequest, reference: list[in
     finally:
         session.close()
         verifier.close()
-    return len(out), rounds, out == reference
+    diverged = next((i for i, (a, b) in enumerate(zip(out, reference, strict=False)) if a != b),
+                    -1 if len(out) == len(reference) else min(len(out), len(reference)))
+    return len(out), rounds, diverged
 
 
 def run_phase(engine, max_batch: int, requests: list[SessionRequest], references: list[list[int]],
@@ -97,7 +100,7 @@ def run_phase(engine, max_batch: int, requests: list[SessionRequest], references
     if args.delay_ms > 0:
         proxy = DelayProxy(("127.0.0.1", handle.port), LinkProfile(args.delay_ms / 1000, args.jitter_ms / 1000)).start()
         address = proxy.address
-    results: list[tuple[int, int, bool] | BaseException] = [None] * len(requests)  # type: ignore[list-item]
+    results: list[tuple[int, int, int] | BaseException] = [None] * len(requests)  # type: ignore[list-item]
     vocab = engine.model.vocab_size
 
     def work(i: int) -> None:
@@ -126,7 +129,7 @@ def run_phase(engine, max_batch: int, requests: list[SessionRequest], references
     tokens = sum(r[0] for r in results)
     return PhaseResult(max_batch, len(requests), tokens, round(wall, 3), round(tokens / wall, 2),
                        sum(r[1] for r in results), sched.passes, round(batch_sum / max(1, sched.passes), 2),
-                       sched.largest_batch, all(r[2] for r in results))
+                       sched.largest_batch, all(r[2] == -1 for r in results), [r[2] for r in results])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -150,4 +150,5 @@ class BatchScheduler:
                 self.metrics.accepted_tokens.observe(result.accepted)
             else:
                 self.metrics.rounds_total.labels("dropped").inc()
+            session.touch()  # a long pass must not make its session look idle
             session.send(convert.verdict_to_pb(result))

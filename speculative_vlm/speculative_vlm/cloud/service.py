@@ -83,7 +83,8 @@ class VerificationService:
     def session(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[pb.ServerMessage]:
         peer = context.peer()
         try:
-            client = self.auth.client_for(context.invocation_metadata()) if self.auth else peer
+            # Without authentication a client is its address (host part: one robot, many ports).
+            client = self.auth.client_for(context.invocation_metadata()) if self.auth else peer.rsplit(":", 1)[0]
         except Unauthenticated as exc:
             self._count_refusal("unauthenticated", str(exc), client="?", peer=peer)
             yield convert.error("unauthenticated", str(exc))
