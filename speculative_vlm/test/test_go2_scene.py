@@ -75,3 +75,9 @@ def test_a_scene_file_is_read_from_yaml(tmp_path):
     assert scene.distance_to("a chair", 2.0, 0.0) == pytest.approx(1.0)
     with pytest.raises(KeyError, match="a chair"):
         scene.find("a table")
+
+
+def test_a_packaged_scene_is_found_by_name_and_an_unknown_name_lists_the_choices():
+    assert load_scene("default") == load_scene()
+    with pytest.raises(SceneError, match="default"):
+        load_scene("moon_base")

@@ -104,10 +104,19 @@ def scene_from_dict(data: dict) -> Scene:
     return Scene(room, tuple(objects), *start)
 
 
+def packaged_scenes() -> list[str]:
+    """Names of the scenes shipped in ``speculative_vlm/go2/scenes/``."""
+    folder = resources.files("speculative_vlm.go2").joinpath("scenes")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def load_scene(path: str | Path | None = None) -> Scene:
-    """Load a scene YAML file; ``None`` loads the packaged default scene."""
-    if path is None:
-        text = resources.files("speculative_vlm.go2").joinpath("scenes/default.yaml").read_text()
+    """Load a scene: a YAML file path, the name of a packaged scene, or ``None`` for "default"."""
+    if path is None or (isinstance(path, str) and not Path(path).exists() and "/" not in path and not path.endswith(".yaml")):
+        name = path or "default"
+        if name not in packaged_scenes():
+            raise SceneError(f"no packaged scene {name!r}; packaged: {packaged_scenes()}, or give a YAML path")
+        text = resources.files("speculative_vlm.go2").joinpath(f"scenes/{name}.yaml").read_text()
     else:
         try:
             text = Path(path).read_text()

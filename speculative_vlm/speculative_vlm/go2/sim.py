@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 from unitree_sdk2py.core.channel import ChannelPublisher
 from unitree_sdk2py.go2.sport import sport_api as api
@@ -195,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--domain-id", type=int, default=0, help=f"DDS domain id, 0..{MAX_DOMAIN_ID} (the Go2 uses 0)")
     p.add_argument("--interface", default="lo", help="network interface for DDS (default: lo)")
-    p.add_argument("--scene", type=Path, default=None, help="scene YAML (default: the packaged scene)")
+    p.add_argument("--scene", default=None, help="scene YAML path or packaged scene name (default: 'default')")
     p.add_argument("--width", type=int, default=640, help="camera image width, pixels")
     p.add_argument("--height", type=int, default=480, help="camera image height, pixels")
     p.add_argument("--hfov", type=float, default=90.0, help="camera horizontal field of view, degrees")

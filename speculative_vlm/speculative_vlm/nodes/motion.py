@@ -8,6 +8,7 @@ Safety lives here, not in the models:
   dedicated thread on the steady clock, so executor load cannot starve it;
 - StopMove is sent when a command's duration ends, when cmd_vel goes stale
   (``stale_timeout_s``), on e-stop, on deactivate and on shutdown;
+- with ``require_verified`` (default) only commands the target verified are executed;
 - the e-stop latches: ``motion/estop`` (std_msgs/Bool, True engages) or the
   ``motion/engage_estop`` service engage it; only the ``motion/release_estop`` service
   releases it, and while it is engaged nothing reaches the robot but StopMove.
@@ -95,6 +96,9 @@ class MotionNode(LifecycleNode):
         d("diagnostics_period_s", 1.0, _float_param(0.1, 10.0, "Period of /diagnostics messages, s"))
         d("odom_frame", "odom", ParameterDescriptor(description="frame_id of published odometry"))
         d("base_frame", "base_link", ParameterDescriptor(description="child_frame_id of published odometry"))
+        d("require_verified", True, ParameterDescriptor(
+            description="Refuse LocomotionCommands whose text the target model did not verify "
+            "(cmd_vel, a teleoperation input, is not affected)"))
         d("autostart", False, ParameterDescriptor(
             description="Configure and activate right after start (for bringups without a lifecycle manager)"))
 
@@ -112,6 +116,7 @@ class MotionNode(LifecycleNode):
         self._idle: bool | None = None
         self._last_command_time: float | None = None
         self._rejected = 0
+        self._unverified_refused = 0
         self._last_codes: dict[str, int] = {}
         self._error_counts: dict[str, int] = {}
         self._move_times: deque[float] = deque(maxlen=200)
@@ -250,6 +255,12 @@ class MotionNode(LifecycleNode):
         if not self._accepting("LocomotionCommand"):
             return
         if not msg.verified:
+            if self.get_parameter("require_verified").value:
+                self._unverified_refused += 1
+                self.get_logger().warning(
+                    f"unverified command refused: {msg.text!r}; set require_verified:=false to allow"
+                )
+                return
             self.get_logger().warning(f"executing an UNVERIFIED command: {msg.text!r}")
         now = time.monotonic()
         self._last_command_time = now
@@ -372,8 +383,11 @@ class MotionNode(LifecycleNode):
                     self._call("Move", lambda b=backend, v=v: b.move(v.vx, v.vy, v.vyaw))
                     self._move_times.append(time.monotonic())
                 next_tick += period
-                if next_tick < now:  # fell behind (e.g. a blocked send): do not burst to catch up
-                    next_tick = now + period
+                # A late wake-up (busy CPU) is caught up on the next pass, keeping the average
+                # rate; after a long stall (e.g. a blocked send) the schedule restarts instead
+                # of bursting a backlog of Moves at the robot.
+                if next_tick < now - period:
+                    next_tick = now
             if v is None and (stop or actions):
                 with self._lock:
                     done = self._velocity is None and not self._actions and not self._stop_pending
@@ -450,6 +464,7 @@ class MotionNode(LifecycleNode):
             KeyValue(key="move_rate_hz_last_1s", value=str(len(recent))),
             KeyValue(key="estop_engaged", value=str(self._estop)),
             KeyValue(key="refused_while_estop", value=str(self._rejected)),
+            KeyValue(key="unverified_refused", value=str(self._unverified_refused)),
         ]
 
         sdk = DiagnosticStatus(name="motion: SDK return codes", hardware_id=hw)
