@@ -1,6 +1,7 @@
 """Many robots, one target: the server batches verification across sessions, and each robot
 still gets exactly its own target-greedy output."""
 
+import json
 import threading
 import urllib.request
 
@@ -122,3 +123,19 @@ def test_health_service_and_metrics_report_the_serving_state(models, monkeypatch
             assert name in text, name
     finally:
         handle.stop()
+
+
+def test_the_batching_benchmark_reports_both_phases_and_checks_every_output(models, tmp_path, capsys):
+    from speculative_vlm.cli import main
+
+    model_dir = tmp_path / "tiny"
+    models[0].model.save_pretrained(model_dir)
+    models[0].tokenizer.save_pretrained(model_dir)
+    report_path = tmp_path / "bench.json"
+    assert main(["bench-cloud-batching", "--model", str(model_dir), "--clients", "3", "--max-new-tokens", "8",
+                 "--draft-ms-per-token", "0", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["batched"]["exact"] and report["unbatched"]["exact"]
+    assert report["unbatched"]["largest_batch"] == 1
+    assert report["batched"]["tokens"] == report["unbatched"]["tokens"] == report[
+        "cloud_autoregressive_sequential"]["tokens"]

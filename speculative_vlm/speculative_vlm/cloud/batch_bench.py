@@ -15,10 +15,12 @@ Optionally the traffic goes through the netem proxy (``--delay-ms``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
 import secrets
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -87,13 +89,21 @@ def _robot(address: str, token: str, request: SessionRequest, reference: list[in
     return len(out), rounds, diverged
 
 
+def _tokens_file(token: str) -> str:
+    """A private tokens file for the benchmark's server (removed at exit)."""
+    fd, path = tempfile.mkstemp(prefix="bench-tokens-")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"bench {token}\n")
+    atexit.register(os.unlink, path)
+    return path
+
+
 def run_phase(engine, max_batch: int, requests: list[SessionRequest], references: list[list[int]],
               args: argparse.Namespace) -> PhaseResult:
     token = secrets.token_hex(16)
-    os.environ["SPECULATIVE_VLM_TOKENS"] = f"bench:{token}"
     engine.max_batch = max_batch
     config = ServerConfig(bind="127.0.0.1:0", max_batch=max_batch, max_wait_ms=args.max_wait_ms,
-                          exit_layers=tuple(engine.exit_layers))
+                          exit_layers=tuple(engine.exit_layers), tokens_file=_tokens_file(token))
     handle = serve(config, engine=engine)
     proxy = None
     address = handle.address
@@ -163,8 +173,7 @@ def run(args: argparse.Namespace) -> int:
                 for i in range(args.clients)]
     # The references come through the server's autoregressive mode: also the cloud-AR baseline.
     token = secrets.token_hex(16)
-    os.environ["SPECULATIVE_VLM_TOKENS"] = f"bench:{token}"
-    handle = serve(ServerConfig(bind="127.0.0.1:0"), engine=engine)
+    handle = serve(ServerConfig(bind="127.0.0.1:0", tokens_file=_tokens_file(token)), engine=engine)
     verifier = GrpcVerifier(handle.address, token=token, verdict_timeout_s=120)
     start = time.perf_counter()
     references = [verifier.generate(r) for r in requests]
