@@ -104,6 +104,10 @@ class BatchScheduler:
                     log.exception("verification thread error", extra={"event": "scheduler_error"})
 
     def _verify(self, batch: list[tuple[ServerSession, DraftBlock, float]]) -> None:
+        # A session may have closed (client gone, expired) since its block was queued.
+        batch = [item for item in batch if not item[0].closed]
+        if not batch:
+            return
         by_target = {id(s.target): s for s, _, _ in batch}
 
         def on_early(target: Any, verdict: Verdict) -> None:
@@ -140,6 +144,8 @@ class BatchScheduler:
         self.metrics.verify_latency.observe(elapsed)
         for session, result in results:
             if isinstance(result, Exception):
+                if session.closed:
+                    continue  # it closed during the pass; nobody is waiting for this verdict
                 code = result.code if isinstance(result, Refused) else "verify_failed"
                 reason = result.reason if isinstance(result, Refused) else \
                     f"verification failed ({result!r}); open a new session"
