@@ -63,7 +63,7 @@ def grpc_verifier_from_parameters(node: Node) -> Verifier:
         with open(tls_ca, "rb") as f:
             root_cert = f.read()
     return GrpcVerifier(p("cloud_address").value, token, tls=bool(tls_ca), root_cert=root_cert,
-                        verdict_timeout_s=p("deadline_s").value)
+                        verdict_timeout_s=p("deadline_s").value, open_timeout_s=p("open_timeout_s").value)
 
 
 class BridgeNode(Node):
@@ -80,6 +80,9 @@ class BridgeNode(Node):
         self.declare_parameter("deadline_s", 5.0, ParameterDescriptor(
             description="deadline for a verdict before the link counts as lost, s",
             floating_point_range=[FloatingPointRange(from_value=0.1, to_value=120.0)]))
+        self.declare_parameter("open_timeout_s", 30.0, ParameterDescriptor(
+            description="how long opening a session (prompt prefill on the target) may take, s",
+            floating_point_range=[FloatingPointRange(from_value=0.5, to_value=600.0)]))
         self._verifier = verifier if verifier is not None else grpc_verifier_from_parameters(self)
         self._sessions: dict[str, VerifierSession] = {}
         self._lock = threading.Lock()

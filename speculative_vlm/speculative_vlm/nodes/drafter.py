@@ -111,7 +111,7 @@ class DrafterNode(Node):
         d("preemptive", True, ParameterDescriptor(description="draft the next block on a confident early verdict"))
         d("pipelining", True, ParameterDescriptor(description="send preemptive blocks before the final verdict"))
         d("early_confidence", 0.5, _float(0.0, 1.0, "early-verdict confidence needed to draft preemptively"))
-        d("max_new_tokens", 48, _int(1, 512, "token limit of one step's answer"))
+        d("max_new_tokens", 64, _int(1, 512, "token limit of one step's answer"))
         d("temperature", 0.0, _float(0.0, 2.0, "sampling temperature; 0 = greedy"))
         d("seed", 0, _int(0, 2**31 - 1, "sampling seed"))
         d("max_steps", 6, _int(1, 1000, "default step limit of a goal (the goal's max_steps wins when > 0)"))
@@ -123,6 +123,7 @@ class DrafterNode(Node):
         d("image_topic", "camera/image_raw", ParameterDescriptor(description="camera image topic"))
         d("frame_timeout_s", 5.0, _float(0.1, 60.0, "how long a step waits for a camera frame, s"))
         d("verdict_timeout_s", 10.0, _float(0.1, 600.0, "how long to wait for a verdict before the link counts as lost"))
+        d("open_timeout_s", 30.0, _float(0.5, 600.0, "how long opening a session (prompt prefill on the target) may take, s"))
         d("motion_timeout_s", 3.0, _float(0.5, 60.0, "slack beyond a command's duration to see it finish, s"))
         for name in ("perception", "on_link_lost"):
             allowed = PERCEPTIONS if name == "perception" else LINK_POLICIES
@@ -156,7 +157,7 @@ class DrafterNode(Node):
         self.create_subscription(String, "bridge/link", self._on_link, LATCHED, callback_group=self._group)
         self.create_timer(1.0, self._publish_diagnostics)
 
-        self._verifier = RosVerifier(self)
+        self._verifier = RosVerifier(self, service_timeout_s=self.get_parameter("open_timeout_s").value)
         self._decoder: SpeculativeDecoder | None = None
         self._load_error: str = ""
         self._loaded = threading.Event()

@@ -1,0 +1,252 @@
+"""The robot graph end to end over real DDS: camera, motion, bridge, drafter against the simulated
+Go2 (a subprocess speaking the SDK protocol) and a real gRPC verifier on loopback.
+
+Tiny random models keep it fast: their commands are arbitrary but grammar-valid, which is what
+these tests need (plumbing, safety, losslessness). Quality with the real models is the main job's
+and the benchmark's business.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import rclpy
+from go2_harness import SimProcess, go2_domain_id
+from nav_msgs.msg import Odometry
+from rclpy.action import ActionClient
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from speculative_vlm.cloud.config import ServerConfig
+from speculative_vlm.cloud.server import serve
+from speculative_vlm.commands.schema import parse_command
+from speculative_vlm.decoding.target_engine import TargetEngine
+from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
+from speculative_vlm.protocol.client import GrpcVerifier
+from std_msgs.msg import String
+from tiny_models import noisy_copy, tiny_causal_lm
+
+from speculative_vlm_msgs.action import Instruct
+from speculative_vlm_msgs.msg import LocomotionCommand
+
+pytestmark = pytest.mark.ros
+
+MAX_VX, MIN_VX, MAX_VY, MAX_VYAW, MAX_DURATION = 0.6, -0.3, 0.3, 0.8, 0.6
+
+
+def _params(**values) -> list[Parameter]:
+    return [Parameter(k, value=v) for k, v in values.items()]
+
+
+class Graph:
+    """Sim Go2 + verifier server + the robot nodes in this process, torn down together."""
+
+    def __init__(self, tmp_path):
+        # Seed 9 answers the start frame's prompts with MOVE commands, so the robot moves.
+        self.target = tiny_causal_lm("llama", seed=9, layers=4)
+        draft = noisy_copy(self.target, noise=0.02, seed=4)
+        self.draft_dir = tmp_path / "draft"
+        draft.model.save_pretrained(self.draft_dir)
+        draft.tokenizer.save_pretrained(self.draft_dir)
+        self.sim = SimProcess("--width", "160", "--height", "120")
+        self.port = None
+        self.server = None
+        self.start_server()
+        domain = go2_domain_id()
+        from speculative_vlm.nodes.bridge import BridgeNode
+        from speculative_vlm.nodes.camera import CameraNode
+        from speculative_vlm.nodes.drafter import DrafterNode
+        from speculative_vlm.nodes.motion import MotionNode
+
+        rclpy.init()
+        self.nodes = [
+            MotionNode(parameter_overrides=_params(
+                dds_domain_id=domain, autostart=True, max_vx=MAX_VX, min_vx=MIN_VX, max_vy=MAX_VY,
+                max_vyaw=MAX_VYAW, max_duration_s=MAX_DURATION)),
+            BridgeNode(parameter_overrides=_params(cloud_address=f"127.0.0.1:{self.port}", deadline_s=3.0)),
+            DrafterNode(parameter_overrides=_params(
+                draft_model=str(self.draft_dir), max_new_tokens=64, verdict_timeout_s=3.0, max_steps=2,
+                draft_length=3, adaptive_draft_length=False)),
+        ]
+        self.camera_params = _params(dds_domain_id=domain, rate_hz=5.0, width=160, height=120)
+        self.camera_class = CameraNode
+        self.probe = Node("graph_probe")
+        self.executor = MultiThreadedExecutor()
+        for n in [*self.nodes, self.probe]:
+            self.executor.add_node(n)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.client = ActionClient(self.probe, Instruct, "instruct")
+        assert self.client.wait_for_server(timeout_sec=30)
+        self.odom: list[Odometry] = []
+        self.active: list[LocomotionCommand] = []
+        self.prompts: list[str] = []
+        self.probe.create_subscription(Odometry, "odom", self.odom.append, 50)
+        self.probe.create_subscription(LocomotionCommand, "motion/command", lambda m: None, 10)
+        from speculative_vlm.nodes.motion import LATCHED
+
+        self.probe.create_subscription(LocomotionCommand, "motion/active_command", self.active.append, LATCHED)
+        self.probe.create_subscription(String, "drafter/prompt", lambda m: self.prompts.append(m.data), 10)
+        # A fixed frame (the start view, rendered by the sim's renderer) keeps prompts repeatable.
+        from speculative_vlm.go2.render import CameraModel, render_bgr
+        from speculative_vlm.go2.scene import load_scene
+        from speculative_vlm.nodes.image_conversion import numpy_to_image
+
+        frame = numpy_to_image(render_bgr(load_scene(None), 0.0, 0.0, 0.0, CameraModel(width=160, height=120)), "bgr8")
+        self.frame_pub = self.probe.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
+        self.frame_timer = self.probe.create_timer(0.2, lambda: self.frame_pub.publish(frame))
+
+    def start_server(self) -> None:
+        bind = f"127.0.0.1:{self.port or 0}"
+        engine = TargetEngine(self.target, exit_layers=[2], max_batch=4)
+        self.server = serve(ServerConfig(bind=bind, require_auth=False, max_wait_ms=1.0), engine=engine)
+        self.port = self.server.port
+
+    def stop_server(self) -> None:
+        self.server.stop(grace=0.0)
+
+    def instruct(self, instruction: str, max_steps: int, feedback: list | None = None):
+        goal = Instruct.Goal(instruction=instruction, max_steps=max_steps)
+        cb = feedback.append if feedback is not None else None
+        send = self.client.send_goal_async(goal, feedback_callback=cb)
+        handle = _wait(send, 60)
+        assert handle.accepted
+        return _wait(handle.get_result_async(), 120)
+
+    def speed(self) -> float:
+        if not self.odom:
+            return float("nan")
+        t = self.odom[-1].twist.twist
+        return math.hypot(t.linear.x, t.linear.y)
+
+    def close(self) -> None:
+        self.client.destroy()
+        for n in reversed(self.nodes):
+            n.destroy_node()
+        self.executor.shutdown(timeout_sec=2)
+        self.probe.destroy_node()
+        rclpy.try_shutdown()
+        self.server.stop(grace=0.0)
+        self.sim.stop()
+
+
+def _wait(future, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not future.done():
+        assert time.monotonic() < deadline, "timed out waiting for a ROS future"
+        time.sleep(0.02)
+    return future.result()
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    g = Graph(tmp_path_factory.mktemp("graph"))
+    yield g
+    g.close()
+
+
+def test_instruct_goal_runs_verified_commands_within_limits_with_feedback_per_step(graph):
+    feedback = []
+    graph.active.clear()
+    response = graph.instruct("walk to the red ball", max_steps=2, feedback=feedback)
+    result = response.result
+    assert result.success, result.reason
+    steps_with_command = {f.feedback.step for f in feedback if f.feedback.command.text}
+    assert steps_with_command == set(range(1, result.steps + 1)) or result.steps < 2
+    assert any(f.feedback.stats.target_passes > 0 for f in feedback)
+    assert len(result.commands) == result.steps
+    for cmd in result.commands:
+        assert cmd.verified
+        parse_command(cmd.text)  # the executed text is a schema-valid command
+    for echo in graph.active:  # what the motion node actually ran, after clamping
+        assert MIN_VX - 1e-6 <= echo.vx <= MAX_VX + 1e-6
+        assert abs(echo.vy) <= MAX_VY + 1e-6 and abs(echo.vyaw) <= MAX_VYAW + 1e-6
+        assert 0.0 <= echo.duration <= MAX_DURATION + 1e-6
+
+
+def test_commands_through_the_graph_equal_the_target_alone_on_frames_replayed_from_a_bag(graph, tmp_path):
+    from speculative_vlm.bags.player import BagPlayer
+    from speculative_vlm.bags.recorder import BagRecorder
+    from speculative_vlm.commands.prompts import SYSTEM_PROMPT
+
+    # 1. Record the simulated Go2's camera into a bag.
+    graph.frame_timer.cancel()
+    camera = graph.camera_class(parameter_overrides=graph.camera_params)
+    graph.executor.add_node(camera)
+    bag = tmp_path / "frames"
+    recorder = BagRecorder(graph.probe, bag, topics=["camera/image_raw"])
+    deadline = time.monotonic() + 20
+    while recorder.counts.get("/camera/image_raw", 0) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    recorder.close()
+    graph.executor.remove_node(camera)
+    camera.destroy_node()
+    assert recorder.counts.get("/camera/image_raw", 0) >= 5
+    # 2. Replay it as the camera while the graph follows an instruction.
+    player = BagPlayer(graph.probe, bag, loop=True, clock_hz=0)
+    player.start()
+    graph.prompts.clear()
+    feedback = []
+    try:
+        response = graph.instruct("turn to face the blue box", max_steps=2, feedback=feedback)
+    finally:
+        player.stop()
+        graph.frame_timer.reset()
+    texts = [f.feedback.command.text for f in feedback if f.feedback.command.text]
+    assert texts, response.result.reason
+    assert len(graph.prompts) == len(texts)
+    # 3. The target alone (cloud autoregressive on the same server) on the same prompts.
+    alone = GrpcVerifier(f"127.0.0.1:{graph.port}")
+    try:
+        for prompt, text in zip(graph.prompts, texts, strict=True):
+            request = SessionRequest(prompt=prompt, system=SYSTEM_PROMPT,
+                                     settings=GenerationSettings(max_new_tokens=64, grammar="command"))
+            assert graph.target.decode(alone.generate(request)) == text
+    finally:
+        alone.close()
+
+
+def test_cancel_stops_the_robot(graph):
+    graph.active.clear()
+    goal = Instruct.Goal(instruction="walk to the red ball", max_steps=20)
+    handle = _wait(graph.client.send_goal_async(goal), 30)
+    result = handle.get_result_async()
+    deadline = time.monotonic() + 60
+    while not any(a.action == LocomotionCommand.MOVE and a.duration > 0 for a in graph.active):
+        assert time.monotonic() < deadline and not result.done(), "no MOVE was executed"
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert graph.speed() > 0.05  # moving when the cancel comes
+    _wait(handle.cancel_goal_async(), 10)
+    response = _wait(result, 30)
+    assert not response.result.success and response.result.reason == "cancelled"
+    time.sleep(1.0)  # StopMove went out at once; the sim decelerates within its limits
+    assert graph.speed() < 0.05
+
+
+def test_lost_link_stops_the_robot_and_ends_the_goal_with_a_reason_then_recovers(graph):
+    def kill_soon():
+        time.sleep(0.3)
+        graph.stop_server()
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    response = graph.instruct("walk to the red ball", max_steps=20)
+    killer.join()
+    assert not response.result.success, response.result.reason
+    assert "link" in response.result.reason.lower() or "lost" in response.result.reason.lower(), response.result.reason
+    time.sleep(1.0)  # motion node's Move stream stops at once on STOP; the sim decelerates
+    assert graph.speed() < 0.05
+    graph.start_server()  # same port: the bridge's channel reconnects
+    deadline = time.monotonic() + 20
+    while True:
+        response = graph.instruct("walk to the red ball", max_steps=1)
+        if response.result.success or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert response.result.success, response.result.reason
