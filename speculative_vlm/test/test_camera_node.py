@@ -48,6 +48,7 @@ class CameraRig:
         self.spinner = spinner
         spinner.add(self.node)
         spinner.add(self.probe)
+        assert wait_for(lambda: self.node._image_pub.get_subscription_count() > 0, 15.0), "probe never matched"
 
     def close(self) -> None:
         self.spinner.remove(self.node)
@@ -107,13 +108,13 @@ def test_an_image_topic_is_republished_as_bgr8_at_the_requested_size(spinner):
     rgb = np.zeros((48, 64, 3), np.uint8)
     rgb[:, :, 0] = 255  # pure red in RGB
     try:
-        assert wait_for(lambda: pub.get_subscription_count() > 0, 5.0)
+        assert wait_for(lambda: pub.get_subscription_count() > 0, 15.0)
 
         def publish_and_check() -> bool:
             pub.publish(numpy_to_image(rgb, "rgb8"))
             return bool(rig.images)
 
-        assert wait_for(publish_and_check, 5.0, step=0.05)
+        assert wait_for(publish_and_check, 10.0, step=0.05)
         out = image_to_numpy(rig.images[-1])
         assert out.shape == (24, 32, 3) and rig.images[-1].encoding == "bgr8"
         assert (out[:, :, 2] == 255).all() and (out[:, :, :2] == 0).all()
@@ -129,7 +130,7 @@ def test_a_video_file_is_published_frame_by_frame(spinner, tmp_path):
     writer.release()
     rig = CameraRig(spinner, source="file", video_path=path, rate_hz=30.0)
     try:
-        assert wait_for(lambda: len(rig.images) >= 7, 5.0), "file frames not published (or not looped)"
+        assert wait_for(lambda: len(rig.images) >= 7, 10.0), "file frames not published (or not looped)"
         assert (rig.images[0].width, rig.images[0].height) == (64, 48)
     finally:
         rig.close()
