@@ -51,16 +51,16 @@ def test_killing_the_robot_mid_motion_is_reported_in_diagnostics_and_the_node_ke
         assert node.trigger_configure().name == "SUCCESS"
         assert node.trigger_activate().name == "SUCCESS"
         assert wait_for(lambda: command.get_subscription_count() > 0 and state.received > 0, 10.0)
-        assert wait_for(lambda: connection and connection[-1].level == DiagnosticStatus.OK, 3.0)
+        assert wait_for(lambda: connection and connection[-1].level == DiagnosticStatus.OK, 10.0)
 
         command.publish(LocomotionCommand(action=LocomotionCommand.MOVE, vx=0.5, duration=4.0, verified=True))
-        assert wait_for(lambda: state.speed() > 0.2, 2.0)
+        assert wait_for(lambda: state.speed() > 0.2, 5.0)
         sim.kill()
         t_kill = time.monotonic()
 
-        assert wait_for(lambda: connection[-1].level == DiagnosticStatus.ERROR, 2.0), "robot loss not reported"
+        assert wait_for(lambda: connection[-1].level == DiagnosticStatus.ERROR, 3.0), "robot loss not reported"
         assert "lost" in connection[-1].message
-        assert time.monotonic() - t_kill < 1.5
+        assert time.monotonic() - t_kill < 3.0
         # Still alive: keeps reporting, keeps answering services, and the Move stream did not die.
         n = len(connection)
         assert wait_for(lambda: len(connection) > n + 2, 2.0)
