@@ -213,6 +213,15 @@ def test_an_unverified_command_is_refused(rig):
     assert rig.node._unverified_refused == 1
 
 
+def test_an_unverified_stop_is_still_obeyed(rig):
+    rig.move(0.4, 3.0)
+    assert wait_for(lambda: rig.state.speed() > 0.2, 5.0)
+    t0 = time.monotonic()
+    rig.command.publish(LocomotionCommand(action=LocomotionCommand.STOP, verified=False))
+    assert wait_for(lambda: rig.sport.since(t0, STOP_MOVE), 2.0)
+    rig.wait_still()
+
+
 def test_shutting_the_node_down_sends_stop_move(rig):
     rig.move(0.4, 4.0)
     assert wait_for(lambda: rig.state.speed() > 0.2, 5.0)

@@ -97,8 +97,8 @@ class MotionNode(LifecycleNode):
         d("odom_frame", "odom", ParameterDescriptor(description="frame_id of published odometry"))
         d("base_frame", "base_link", ParameterDescriptor(description="child_frame_id of published odometry"))
         d("require_verified", True, ParameterDescriptor(
-            description="Refuse LocomotionCommands whose text the target model did not verify "
-            "(cmd_vel, a teleoperation input, is not affected)"))
+            description="Refuse LocomotionCommands that move the robot unless the target model verified "
+            "their text (STOP is always accepted; cmd_vel, a teleoperation input, is not affected)"))
         d("autostart", False, ParameterDescriptor(
             description="Configure and activate right after start (for bringups without a lifecycle manager)"))
 
@@ -254,7 +254,8 @@ class MotionNode(LifecycleNode):
     def _on_command(self, msg: LocomotionCommand) -> None:
         if not self._accepting("LocomotionCommand"):
             return
-        if not msg.verified:
+        if not msg.verified and msg.action not in (LocomotionCommand.STOP, LocomotionCommand.DONE):
+            # Stopping is always safe, so only commands that move the robot need verification.
             if self.get_parameter("require_verified").value:
                 self._unverified_refused += 1
                 self.get_logger().warning(
