@@ -110,6 +110,10 @@ class BagPlayer:
         for connection in connections:
             if topics is not None and connection.topic not in topics:
                 continue
+            if connection.topic == "/clock" and clock_hz > 0:
+                # Two /clock sources would make time jump back and forth.
+                self.skipped["/clock"] = "the player publishes /clock itself; use clock_hz=0 to play the bag's"
+                continue
             out_topic = remap.get(connection.topic, _apply_namespace(connection.topic, namespace))
             try:
                 msg_class = rclpy_class(connection.msgtype)
