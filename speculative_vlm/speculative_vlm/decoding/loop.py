@@ -59,6 +59,9 @@ class GenerationResult:
     verified: bool = True  # False: drafted alone (edge-only / link lost), never checked
     wall_s: float = 0.0
     prompt_forced: int = 0
+    # "eos": the model (or the grammar) ended the output; "length": max_new_tokens cut it,
+    # so a constrained output may be an unfinished command.
+    stop_reason: str = "eos"
 
     @property
     def drafted(self) -> int:
@@ -97,6 +100,7 @@ class GenerationResult:
             "text": self.text,
             "token_ids": self.token_ids,
             "verified": self.verified,
+            "stop_reason": self.stop_reason,
             "tokens": len(self.token_ids),
             "rounds": len(self.rounds),
             "drafted": self.drafted,
@@ -240,6 +244,7 @@ class SpeculativeDecoder:
                     on_text(self.draft.decode(committed))
             result.token_ids = committed
             result.text = self.draft.decode(committed)
+            result.stop_reason = _stop_reason(committed, self.draft, request)
             result.wall_s = time.perf_counter() - start
             return result
         finally:
@@ -288,8 +293,15 @@ class SpeculativeDecoder:
             text=self.draft.decode(committed),
             token_ids=committed,
             verified=False,
+            stop_reason=_stop_reason(committed, self.draft, request),
             wall_s=time.perf_counter() - start,
         )
+
+
+def _stop_reason(tokens: list[int], model: ModelAdapter, request: SessionRequest) -> str:
+    if tokens and tokens[-1] in model.eos_token_ids:
+        return "eos"
+    return "length" if len(tokens) >= request.settings.max_new_tokens else "eos"
 
 
 def _same_outcome(early: Verdict, final: Verdict) -> bool:
