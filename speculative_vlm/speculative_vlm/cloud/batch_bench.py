@@ -48,22 +48,30 @@ class PhaseResult:
     max_batch: int
     clients: int
     tokens: int
-    wall_s: float
+    wall_s: float  # from the moment every robot's session is open to the last robot's end
     tokens_per_s: float
     rounds: int
     passes: int
     mean_batch: float
     largest_batch: int
+    mean_pass_s: float  # server-side time of one verification pass
+    mean_queue_wait_s: float  # time a block waited for its pass (queueing + batching wait)
     exact: bool  # every output equals the cloud-autoregressive output
     first_divergence: list[int]  # per robot: first differing position, -1 when identical
 
 
 def _robot(address: str, token: str, request: SessionRequest, reference: list[int], gamma: int,
-           acceptance: float, draft_s_per_token: float, seed: int, vocab: int) -> tuple[int, int, int]:
-    """One robot's decode; returns (tokens, rounds, first position that differs from the reference or -1)."""
+           acceptance: float, draft_s_per_token: float, seed: int, vocab: int,
+           opened: threading.Barrier) -> tuple[int, int, int]:
+    """One robot's decode; returns (tokens, rounds, first position that differs from the reference or -1).
+
+    All robots open (prefill) first and start decoding together at the barrier, so the
+    measured time is the decoding that batching can speed up, not the serialized prefills.
+    """
     rng = random.Random(seed)
     verifier = GrpcVerifier(address, token=token, verdict_timeout_s=120)
     session = verifier.open(request)
+    opened.wait()
     out: list[int] = []
     rounds = 0
     try:
@@ -113,23 +121,34 @@ def run_phase(engine, max_batch: int, requests: list[SessionRequest], references
     results: list[tuple[int, int, int] | BaseException] = [None] * len(requests)  # type: ignore[list-item]
     vocab = engine.model.vocab_size
 
+    started: list[float] = []
+    opened = threading.Barrier(len(requests) + 1, action=lambda: started.append(time.perf_counter()))
+
     def work(i: int) -> None:
         try:
             results[i] = _robot(address, token, requests[i], references[i], args.gamma, args.acceptance,
-                                args.draft_ms_per_token / 1000, seed=i, vocab=vocab)
+                                args.draft_ms_per_token / 1000, seed=i, vocab=vocab, opened=opened)
         except BaseException as exc:
             results[i] = exc
+            opened.abort()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
-    start = time.perf_counter()
     for t in threads:
         t.start()
+    try:
+        opened.wait()
+    except threading.BrokenBarrierError:
+        pass
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - started[0] if started else float("nan")
     sched = handle.service.scheduler
-    batch_sum = sum(s.value for m in handle.metrics.batch_size.collect() for s in m.samples
-                    if s.name.endswith("_sum"))
+    def histogram_sum(histogram) -> float:
+        return sum(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_sum"))
+
+    batch_sum = histogram_sum(handle.metrics.batch_size)
+    pass_s = histogram_sum(handle.metrics.verify_latency) / max(1, sched.passes)
+    wait_s = histogram_sum(handle.metrics.queue_wait) / max(1, batch_sum)
     if proxy is not None:
         proxy.stop()
     handle.stop()
@@ -139,7 +158,7 @@ def run_phase(engine, max_batch: int, requests: list[SessionRequest], references
     tokens = sum(r[0] for r in results)
     return PhaseResult(max_batch, len(requests), tokens, round(wall, 3), round(tokens / wall, 2),
                        sum(r[1] for r in results), sched.passes, round(batch_sum / max(1, sched.passes), 2),
-                       sched.largest_batch, all(r[2] == -1 for r in results), [r[2] for r in results])
+                       sched.largest_batch, round(pass_s, 4), round(wait_s, 4), all(r[2] == -1 for r in results), [r[2] for r in results])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-layers", default="", help="comma-separated exit layers (early verdicts)")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--max-batch", type=int, default=0, help="batched phase's max batch (0 = clients)")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--max-wait-ms", type=float, default=25.0, help="batched phase's longest added wait")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per block")
     parser.add_argument("--acceptance", type=float, default=0.8, help="per-token chance a draft token is right")

@@ -1,8 +1,9 @@
 """The batch scheduler: blocks from different sessions that arrive together share one pass.
 
 One thread owns verification. It waits for a first pending block, then gives other
-sessions up to ``max_wait_s`` to join (it stops waiting as soon as the batch is full or
-every active session already has a block waiting, since nobody else could join), and
+sessions up to ``max_wait_s`` (from the moment the target is free) to join (it stops
+waiting as soon as the batch is full or every active session already has a block
+waiting, since nobody else could join), and
 verifies the batch in one ``engine.verify`` call. Each session has at most one block in a
 pass, so a session's pipelined blocks are verified in order, each after the previous
 one's final verdict: the engine then verifies it if its assumed prefix holds and drops it
@@ -72,12 +73,16 @@ class BatchScheduler:
         return [s for s in self._active if s.pending and not s.closed]
 
     def _next_batch(self) -> list[tuple[ServerSession, DraftBlock, float]] | None:
+        free_at = time.monotonic()
         with self._cond:
             while not self._stopped and not self._ready():
                 self._cond.wait()
             if self._stopped:
                 return None
-            deadline = min(s.pending[0][1] for s in self._ready()) + self.max_wait_s
+            # The wait is counted from when the target could have started this pass: blocks
+            # that queued up during the previous pass still wait for the sessions that pass
+            # just answered (they come back after drafting), but never longer than max_wait.
+            deadline = max(free_at, min(s.pending[0][1] for s in self._ready())) + self.max_wait_s
             while not self._stopped:
                 ready = self._ready()
                 everyone_waiting = len(ready) == len([s for s in self._active if not s.closed])
