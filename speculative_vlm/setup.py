@@ -16,6 +16,8 @@ setup(
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
         ("share/" + package_name + "/config", glob("config/*.yaml")),
+        # The shipped draft model (speculative-vlm train-draft writes it; about 35 MB).
+        ("share/" + package_name + "/models/command-draft", glob("models/command-draft/*")),
     ],
     install_requires=["setuptools"],
     zip_safe=False,

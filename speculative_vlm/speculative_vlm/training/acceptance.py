@@ -26,6 +26,7 @@ class AcceptanceReport:
     drafted: int
     accepted: int
     answer_tokens: int
+    forced: int = 0  # answer tokens the grammar forced, appended without drafting or a target pass
 
     @property
     def acceptance(self) -> float:
@@ -41,21 +42,25 @@ class AcceptanceReport:
         return self.accepted / max(self.rounds, 1)
 
     def line(self) -> str:
+        forced = f" ({self.forced} of {self.answer_tokens} tokens forced by the grammar)" if self.forced else ""
         return (f"acceptance {self.acceptance:.3f} at {self.gamma} tokens/block over {self.prompts} prompts, "
-                f"{self.accepted_per_round:.2f} accepted per round, {self.tokens_per_pass:.2f} tokens per target pass")
+                f"{self.accepted_per_round:.2f} accepted per round, {self.tokens_per_pass:.2f} tokens per target pass{forced}")
 
 
 @torch.inference_mode()
 def measure(model, examples: Sequence[Example], gamma: int = 4, compiled_grammar=None,
-            stop_ids: frozenset[int] = frozenset()) -> AcceptanceReport:
+            stop_ids: frozenset[int] = frozenset(), force: bool = False) -> AcceptanceReport:
     """Replay greedy speculative decoding of ``examples`` with ``model`` as the draft.
 
     ``compiled_grammar`` masks the draft's proposals for command examples (the target's
-    answers were produced under it); general examples are drafted unconstrained.
+    answers were produced under it); general examples are drafted unconstrained. With
+    ``force``, tokens the grammar forces (only one allowed) are appended before each round
+    without drafting them, as the engine does, so they count towards no acceptance.
     """
     import xgrammar as xgr
 
-    rounds = drafted_total = accepted_total = tokens = 0
+    rounds = drafted_total = accepted_total = tokens = forced_total = 0
+    shifts = torch.arange(32, dtype=torch.int32)
     vocab = model.config.vocab_size
     bitmask = xgr.allocate_token_bitmask(1, vocab) if compiled_grammar is not None else None
     for e in examples:
@@ -63,6 +68,16 @@ def measure(model, examples: Sequence[Example], gamma: int = 4, compiled_grammar
         answer, i = e.answer_ids, 0
         cache, valid = None, 0  # the draft's KV cache and how many leading tokens of it are still right
         while i < len(answer):
+            if force and matcher is not None:
+                while i < len(answer) and not matcher.is_terminated():
+                    matcher.fill_next_token_bitmask(bitmask, 0)
+                    if int(((bitmask[0].unsqueeze(-1) >> shifts) & 1).sum()) != 1:
+                        break
+                    matcher.accept_token(answer[i])
+                    i += 1
+                    forced_total += 1
+                if i >= len(answer):
+                    break
             ctx = e.prompt_ids + answer[:i]
             # Reuse the cache up to the first wrong token; feed the rest of the context.
             keep = min(valid, len(ctx) - 1)
@@ -104,4 +119,4 @@ def measure(model, examples: Sequence[Example], gamma: int = 4, compiled_grammar
             accepted_total += k
             i += advance
         tokens += len(answer)
-    return AcceptanceReport(gamma, len(examples), rounds, drafted_total, accepted_total, tokens)
+    return AcceptanceReport(gamma, len(examples), rounds, drafted_total, accepted_total, tokens, forced_total)

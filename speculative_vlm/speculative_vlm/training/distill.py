@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from speculative_vlm.training.draft_model import ProjectedDraft
-from speculative_vlm.training.teacher_data import Example
+from speculative_vlm.training.teacher_data import Example, common_prefix
 
 
 @dataclass(frozen=True)
@@ -45,56 +46,84 @@ class TrainReport:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (B, T), right-padded
-    attention_mask: torch.Tensor  # (B, T)
+    prefix: torch.Tensor  # (P,) prompt tokens every example of the batch starts with
+    suffix: torch.Tensor  # (B, T) the rest of each prompt and its answer, right-padded
+    attention_mask: torch.Tensor  # (B, P + T)
+    position_ids: torch.Tensor  # (B, T)
     rows: torch.Tensor  # (N,) row of each answer prediction
-    cols: torch.Tensor  # (N,) position whose output predicts that answer token
+    cols: torch.Tensor  # (N,) suffix position whose output predicts that answer token
     targets: torch.Tensor  # (N,) the target's token
     topk_ids: torch.Tensor  # (N, k)
     topk_p: torch.Tensor  # (N, k) the target's probabilities renormalised over its top k
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
-    """Pack examples into one right-padded batch with the answer positions to train on."""
+    """Pack examples into one batch: their shared prompt prefix once, then right-padded suffixes."""
     seqs = [e.prompt_ids + e.answer_ids for e in examples]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    shared = min(common_prefix([e.prompt_ids for e in examples]), min(len(e.prompt_ids) for e in examples) - 1)
+    width = max(len(s) for s in seqs) - shared
+    suffix = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
     rows, cols, targets, tids, tlp = [], [], [], [], []
     for r, (e, s) in enumerate(zip(examples, seqs, strict=True)):
-        ids[r, : len(s)] = torch.tensor(s)
-        mask[r, : len(s)] = 1
+        suffix[r, : len(s) - shared] = torch.tensor(s[shared:])
+        mask[r, shared : len(s)] = 1
         n = len(e.answer_ids)
-        start = len(e.prompt_ids) - 1  # the output at the last prompt token predicts answer[0]
+        start = len(e.prompt_ids) - 1 - shared  # the output at the last prompt token predicts answer[0]
         rows.extend([r] * n)
         cols.extend(range(start, start + n))
         targets.extend(e.answer_ids)
         tids.append(torch.from_numpy(e.topk_ids.astype("int64")))
         tlp.append(torch.from_numpy(e.topk_logp.astype("float32")))
+    positions = torch.arange(shared, shared + width).expand(len(seqs), width)
     logp = torch.cat(tlp)
     # Tokens outside the grammar carry -inf; softmax gives them zero weight.
-    return Batch(ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets),
-                 torch.cat(tids), torch.softmax(logp, dim=-1))
+    return Batch(torch.tensor(seqs[0][:shared], dtype=torch.long), suffix, mask, positions, torch.tensor(rows),
+                 torch.tensor(cols), torch.tensor(targets), torch.cat(tids), torch.softmax(logp, dim=-1))
 
 
 def batches(examples: Sequence[Example], size: int, pad_id: int, rng: random.Random) -> Iterator[Batch]:
-    """Shuffled batches, epoch after epoch, forever."""
-    order = list(range(len(examples)))
+    """Shuffled batches of one kind each (so they share a system prompt), epoch after epoch, forever."""
+    kinds = sorted({e.kind for e in examples})
     while True:
-        rng.shuffle(order)
-        for i in range(0, len(order) - size + 1, size):
-            yield collate([examples[j] for j in order[i : i + size]], pad_id)
+        chunks = []
+        for kind in kinds:
+            order = [i for i, e in enumerate(examples) if e.kind == kind]
+            rng.shuffle(order)
+            chunks += [order[i : i + size] for i in range(0, len(order), size) if len(order[i : i + size]) >= 2]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            yield collate([examples[j] for j in chunk], pad_id)
 
 
-def loss_on(draft: ProjectedDraft, batch: Batch, ce_weight: float) -> tuple[torch.Tensor, float]:
-    """Distillation loss of one batch and the draft's top-1 agreement with the target."""
-    emb = draft.embedding()
-    hidden = draft.hidden_states(batch.input_ids, batch.attention_mask, emb)
+def head_vocabulary(examples: Sequence[Example]) -> torch.Tensor:
+    """Every token the target ranked in its top k (with a finite log-prob) anywhere in the data."""
+    ids = [torch.from_numpy(e.topk_ids[np.isfinite(e.topk_logp)].astype("int64")) for e in examples]
+    return torch.unique(torch.cat(ids))
+
+
+def loss_on(draft: ProjectedDraft, batch: Batch, ce_weight: float, head: torch.Tensor,
+            negatives: int = 1024, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """Distillation loss of one batch and the draft's top-1 agreement with the target.
+
+    The softmax runs over ``head`` (all tokens the target ever ranked) plus ``negatives``
+    random other tokens: the full 49,152 would cost most of the step, and the tokens the
+    target never proposes only need pushing down, which random negatives do.
+    """
+    vocab_size = draft.target_embedding.shape[0]
+    extra = torch.randint(0, vocab_size, (negatives,), generator=generator)
+    out_vocab = torch.unique(torch.cat([head, batch.topk_ids.flatten(), batch.targets, extra]))
+    vocab = torch.unique(torch.cat([out_vocab, batch.prefix, batch.suffix.flatten()]))
+    embedded = draft.embed_rows(vocab)
+    hidden = draft.hidden_states(batch.prefix, batch.suffix, batch.attention_mask, batch.position_ids,
+                                 vocab, embedded)
     picked = hidden[batch.rows, batch.cols]
-    logq = torch.log_softmax(picked @ emb.T, dim=-1)
-    kd = -(batch.topk_p * logq.gather(1, batch.topk_ids)).sum(-1)
-    ce = -logq.gather(1, batch.targets[:, None]).squeeze(1)
-    top1 = (logq.argmax(-1) == batch.targets).float().mean().item()
+    logq = torch.log_softmax(picked @ embedded[torch.searchsorted(vocab, out_vocab)].T, dim=-1)
+    kd = -(batch.topk_p * logq.gather(1, torch.searchsorted(out_vocab, batch.topk_ids))).sum(-1)
+    target_idx = torch.searchsorted(out_vocab, batch.targets)
+    ce = -logq.gather(1, target_idx[:, None]).squeeze(1)
+    top1 = (logq.argmax(-1) == target_idx).float().mean().item()
     return (kd + ce_weight * ce).mean(), top1
 
 
@@ -115,6 +144,9 @@ def distil(
     budget = settings.minutes * 60.0
     began = time.monotonic()
     stream = batches(examples, settings.batch_size, pad_id, random.Random(settings.seed))
+    head = head_vocabulary(examples)
+    negatives = torch.Generator().manual_seed(settings.seed)
+    log(f"[train] softmax over the {len(head)} tokens the target ranked, plus random negatives")
     draft.train()
     step, loss_value, top1 = 0, float("nan"), 0.0
     while True:
@@ -125,7 +157,7 @@ def distil(
         frac = elapsed / budget if settings.max_steps is None else step / settings.max_steps
         for group in optimiser.param_groups:
             group["lr"] = settings.lr * warm * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-        loss, top1 = loss_on(draft, next(stream), settings.ce_weight)
+        loss, top1 = loss_on(draft, next(stream), settings.ce_weight, head, generator=negatives)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -6,7 +6,7 @@ vocabulary (49,152 x hidden) dominates its size, so the embedding is tied to the
 head and is not learnt from scratch: during training it is the target's own embedding
 times a learnt projection (576 -> hidden, initialised with the embedding's principal
 directions), which keeps the target's token geometry and trains 150k parameters instead of
-12.6M. :func:`materialise` folds the projection into an ordinary embedding matrix before
+12.6M; a step computes only the embedding rows it touches. :func:`materialise` folds the projection into an ordinary embedding matrix before
 saving, so the checkpoint is a standard Llama.
 """
 
@@ -73,11 +73,28 @@ class ProjectedDraft(nn.Module):
         self.llama.model.embed_tokens.weight.requires_grad_(False)
 
     def embedding(self) -> torch.Tensor:
+        """The whole (vocab, hidden) embedding, as it will be saved."""
         return self.target_embedding @ self.projection
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states for every position (the head is applied only where needed)."""
-        out = self.llama.model(inputs_embeds=emb[input_ids], attention_mask=attention_mask)
+    def embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of ``ids`` only; a training step needs a few thousand of 49,152."""
+        return self.target_embedding[ids] @ self.projection
+
+    def hidden_states(self, prefix: torch.Tensor, suffix: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor, vocab: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states of the suffix tokens of a batch that shares one prefix.
+
+        The shared prefix (the system prompt) runs once and its KV is repeated over the
+        batch, as in generation, so a step costs the suffixes only. ``vocab`` is the sorted
+        set of token ids that ``embedded`` holds the rows of.
+        """
+        cache = None
+        if prefix.numel():
+            out = self.llama.model(inputs_embeds=embedded[torch.searchsorted(vocab, prefix)][None], use_cache=True)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(suffix.shape[0])
+        out = self.llama.model(inputs_embeds=embedded[torch.searchsorted(vocab, suffix)], attention_mask=attention_mask,
+                               position_ids=position_ids, past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
     def materialise(self):

@@ -88,14 +88,18 @@ def run(args: argparse.Namespace) -> int:
     general = [e for e in heldout if e.kind == "general"]
     print("[train-draft] measuring acceptance on held-out prompts", flush=True)
     cmd = measure(shipped, commands, args.gamma, teacher.compiled, frozenset(teacher.stop_ids))
+    forced = measure(shipped, commands, args.gamma, teacher.compiled, frozenset(teacher.stop_ids), force=True)
     gen = measure(shipped, general, args.gamma, None, frozenset(teacher.stop_ids))
     print(f"[train-draft] commands: {cmd.line()}", flush=True)
+    print(f"[train-draft] commands with grammar forcing: {forced.line()}", flush=True)
     print(f"[train-draft] general:  {gen.line()}", flush=True)
 
     metrics = {
         "target": str(target_dir.name),
         "gamma": args.gamma,
         "commands": {**asdict(cmd), "acceptance": cmd.acceptance, "tokens_per_pass": cmd.tokens_per_pass},
+        "commands_forced": {**asdict(forced), "acceptance": forced.acceptance,
+                            "tokens_per_pass": forced.tokens_per_pass},
         "general": {**asdict(gen), "acceptance": gen.acceptance, "tokens_per_pass": gen.tokens_per_pass},
         "training": asdict(report),
         "shape": asdict(shape),
@@ -107,12 +111,12 @@ def run(args: argparse.Namespace) -> int:
         "total_minutes": round((time.monotonic() - began) / 60, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "card.md").write_text(_card(args, metrics, target_config, cmd.line(), gen.line()))
+    (out / "card.md").write_text(_card(args, metrics, target_config, cmd.line(), forced.line(), gen.line()))
     print(f"[train-draft] wrote {out} ({size_mb:.1f} MB) in {metrics['total_minutes']} min", flush=True)
     return 0
 
 
-def _card(args, m: dict, target_config, cmd_line: str, gen_line: str) -> str:
+def _card(args, m: dict, target_config, cmd_line: str, forced_line: str, gen_line: str) -> str:
     t, d, s = m["training"], m["data"], m["shape"]
     command = "speculative-vlm train-draft " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "speculative-vlm train-draft"
     return f"""# command-draft: a distilled draft for {m['target']}
@@ -145,11 +149,14 @@ target's vocabulary ({target_config.vocab_size} tokens, same tokenizer, saved he
   ({platform.processor() or platform.machine()}); whole run {m['total_minutes']} min.
 
 ## Acceptance against the target (held-out prompts, greedy, lossless verification)
-- Robot commands, draft masked by the same grammar: {cmd_line}.
+- Robot commands, draft masked by the same grammar, every token drafted: {cmd_line}.
+- The same with grammar forcing (tokens the grammar allows alone are appended without a
+  draft or a target pass, as the engine does): {forced_line}.
 - General instructions, unconstrained: {gen_line}.
 
-Replayed with `speculative_vlm.training.acceptance.measure` on the saved folder. Command
-acceptance counts every grammar token as drafted, including those the grammar forces.
+Replayed with `speculative_vlm.training.acceptance.measure` on the saved folder: the
+target's greedy answer is known, so a round accepts the longest drafted prefix equal to it
+plus the target's next token, exactly as lossless greedy verification would.
 
 ## Reproduce
 `{command}` (answers are reused from `--data-cache` when present).
