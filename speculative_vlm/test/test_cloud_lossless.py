@@ -2,6 +2,8 @@
 the cloud server through GrpcVerifier and a delaying, jittering link outputs exactly what
 it outputs in-process, with early exits, preemption and pipelining."""
 
+import time
+
 import pytest
 import torch
 from speculative_vlm.cloud.config import ServerConfig
@@ -11,7 +13,7 @@ from speculative_vlm.decoding.inprocess import InProcessVerifier
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.policy import FixedLength
 from speculative_vlm.decoding.target_engine import TargetEngine
-from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
+from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest, VerdictKind
 from speculative_vlm.protocol.client import GrpcVerifier
 from tiny_models import jpeg, noisy_copy, tiny_causal_lm, tiny_vlm, tiny_vlm_text_draft
 
@@ -131,3 +133,24 @@ def test_a_vlm_target_verifies_a_text_only_draft_for_an_image_over_grpc():
         assert result.token_ids == hf_greedy(target, request)
     finally:
         c.close()
+
+
+def test_the_early_verdict_reaches_the_robot_while_the_later_layers_still_run(pair):
+    target, _ = pair
+    c = Cloud(target, exit_layers=[1])
+    # Make the last decoder layer slow, as the deep layers of a large target are.
+    slow = target.decoder_layers[-1].register_forward_hook(lambda *_: time.sleep(0.3))
+    try:
+        session = c.verifier.open(SessionRequest(PROMPTS[0], settings=GenerationSettings(max_new_tokens=8)))
+        sent = time.monotonic()
+        session.submit(DraftBlock(round=0, base_length=0, base_tail=(), tokens=(1, 2, 3)))
+        early = session.next_verdict(timeout=10)
+        early_at = time.monotonic() - sent
+        final = session.next_verdict(timeout=10)
+        final_at = time.monotonic() - sent
+        session.close()
+    finally:
+        slow.remove()
+        c.close()
+    assert (early.kind, early.exit_layer, final.kind) == (VerdictKind.EARLY, 1, VerdictKind.FINAL)
+    assert final_at - early_at >= 0.25, (early_at, final_at)
