@@ -282,10 +282,10 @@ def test_autostart_configures_and_activates_the_node_by_itself(world):
     )
     world["spinner"].add(node)
     try:
-        assert wait_for(lambda: node._active, 20.0), "autostart did not activate the node"
+        assert wait_for(lambda: node.lifecycle_state == "active", 20.0), "autostart did not activate the node"
     finally:
         world["spinner"].remove(node)
-        if node._active:
+        if node.lifecycle_state in ("unconfigured", "inactive", "active"):
             node.trigger_shutdown()
         node.destroy_node()
 

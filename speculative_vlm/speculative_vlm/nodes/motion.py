@@ -129,6 +129,11 @@ class MotionNode(LifecycleNode):
             self._autostart_timer = self.create_timer(0.01, self._autostart)
 
     # ---- lifecycle ----------------------------------------------------------------
+    @property
+    def lifecycle_state(self) -> str:
+        """Label of the current lifecycle state: unconfigured, inactive, active, finalized, or a transition."""
+        return self._state_machine.current_state[1]
+
     def _autostart(self) -> None:
         self._autostart_timer.cancel()
         self.destroy_timer(self._autostart_timer)
