@@ -139,7 +139,7 @@ def test_the_early_verdict_reaches_the_robot_while_the_later_layers_still_run(pa
     target, _ = pair
     c = Cloud(target, exit_layers=[1])
     # Make the last decoder layer slow, as the deep layers of a large target are.
-    slow = target.decoder_layers[-1].register_forward_hook(lambda *_: time.sleep(0.3))
+    slow = target.decoder_layers[-1].register_forward_hook(lambda *_: time.sleep(0.5))
     try:
         session = c.verifier.open(SessionRequest(PROMPTS[0], settings=GenerationSettings(max_new_tokens=8)))
         sent = time.monotonic()

@@ -44,7 +44,7 @@ def _round_trip(port: int, payload: bytes) -> float:
 def test_round_trip_takes_twice_the_one_way_delay(echo_server):
     with DelayProxy(echo_server, LinkProfile(delay_s=0.05)) as proxy:
         rtt = _round_trip(proxy.port, b"ping")
-    assert 0.095 <= rtt < 0.25
+    assert 0.095 <= rtt < 1.0
 
 
 def test_bandwidth_limit_paces_a_large_transfer(echo_server):
