@@ -109,6 +109,8 @@ class TargetEngine:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # one forward pass at a time
         self.sessions: dict[str, TargetSession] = {}
+        self.passes = 0  # forward passes run by verify()
+        self.largest_batch = 0  # most blocks verified in one pass
 
     @property
     def exit_layers(self) -> list[int]:
@@ -189,6 +191,8 @@ class TargetEngine:
             for it in items:
                 it.session.kv.append(it.tokens)
             all_logits = self.model.forward([it.session.kv for it in items], hooks=hooks)
+            self.passes += 1
+            self.largest_batch = max(self.largest_batch, len(items))
         verdicts = []
         for it, logits in zip(items, all_logits, strict=True):
             k = len(it.tokens)
@@ -245,8 +249,12 @@ class TargetEngine:
 
     # ---- the cloud-autoregressive baseline -----------------------------------------------
     def generate(self, sess: TargetSession, max_new_tokens: int | None = None) -> Iterator[int]:
-        """Generate on the target alone, one pass per token, yielding each output token
-        (forced tokens included) as it is decided; same grammar and settings as verification."""
+        """Generate on the target alone, one pass per token (the cloud-autoregressive baseline).
+
+        Yields every output token of the session from the start (tokens the grammar forced
+        at open first), each as soon as it is decided; same grammar and settings as
+        verification. Use it on a fresh session.
+        """
         limit = sess.out.max_new_tokens if max_new_tokens is None else min(max_new_tokens, sess.out.max_new_tokens)
         settings = sess.request.settings
         yield from list(sess.output)  # forced at open

@@ -1,0 +1,37 @@
+"""The in-process verifier serves several concurrent sessions, batching their blocks."""
+
+from __future__ import annotations
+
+import threading
+
+from speculative_vlm.decoding.inprocess import InProcessVerifier
+from speculative_vlm.decoding.loop import SpeculativeDecoder
+from speculative_vlm.decoding.target_engine import TargetEngine
+from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
+from test_decoding_greedy import hf_greedy
+from tiny_models import noisy_copy, tiny_causal_lm
+
+PROMPTS = ["walk to the red ball", "sit down", "turn right and stop at the wall", "stand up"]
+
+
+def test_concurrent_sessions_get_their_own_target_output_and_share_passes():
+    target = tiny_causal_lm("qwen2", seed=13)
+    draft = noisy_copy(target, noise=0.02)
+    requests = [SessionRequest(p, settings=GenerationSettings(max_new_tokens=20)) for p in PROMPTS]
+    engine = TargetEngine(target, exit_layers=[1], max_batch=4)
+    results: dict[int, list[int]] = {}
+    with InProcessVerifier(engine) as verifier:
+        decoder = SpeculativeDecoder(draft, verifier, early_threshold=0.0)
+
+        def run(i: int) -> None:
+            results[i] = decoder.generate(requests[i]).token_ids
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    for i, request in enumerate(requests):
+        assert results[i] == hf_greedy(target, request), PROMPTS[i]
+    assert engine.largest_batch > 1
+    assert not engine.sessions  # every session was closed
