@@ -154,3 +154,11 @@ def test_the_early_verdict_reaches_the_robot_while_the_later_layers_still_run(pa
         c.close()
     assert (early.kind, early.exit_layer, final.kind) == (VerdictKind.EARLY, 1, VerdictKind.FINAL)
     assert final_at - early_at >= 0.25, (early_at, final_at)
+
+
+def test_cloud_autoregressive_with_the_grammar_streams_every_token_including_forced_ones(pair, cloud):
+    target, _ = pair
+    request = SessionRequest(PROMPTS[0], settings=GenerationSettings(max_new_tokens=20, grammar="command"))
+    engine = TargetEngine(target)
+    expected = list(engine.generate(engine.open_session(request)))
+    assert cloud.verifier.generate(request) == expected

@@ -193,13 +193,12 @@ class VerificationService:
                     token = next(tokens, None)
                 if token is None:
                     break
-                eos = bool(session.target.done)
-                session.send(pb.ServerMessage(token=pb.Token(index=index, token=int(token), eos=eos)))
+                # Not marked eos here: the engine may still yield tokens the grammar forces
+                # after the output is complete; the end is the generator's end, sent below.
+                session.send(pb.ServerMessage(token=pb.Token(index=index, token=int(token), eos=False)))
                 self.metrics.tokens_generated.inc()
                 session.touch()
                 index += 1
-                if eos:
-                    return
             session.send(pb.ServerMessage(token=pb.Token(index=index, token=-1, eos=True)))
         except Exception as exc:
             log.exception("generation failed", extra={"event": "generate_failed", "session": session.id})
