@@ -4,8 +4,10 @@ errors and the link state, never by hanging; and it recovers when the cloud is b
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -161,3 +163,28 @@ def test_open_gives_up_with_link_lost_when_nothing_listens():
     assert time.monotonic() - started < 3.0
     assert verifier.link_state is LinkState.LOST
     verifier.close()
+
+
+def test_open_retries_with_back_off_until_a_server_comes_up(models, expected, tokens_env):
+    with socket.socket() as probe:  # a port nobody listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    verifier = GrpcVerifier(f"127.0.0.1:{port}", token=TOKEN, open_timeout_s=20, backoff_initial_s=0.1,
+                            backoff_max_s=0.5)
+    states = []
+    verifier.add_link_listener(lambda state, reason: states.append(state))
+    result: dict = {}
+    opener = threading.Thread(target=lambda: result.update(session=verifier.open(REQUEST)))
+    opener.start()
+    time.sleep(1.0)
+    assert opener.is_alive(), "open() should still be retrying"
+    handle = serve(ServerConfig(bind=f"127.0.0.1:{port}"), engine=TargetEngine(models[0]))
+    try:
+        opener.join(timeout=15)
+        assert result["session"].session_id
+        result["session"].close()
+        assert states[:1] == [LinkState.LOST] and states[-1] is LinkState.CONNECTED
+        assert _decode(models, verifier) == expected
+    finally:
+        verifier.close()
+        handle.stop()
