@@ -119,7 +119,7 @@ def test_health_service_and_metrics_report_the_serving_state(models, monkeypatch
         verifier.close()
         text = urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=5).read().decode()
         for name in ("svlm_sessions_total 1.0", "svlm_batch_size_count", "svlm_accepted_tokens_count",
-                     "svlm_verify_latency_seconds_count", 'svlm_rounds_total{outcome="verified"}'):
+                     "svlm_verify_latency_seconds_count", "svlm_accepted_tokens_per_pass_count", 'svlm_rounds_total{outcome="verified"}'):
             assert name in text, name
     finally:
         handle.stop()

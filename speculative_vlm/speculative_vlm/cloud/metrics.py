@@ -16,6 +16,9 @@ class ServerMetrics:
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.accepted_tokens = Histogram("svlm_accepted_tokens", "draft tokens accepted per verified block",
                                          buckets=(0, 1, 2, 3, 4, 5, 6, 8, 12, 16), registry=r)
+        self.accepted_per_pass = Histogram("svlm_accepted_tokens_per_pass",
+                                           "draft tokens accepted in one forward pass, all sessions together",
+                                           buckets=(0, 1, 2, 4, 8, 12, 16, 24, 32, 64), registry=r)
         self.verify_latency = Histogram("svlm_verify_latency_seconds", "time of one batched verification pass",
                                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
                                         registry=r)

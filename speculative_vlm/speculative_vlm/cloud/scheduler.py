@@ -147,6 +147,8 @@ class BatchScheduler:
         self.largest_batch = max(self.largest_batch, len(batch))
         self.metrics.batch_size.observe(len(batch))
         self.metrics.verify_latency.observe(elapsed)
+        self.metrics.accepted_per_pass.observe(
+            sum(r.accepted for _, r in results if isinstance(r, Verdict) and r.kind is VerdictKind.FINAL))
         for session, result in results:
             if isinstance(result, Exception):
                 if session.closed:
