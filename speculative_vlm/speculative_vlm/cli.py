@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cloud-certs": ("speculative_vlm.cloud.certs", "make a self-signed TLS pair for a verifier server"),
     "netem": ("speculative_vlm.cloud.netem", "run a loopback proxy adding delay, jitter, bandwidth limit"),
     "bench-cloud-batching": ("speculative_vlm.cloud.batch_bench", "tokens/s of N robots, batched vs unbatched"),
+    "bench": ("speculative_vlm.benchmark.run", "every method side by side; writes bench/results (--quick: seconds)"),
 }
 
 

@@ -1,0 +1,83 @@
+"""The fleet: 1, 2, 4, 8 robot processes against one verifier, batched and unbatched.
+
+One verifier server per mode (``max_batch`` 8 with a short batching wait, or 1), reached
+through the delay proxy; the robots are :mod:`fleet_robot` processes pinned to the robot
+core, started together, each decoding a few commands in a row. Throughput is the tokens
+of all commands over the wall time from the first open to the last verdict.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from speculative_vlm.benchmark.processes import BenchProcessError, CloudServer, progress, start_worker
+
+
+@dataclass
+class FleetPoint:
+    batched: bool
+    robots: int
+    commands: int
+    tokens: int
+    passes: int
+    wall_s: float
+    tokens_per_s: float
+    p50_s: float
+    p95_s: float
+    exact: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def run_point(server: CloudServer, address: str, robots: int, batched: bool, commands: list[dict],
+              per_robot: int, load: dict, workdir: Path, cores: list[int]) -> FleetPoint:
+    """``robots`` processes, robot ``i`` decoding ``per_robot`` commands (rotating over ``commands``)."""
+    start_at = time.time() + 3.0 + 0.5 * robots  # room for every process to import and connect
+    workers = []
+    for i in range(robots):
+        mine = [commands[(i * per_robot + j) % len(commands)] for j in range(per_robot)]
+        job = dict(load, address=address, token=server.tokens[i % len(server.tokens)], commands=mine,
+                   seed=1000 * robots + i, start_at=start_at)
+        workers.append(start_worker(f"fleet-{'b' if batched else 'u'}{robots}-{i}",
+                                    "speculative_vlm.benchmark.fleet_robot", job, workdir, cores, 1, echo=False))
+    results = []
+    try:
+        for w in workers:
+            results.append(w.result(timeout=900))
+    except BenchProcessError:
+        for w in workers:
+            w.stop()
+        raise
+    rows = [r for res in results for r in res["rows"]]
+    wall = max(res["ended"] for res in results) - min(r["started"] for r in rows)
+    tokens = sum(r["tokens"] for r in rows)
+    latencies = [r["latency_s"] for r in rows]
+    return FleetPoint(batched, robots, len(rows), tokens, sum(r["passes"] for r in rows), round(wall, 3),
+                      round(tokens / wall, 2), round(statistics.median(latencies), 3),
+                      round(percentile(latencies, 0.95), 3), all(r["exact"] for r in rows))
+
+
+def run_fleet(servers: dict[bool, tuple[CloudServer, str]], sizes: list[int], commands: list[dict], per_robot: int,
+              load: dict, workdir: Path, cores: list[int]) -> list[FleetPoint]:
+    points = []
+    for batched in (True, False):
+        server, address = servers[batched]
+        for n in sizes:
+            point = run_point(server, address, n, batched, commands, per_robot, load, workdir, cores)
+            points.append(point)
+            progress("fleet", f"{'batched' if batched else 'unbatched'} x{n}: {point.tokens_per_s} tok/s, "
+                              f"p50 {point.p50_s:.2f}s p95 {point.p95_s:.2f}s" + ("" if point.exact else " DIFFERS"))
+    return points

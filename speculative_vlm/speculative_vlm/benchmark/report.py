@@ -1,0 +1,471 @@
+"""The benchmark's outputs: per-command CSV, a summary CSV, the fleet CSV, PNG plots and report.md.
+
+The report compares the measurements with the targets of issue 7 and says which are met,
+and shows where the time of a command goes (draft, verification, network and queueing)
+next to the physical bound of ANCHORS: with perfect overlap of drafting and the network
+with verification, a round cannot take less than ``max(V, gamma * d + R)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from speculative_vlm.benchmark import ladder
+
+COMMAND_FIELDS = ["phase", "transport", "rtt_ms", "method", "prompt", "wall_s", "open_s", "tokens", "passes",
+                  "drafted", "accepted", "draft_s", "verify_s", "wait_s", "early_hits", "early_misses", "early_low",
+                  "exact", "first_divergence"]
+
+
+@dataclass
+class Summary:
+    """One method at one setting, averaged over its commands."""
+
+    n: int
+    wall: float  # mean per-command latency, s
+    p50: float
+    open: float  # mean session open (prefill + one round trip) or time to first token, s
+    tokens: float
+    passes_per_token: float
+    acceptance: float
+    draft: float  # mean drafting per command, s
+    verify: float  # mean server-side verification per command, s
+    net_queue: float  # mean (wait - verify): network, queueing and batching per command, s
+    rounds: float
+    gamma: float  # mean drafted tokens per round
+    d: float  # drafting seconds per token
+    v: float  # verification seconds per round
+    early_hits: int
+    early_misses: int
+    early_low: int
+    exact: bool
+
+    @property
+    def per_round(self) -> float:
+        return (self.wall - self.open) / self.rounds if self.rounds else 0.0
+
+    def bound_per_round(self, rtt_s: float) -> float:
+        return max(self.v, self.gamma * self.d + rtt_s)
+
+    def serial_per_round(self, rtt_s: float) -> float:
+        return self.gamma * self.d + rtt_s + self.v
+
+
+def summarize(rows: list[dict]) -> Summary | None:
+    if not rows:
+        return None
+
+    def total(key: str) -> float:
+        return float(sum(r.get(key) or 0 for r in rows))
+
+    n = len(rows)
+    tokens, passes, drafted = total("tokens"), total("passes"), total("drafted")
+    return Summary(
+        n=n, wall=total("wall_s") / n, p50=statistics.median(r["wall_s"] for r in rows), open=total("open_s") / n,
+        tokens=tokens / n, passes_per_token=passes / tokens if tokens else 0.0,
+        acceptance=total("accepted") / drafted if drafted else 0.0, draft=total("draft_s") / n,
+        verify=total("verify_s") / n, net_queue=max(0.0, total("wait_s") - total("verify_s")) / n,
+        rounds=passes / n, gamma=drafted / passes if passes else 0.0, d=total("draft_s") / drafted if drafted else 0.0,
+        v=total("verify_s") / passes if passes else 0.0, early_hits=int(total("early_hits")),
+        early_misses=int(total("early_misses")), early_low=int(total("early_low")),
+        exact=all(r.get("exact", True) for r in rows))
+
+
+def select(rows: Iterable[dict], **where) -> list[dict]:
+    return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+
+
+def exactness_failures(results: dict) -> list[str]:
+    """Every lossless command whose output differs from the target's own, as readable lines."""
+    failures = []
+    for phase in ("inprocess", "robot"):
+        for r in results[phase]:
+            lossless = ladder.BY_KEY[r["method"]].lossless if r["method"] in ladder.BY_KEY else True
+            if lossless and not r["exact"]:
+                failures.append(f"{phase} {r.get('transport', '')} {r['method']} RTT {r.get('rtt_ms')} prompt "
+                                f"{r['prompt']}: differs from the target at token {r['first_divergence']}")
+    for p in results["fleet"]:
+        if not p["exact"]:
+            failures.append(f"fleet {'batched' if p['batched'] else 'unbatched'} x{p['robots']}: an output differs")
+    return failures
+
+
+# ---- files ----------------------------------------------------------------------------------
+def write(out: Path, results: dict, frames_image=None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_commands_csv(out / "commands.csv", results)
+    rows = _summary_rows(results)
+    _write_csv(out / "summary.csv", rows)
+    _write_csv(out / "fleet.csv", results["fleet"])
+    _plots(out, results)
+    if frames_image is not None:
+        import cv2
+
+        cv2.imwrite(str(out / "frames.png"), frames_image)
+    (out / "report.md").write_text(markdown(results))
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        if not rows:
+            return
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_commands_csv(path: Path, results: dict) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COMMAND_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in results["inprocess"]:
+            writer.writerow(dict(r, phase="inprocess", transport="none", rtt_ms=""))
+        for r in results["robot"]:
+            writer.writerow(dict(r, phase="robot-cloud", rtt_ms="" if r["rtt_ms"] is None else r["rtt_ms"]))
+
+
+def _groups(results: dict) -> list[tuple[str, str, float | None, str, list[dict]]]:
+    """(phase, transport, rtt, method, rows) for every measured combination, in report order."""
+    groups = []
+    for method in ("target_alone", ladder.VANILLA.key, ladder.ADAPTIVE_INPROCESS.key):
+        groups.append(("inprocess", "none", None, method, select(results["inprocess"], method=method)))
+    robot = results["robot"]
+    groups.append(("robot-cloud", "none", None, ladder.EDGE_ONLY.key, select(robot, method=ladder.EDGE_ONLY.key)))
+    for rtt in results["meta"]["rtts_ms"]:
+        for m in (*ladder.NETWORKED, ladder.FREE):
+            groups.append(("robot-cloud", "grpc", float(rtt), m.key,
+                           select(robot, method=m.key, rtt_ms=float(rtt), transport="grpc")))
+    for transport in ("grpc-ros-line", "ros"):
+        rows = select(robot, transport=transport)
+        if rows:
+            groups.append(("robot-cloud", transport, rows[0]["rtt_ms"], ladder.ADAPTIVE.key, rows))
+    return [g for g in groups if g[4]]
+
+
+def _summary_rows(results: dict) -> list[dict]:
+    rows = []
+    for phase, transport, rtt, method, group in _groups(results):
+        s = summarize(group)
+        rtt_s = (rtt or 0.0) / 1000
+        spec = method.startswith("spec")
+        rows.append({
+            "phase": phase, "transport": transport, "rtt_ms": "" if rtt is None else rtt, "method": method,
+            "commands": s.n, "latency_mean_s": round(s.wall, 4), "latency_p50_s": round(s.p50, 4),
+            "open_s": round(s.open, 4), "tokens": round(s.tokens, 2),
+            "passes_per_token": round(s.passes_per_token, 4), "acceptance": round(s.acceptance, 4),
+            "draft_s": round(s.draft, 4), "verify_s": round(s.verify, 4), "net_queue_s": round(s.net_queue, 4),
+            "rounds": round(s.rounds, 2), "gamma": round(s.gamma, 2), "d_ms": round(s.d * 1e3, 2),
+            "V_ms": round(s.v * 1e3, 2), "per_round_ms": round(s.per_round * 1e3, 1) if spec else "",
+            "serial_round_ms": round(s.serial_per_round(rtt_s) * 1e3, 1) if spec else "",
+            "bound_round_ms": round(s.bound_per_round(rtt_s) * 1e3, 1) if spec else "",
+            "early_hits": s.early_hits, "early_misses": s.early_misses, "early_low": s.early_low,
+            "exact": s.exact,
+        })
+    return rows
+
+
+# ---- plots ----------------------------------------------------------------------------------
+def _plots(out: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    robot, rtts = results["robot"], [float(r) for r in results["meta"]["rtts_ms"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in ladder.NETWORKED:
+        means = [summarize(select(robot, method=m.key, rtt_ms=r, transport="grpc")) for r in rtts]
+        ax.plot(rtts, [s.wall if s else float("nan") for s in means], marker="o", label=m.label)
+    edge = summarize(select(robot, method=ladder.EDGE_ONLY.key))
+    if edge:
+        ax.axhline(edge.wall, color="grey", linestyle="--", label=ladder.EDGE_ONLY.label)
+    ax.set_xlabel("round-trip time, ms")
+    ax.set_ylabel("mean latency per command, s")
+    ax.set_title("Latency per command against RTT")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency_vs_rtt.png", dpi=110)
+    plt.close(fig)
+
+    labels, values = [], []
+    cloud = summarize(select(robot, method=ladder.CLOUD_AR.key, transport="grpc"))
+    if cloud:
+        labels.append("cloud AR")
+        values.append(1 / cloud.passes_per_token if cloud.passes_per_token else 0)
+    for m in (ladder.VANILLA, ladder.PREEMPT, ladder.PIPELINE, ladder.ADAPTIVE, ladder.FREE):
+        s = summarize(select(robot, method=m.key, transport="grpc"))
+        if s:
+            labels.append(m.key.removeprefix("spec_"))
+            values.append(1 / s.passes_per_token if s.passes_per_token else 0)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(labels, values, color="tab:blue")
+    ax.axhline(1 / 0.35, color="tab:red", linestyle="--", label="target: 0.35 passes/token")
+    ax.set_ylabel("tokens per target pass")
+    ax.set_title("Tokens per target pass (all RTTs pooled)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "tokens_per_pass.png", dpi=110)
+    plt.close(fig)
+
+    fleet = results["fleet"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for batched, style in ((True, "o-"), (False, "s--")):
+        pts = sorted((p for p in fleet if p["batched"] == batched), key=lambda p: p["robots"])
+        name = "batched" if batched else "unbatched"
+        a1.plot([p["robots"] for p in pts], [p["tokens_per_s"] for p in pts], style, label=name)
+        a2.plot([p["robots"] for p in pts], [p["p50_s"] for p in pts], style, label=f"{name} p50")
+        a2.plot([p["robots"] for p in pts], [p["p95_s"] for p in pts], style, alpha=0.5, label=f"{name} p95")
+    a1.set_xlabel("robots")
+    a1.set_ylabel("verified tokens/s (server)")
+    a1.set_title("Fleet throughput against robots")
+    a2.set_xlabel("robots")
+    a2.set_ylabel("latency per command, s")
+    a2.set_title("Per-command latency")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fleet_throughput.png", dpi=110)
+    plt.close(fig)
+
+
+# ---- markdown -------------------------------------------------------------------------------
+@dataclass
+class Check:
+    name: str
+    required: str
+    measured: str
+    met: bool | None  # None: not measured
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.0f}%"
+
+
+def targets(results: dict) -> list[Check]:
+    robot, inproc, meta = results["robot"], results["inprocess"], results["meta"]
+    checks = []
+    alone = summarize(select(inproc, method="target_alone"))
+    best = None
+    for key in (ladder.VANILLA.key, ladder.ADAPTIVE_INPROCESS.key):
+        s = summarize(select(inproc, method=key))
+        if alone and s and (best is None or s.wall < best[1].wall):
+            best = (key, s)
+    if alone and best:
+        speedup = alone.wall / best[1].wall
+        checks.append(Check("one process: speculative vs target alone", ">= 2x (aim 2.5x)",
+                            f"{speedup:.2f}x ({best[0]})", speedup >= 2.0))
+
+    def mean(method: str, rtt: float, transport: str = "grpc") -> Summary | None:
+        return summarize(select(robot, method=method, rtt_ms=rtt, transport=transport))
+
+    for rtt in (20.0, 60.0):
+        c, s = mean(ladder.CLOUD_AR.key, rtt), mean(ladder.PIPELINE.key, rtt)
+        if c and s:
+            cut = 1 - s.wall / c.wall
+            checks.append(Check(f"spec + early exits + pipelining vs cloud AR at {rtt:g} ms",
+                                ">= 35% lower latency (aim 45%)", f"{_pct(cut)} lower", cut >= 0.35))
+        else:
+            checks.append(Check(f"spec + early exits + pipelining vs cloud AR at {rtt:g} ms", ">= 35% lower",
+                                "not measured at this RTT", None))
+    gains = []
+    for rtt in meta["rtts_ms"]:
+        v, s = mean(ladder.VANILLA.key, float(rtt)), mean(ladder.PIPELINE.key, float(rtt))
+        if v and s:
+            gains.append((rtt, v.wall / s.wall - 1))
+    if gains:
+        checks.append(Check("preemption + pipelining vs vanilla speculative", ">= 15% faster at every RTT",
+                            ", ".join(f"{g * 100:+.0f}% @ {r} ms" for r, g in gains), all(g >= 0.15 for _, g in gains)))
+    spec_rows = [r for r in robot if r["transport"] == "grpc" and r["method"] in
+                 (ladder.VANILLA.key, ladder.PREEMPT.key, ladder.PIPELINE.key, ladder.ADAPTIVE.key)]
+    s = summarize(spec_rows)
+    if s:
+        checks.append(Check("target passes per generated token (commands)", "<= 0.35",
+                            f"{s.passes_per_token:.3f}", s.passes_per_token <= 0.35))
+    fleet = {(p["batched"], p["robots"]): p for p in results["fleet"]}
+    top = max(meta["fleet_sizes"])
+    if (True, top) in fleet and (False, top) in fleet:
+        ratio = fleet[(True, top)]["tokens_per_s"] / fleet[(False, top)]["tokens_per_s"]
+        checks.append(Check(f"{top} batched robots vs {top} unbatched: server throughput", ">= 2.5x",
+                            f"{ratio:.2f}x", ratio >= 2.5 if top == 8 else None))
+    direct, ros = summarize(select(robot, transport="grpc-ros-line")), summarize(select(robot, transport="ros"))
+    if direct and ros:
+        added = ros.wall / direct.wall - 1
+        checks.append(Check("the ROS hop's share of per-command latency", "<= 5% added",
+                            f"{added * 100:+.1f}% ({(ros.wall - direct.wall) * 1e3:+.0f} ms/command)", added <= 0.05))
+    return checks
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def headline(results: dict) -> str:
+    """Mean latency per command of every method at every RTT, with passes per token and exactness."""
+    robot, rtts = results["robot"], [float(r) for r in results["meta"]["rtts_ms"]]
+    rows = []
+    edge = summarize(select(robot, method=ladder.EDGE_ONLY.key))
+    for m in (*ladder.NETWORKED, ladder.FREE):
+        cells = [m.label]
+        for rtt in rtts:
+            s = summarize(select(robot, method=m.key, rtt_ms=rtt, transport="grpc"))
+            cells.append(f"{s.wall:.2f}" if s else "-")
+        pooled = summarize(select(robot, method=m.key, transport="grpc"))
+        cells += [f"{pooled.passes_per_token:.3f}" if pooled else "-",
+                  "yes" if pooled and pooled.exact else ("-" if not pooled else "**NO**")]
+        rows.append(cells)
+    if edge:
+        matches = sum(r["exact"] for r in select(robot, method=ladder.EDGE_ONLY.key))
+        rows.append([ladder.EDGE_ONLY.label] + [f"{edge.wall:.2f}"] * len(rtts) +
+                    ["0 (no target)", f"{matches}/{edge.n} equal the target's"])
+    return _table(["method"] + [f"{r:g} ms" for r in rtts] + ["passes/token", "= target"], rows)
+
+
+def _breakdown(results: dict) -> str:
+    out = []
+    for row in _summary_rows(results):
+        if row["phase"] != "robot-cloud" or row["transport"] != "grpc":
+            continue
+        out.append([row["rtt_ms"], row["method"], row["latency_mean_s"], row["open_s"], row["draft_s"], row["verify_s"],
+                    row["net_queue_s"], row["rounds"], row["gamma"], row["d_ms"], row["V_ms"], row["acceptance"],
+                    f"{row['early_hits']}/{row['early_misses']}/{row['early_low']}", row["per_round_ms"],
+                    row["serial_round_ms"], row["bound_round_ms"]])
+    return _table(["RTT ms", "method", "latency s", "open s", "draft s", "verify s", "net+queue s", "rounds",
+                   "gamma", "d ms/tok", "V ms/round", "accept", "early hit/miss/low", "round ms",
+                   "serial γd+R+V ms", "bound max(V,γd+R) ms"], out)
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    checks = targets(results)
+    mark: dict[bool | None, str] = {True: "met", False: "**missed**", None: "n/a"}
+    inproc = results["inprocess"]
+    lines = [
+        "# Benchmark: speculative edge-cloud decoding of robot commands",
+        "",
+        f"Run {meta['started_utc']} UTC, {meta['minutes']} min, {'QUICK (tiny random models: timings mean nothing)' if meta['quick'] else 'full'} mode. "
+        f"Target `{meta['target']}` ({meta['target_layers']} layers); draft `{meta['draft']}`"
+        + (f" — a **stand-in** ({meta['draft_dtype']} copy of the target), not the trained draft" if meta["stand_in"] else "")
+        + f". {meta['prompts']} prompts (scene frames of the simulated Go2 described as text + template instructions), "
+        f"command grammar, greedy, at most {meta['max_new_tokens']} new tokens. Early exits at layers "
+        f"{meta['exit_layers']} ({'trained adapters ' + str(meta['exit_heads']) if meta['exit_heads'] else 'untrained: shared final norm + LM head'}).",
+        "",
+        f"Robot process pinned to core(s) {meta['robot_cores']}, each verifier server process to core(s) "
+        f"{meta['cloud_cores']}, one torch thread each; joined through the netem delay proxy (RTT profiles "
+        f"{meta['rtts_ms']} ms, {meta['bandwidth_mbps']:g} Mbit/s each way, jitter {meta['jitter_ms']:g} ms). "
+        f"Methods are interleaved per prompt. Every lossless method's output was compared token by token with the "
+        f"target's own greedy output (the one-process target-alone run).",
+        "",
+        "## Headline: mean latency per command (s) against RTT",
+        "",
+        headline(results),
+        "",
+        "![latency](latency_vs_rtt.png) ![tokens per pass](tokens_per_pass.png)",
+        "",
+        "## Targets (issue 7, part 4)",
+        "",
+        _table(["target", "required", "measured", "verdict"],
+               [[c.name, c.required, c.measured, mark[c.met]] for c in checks]),
+        "",
+        "## Where the time goes (per command, means)",
+        "",
+        "`open` is the session open (prompt prefill on the target + one round trip); `draft` the robot's drafting "
+        "(partly hidden behind verification when preempting); `verify` the server's passes; `net+queue` the rest of "
+        "the waiting for verdicts (network, serialisation, the block queued behind a pipelined one). Per round: the "
+        "measured time, the serial cost γd+R+V of draft-send-wait, and the physical bound max(V, γd+R) of ANCHORS "
+        "(drafting and the network fully overlapped with verification). Early: hit/miss/low (an exit answered below "
+        "the confidence threshold).",
+        "",
+        _breakdown(results),
+        "",
+        "## One process (no network)",
+        "",
+        _inprocess_table(inproc, meta),
+        "",
+        "## The ROS hop",
+        "",
+        _ros_text(results),
+        "",
+        "## Fleet: robots against one verifier",
+        "",
+        _fleet_text(results),
+        "",
+        "![fleet](fleet_throughput.png)",
+        "",
+        "## Prompts",
+        "",
+        "![frames](frames.png)",
+        "",
+        _table(["#", "instruction", "scene text (from the frame)", "target's command"],
+               [[p["index"], p["instruction"], p["scene_text"],
+                 "`" + results["references"][str(p["index"])]["command_text"] + "`"] for p in meta["prompt_list"]]),
+        "",
+        "## Files",
+        "",
+        "`commands.csv` (every command of every method), `summary.csv` (means per method and setting, with the "
+        "bound), `fleet.csv`, `results.json` (everything, with the reference outputs), the PNG plots.",
+        "",
+    ]
+    failures = exactness_failures(results)
+    if failures:
+        lines[2:2] = ["", "**LOSSLESSNESS FAILED** (the command exited 1):", ""] + [f"- {f}" for f in failures] + [""]
+    return "\n".join(lines)
+
+
+def _inprocess_table(rows: list[dict], meta: dict) -> str:
+    alone = summarize(select(rows, method="target_alone"))
+    out = []
+    for key, label in (("target_alone", "target alone"), (ladder.VANILLA.key, "speculative, 4 per block"),
+                       (ladder.ADAPTIVE_INPROCESS.key, "speculative, adaptive length")):
+        s = summarize(select(rows, method=key))
+        if s:
+            out.append([label, f"{s.wall:.3f}", f"{s.tokens / s.wall:.1f}", f"{s.passes_per_token:.3f}",
+                        f"{alone.wall / s.wall:.2f}x" if alone else "-", "yes" if s.exact else "**NO**"])
+    return (f"Both in one process on cores {meta['inprocess_cores']} with {meta['inprocess_threads']} torch threads, "
+            "no preemption (drafting and verifying share the cores).\n\n" +
+            _table(["method", "latency s", "tokens/s", "passes/token", "speedup", "= target"], out))
+
+
+def _ros_text(results: dict) -> str:
+    direct = summarize(select(results["robot"], transport="grpc-ros-line"))
+    ros = summarize(select(results["robot"], transport="ros"))
+    if not (direct and ros):
+        return "Not measured (--no-ros)."
+    rtt = results["meta"]["ros_rtt_ms"]
+    return (f"The full method at {rtt:g} ms RTT, each prompt decoded straight over gRPC and through ROS 2 "
+            "(drafter's RosVerifier -> `spec/draft` over DDS -> bridge node process -> gRPC -> proxy -> server), "
+            "interleaved.\n\n" + _table(
+                ["path", "latency s", "p50 s", "rounds", "= target"],
+                [["gRPC from the drafter", f"{direct.wall:.3f}", f"{direct.p50:.3f}", f"{direct.rounds:.1f}",
+                  "yes" if direct.exact else "**NO**"],
+                 ["through the ROS bridge", f"{ros.wall:.3f}", f"{ros.p50:.3f}", f"{ros.rounds:.1f}",
+                  "yes" if ros.exact else "**NO**"]]) +
+            f"\n\nAdded per command: {(ros.wall - direct.wall) * 1e3:+.0f} ms ({(ros.wall / direct.wall - 1) * 100:+.1f}%), "
+            f"{(ros.wall - direct.wall) / max(ros.rounds, 1) * 1e3:+.1f} ms per round.")
+
+
+def _fleet_text(results: dict) -> str:
+    meta, load = results["meta"], results["meta"]["fleet_load"]
+    rows = [[("batched" if p["batched"] else "unbatched"), p["robots"], p["commands"], p["tokens"],
+             f"{p['tokens_per_s']:.1f}", f"{p['p50_s']:.2f}", f"{p['p95_s']:.2f}",
+             f"{p['tokens'] / max(p['passes'], 1):.2f}", "yes" if p["exact"] else "**NO**"]
+            for p in sorted(results["fleet"], key=lambda p: (not p["batched"], p["robots"]))]
+    return (f"One verifier server process (core {meta['cloud_cores']}; batched: max batch {max(meta['fleet_sizes'])}, "
+            f"{meta['fleet_max_wait_ms']:g} ms batching wait; unbatched: max batch 1), {meta['fleet_rtt_ms']:g} ms RTT. "
+            f"Robots are processes on core {meta['robot_cores']}, {meta['fleet_commands_per_robot']} commands each, "
+            f"started together; each replays the target's answer as draft blocks of {load['gamma']} with the acceptance "
+            f"({load['acceptance']:.2f}) and drafting time ({load['draft_s_per_token'] * 1e3:.1f} ms/token) the real "
+            "draft reached in the ladder, so the robots' CPUs are not what is measured. Throughput is every verified "
+            "token over the wall time.\n\n" +
+            _table(["server", "robots", "commands", "tokens", "tokens/s", "p50 s", "p95 s", "tokens/pass", "= target"],
+                   rows))
+
+
+__all__: list[str] = ["write", "markdown", "targets", "headline", "summarize", "exactness_failures"]

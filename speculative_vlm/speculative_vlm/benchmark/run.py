@@ -1,0 +1,262 @@
+"""`speculative-vlm bench`: run every method side by side and write the report, CSV and plots.
+
+    speculative-vlm bench            # full: SmolLM2 target + the shipped draft (~20 min on 2 cores)
+    speculative-vlm bench --quick    # tiny random models, seconds; what the test suite runs
+
+Phases, each in its own pinned processes: (1) in one process, the target alone (which fixes
+the reference outputs) against speculative decoding; (2) the robot process against two
+verifier server processes through delay proxies at each RTT profile, every method on every
+prompt, then the ROS hop; (3) the fleet, batched and unbatched. Any lossless method whose
+output differs from the target's own makes the command fail (exit code 1) after the report
+is written, so the report shows where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+from speculative_vlm.benchmark import ladder
+from speculative_vlm.benchmark.processes import (
+    BenchProcessError,
+    CloudServer,
+    ServerSpec,
+    child_env,
+    progress,
+    start_worker,
+)
+from speculative_vlm.cloud.netem import LinkProfile
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # speculative_vlm/ (the ament package)
+DEFAULT_DRAFT = PACKAGE_ROOT / "models" / "command-draft"
+DEFAULT_OUT = PACKAGE_ROOT / "bench" / "results"
+STAND_IN_DRAFT = "smollm2-135m-instruct"  # in bfloat16, until a trained draft is shipped
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny random models and few prompts (CI)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results folder (default {DEFAULT_OUT}; --quick: a temporary folder)")
+    parser.add_argument("--target", default="smollm2-135m-instruct", help="target model folder or store name")
+    parser.add_argument("--draft", default=None,
+                        help=f"draft model folder (default {DEFAULT_DRAFT} when it holds a model, "
+                             f"else {STAND_IN_DRAFT} in bfloat16 as a stand-in)")
+    parser.add_argument("--draft-dtype", default=None, help="load the draft in this dtype (e.g. bfloat16)")
+    parser.add_argument("--exit-layers", default=None, help="target layers with early exits (default 3/4 depth)")
+    parser.add_argument("--exit-heads", default=None, help="trained exit adapters (train-exits checkpoint)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per method and RTT (full: 10)")
+    parser.add_argument("--free-prompts", type=int, default=None, help="prompts for the grammar-off rung (full: 3)")
+    parser.add_argument("--rtts", default="5,20,60,150", help="RTT profiles in ms")
+    parser.add_argument("--bandwidth-mbps", type=float, default=20.0, help="link bandwidth limit each way")
+    parser.add_argument("--jitter-ms", type=float, default=0.0, help="one-way jitter (std dev)")
+    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per block (initial, when adaptive)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--fleet", default="1,2,4,8", help="robot counts for the fleet")
+    parser.add_argument("--fleet-commands", type=int, default=None, help="commands per fleet robot (full: 3)")
+    parser.add_argument("--fleet-rtt", type=float, default=20.0, help="RTT of the fleet's link, ms")
+    parser.add_argument("--fleet-max-wait-ms", type=float, default=10.0, help="batching wait of the batched server")
+    parser.add_argument("--ros-rtt", type=float, default=20.0, help="RTT of the ROS-hop line, ms")
+    parser.add_argument("--no-ros", action="store_true", help="skip the ROS-hop line")
+    parser.add_argument("--robot-core", type=int, default=0, help="CPU core of the robot side")
+    parser.add_argument("--cloud-core", type=int, default=1, help="CPU core of the cloud side")
+    parser.add_argument("--inprocess-threads", type=int, default=2, help="torch threads of the one-process run")
+
+
+def resolve_draft(args: argparse.Namespace) -> tuple[str, str | None, bool]:
+    """(draft path, dtype, is_stand_in)."""
+    if args.draft:
+        return args.draft, args.draft_dtype, False
+    if (DEFAULT_DRAFT / "config.json").exists():
+        return str(DEFAULT_DRAFT), args.draft_dtype, False
+    return STAND_IN_DRAFT, args.draft_dtype or "bfloat16", True
+
+
+def run(args: argparse.Namespace) -> int:
+    from speculative_vlm.benchmark import report
+    from speculative_vlm.benchmark.fleet import run_fleet
+    from speculative_vlm.benchmark.workload import build_prompts, contact_sheet
+    from speculative_vlm.cloud.netem import DelayProxy
+
+    started = time.time()
+    workdir = Path(tempfile.mkdtemp(prefix="spec-bench-"))
+    quick = args.quick
+    out = args.out or (workdir / "results" if quick else DEFAULT_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    if quick:
+        from speculative_vlm.benchmark.quick_models import build
+
+        target, draft = build(workdir)
+        draft_dtype, stand_in = None, False
+    else:
+        target = args.target
+        draft, draft_dtype, stand_in = resolve_draft(args)
+    n_prompts = args.prompts or (2 if quick else 10)
+    free_prompts = min(n_prompts, args.free_prompts if args.free_prompts is not None else (1 if quick else 3))
+    per_robot = args.fleet_commands or (1 if quick else 3)
+    rtts = _ints(args.rtts) if not quick or args.rtts != "5,20,60,150" else [5, 60]
+    fleet_sizes = _ints(args.fleet) if not quick or args.fleet != "1,2,4,8" else [1, 2]
+    layers = _target_layers(target)
+    exit_layers = tuple(_ints(args.exit_layers)) if args.exit_layers else (max(0, min(layers - 2, (3 * layers) // 4)),)
+    robot_cores, cloud_cores = [args.robot_core], [args.cloud_core]
+    cpus = sorted(os.sched_getaffinity(0))
+    progress("bench", f"{'quick' if quick else 'full'} run: target {target}, draft {draft}"
+                      f"{' (stand-in, ' + str(draft_dtype) + ')' if stand_in else ''}, {n_prompts} prompts, "
+                      f"RTTs {rtts} ms, exits at {list(exit_layers)}, fleet {fleet_sizes}; work in {workdir}")
+    prompts, frames = build_prompts(n_prompts)
+    prompt_json = [p.to_json() for p in prompts]
+    common = {"target": target, "draft": draft, "draft_dtype": draft_dtype, "prompts": prompt_json,
+              "gamma": args.gamma, "max_new_tokens": args.max_new_tokens, "free_prompts": free_prompts}
+
+    # (1) One process: target alone (the references) against speculative decoding.
+    progress("bench", "phase 1/3: one process, target alone vs speculative (references)")
+    inproc = start_worker("inprocess", "speculative_vlm.benchmark.inprocess_side", common, workdir, cpus,
+                          args.inprocess_threads).result()
+    references = inproc["references"]
+
+    # (2) Robot and cloud processes through the delay proxy.
+    progress("bench", "phase 2/3: robot and cloud processes through the delay proxy")
+    # The robot's one token opens sessions on both servers, as one client of one cloud.
+    tokens = [secrets.token_hex(16)]
+    servers = {"plain": CloudServer(ServerSpec("plain", target), cloud_cores, workdir, tokens=list(tokens)).start(),
+               "exits": CloudServer(ServerSpec("exits", target, exit_layers, args.exit_heads), cloud_cores, workdir,
+                                    tokens=list(tokens)).start()}
+    proxies: list[DelayProxy] = []
+    bridge = None
+    try:
+        for s in servers.values():
+            s.wait_ready()
+        addresses: dict[str, dict[str, str]] = {}
+        for rtt in sorted(set(rtts) | {int(args.ros_rtt)}):
+            addresses[str(rtt)] = {}
+            for kind, server in servers.items():
+                proxy = DelayProxy(server.address, _profile(rtt, args)).start()
+                proxies.append(proxy)
+                addresses[str(rtt)][kind] = proxy.address
+        token = tokens[0]
+        ros = None
+        env = {}
+        if not args.no_ros:
+            domain = str(secrets.randbelow(100) + 101)  # away from the test suite's 1..100
+            env = {"ROS_DOMAIN_ID": domain, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+            bridge = _start_bridge(addresses[str(int(args.ros_rtt))]["exits"], token, workdir, robot_cores, env)
+            ros = {"rtt_ms": args.ros_rtt}
+        robot_job = dict(common, references=references, rtts_ms=rtts, addresses=addresses, token=token,
+                         free_rtt_ms=20 if 20 in rtts else rtts[0], ros=ros)
+        robot = start_worker("robot", "speculative_vlm.benchmark.robot_side", robot_job, workdir, robot_cores, 1,
+                             env=env).result()
+    finally:
+        if bridge is not None:
+            bridge.terminate()
+        for p in proxies:
+            p.stop()
+        for s in servers.values():
+            s.stop()
+
+    # (3) The fleet, with the acceptance and drafting speed the real draft reached above.
+    load = _fleet_load(robot["rows"], args, quick)
+    progress("bench", f"phase 3/3: fleet {fleet_sizes} robots, batched and unbatched "
+                      f"(replayed drafts: acceptance {load['acceptance']:.2f}, {load['draft_s_per_token'] * 1e3:.1f} "
+                      f"ms/token, {load['gamma']} per block)")
+    commands = [{"prompt": p.to_json(), "reference": references[str(p.index)]["command"],
+                 "forced": references[str(p.index)]["command_forced"]} for p in prompts]
+    fleet_servers = {True: ServerSpec("fleet-batched", target, max_batch=max(fleet_sizes),
+                                      max_wait_ms=args.fleet_max_wait_ms),
+                     False: ServerSpec("fleet-unbatched", target, max_batch=1)}
+    running = {b: CloudServer(spec, cloud_cores, workdir, clients=max(fleet_sizes)).start()
+               for b, spec in fleet_servers.items()}
+    fleet_proxies = []
+    try:
+        endpoints = {}
+        for b, server in running.items():
+            server.wait_ready()
+            proxy = DelayProxy(server.address, _profile(args.fleet_rtt, args)).start()
+            fleet_proxies.append(proxy)
+            endpoints[b] = (server, proxy.address)
+        load["vocab"] = _vocab(target)
+        points = run_fleet(endpoints, fleet_sizes, commands, per_robot, load, workdir, robot_cores)
+    finally:
+        for p in fleet_proxies:
+            p.stop()
+        for s in running.values():
+            s.stop()
+
+    meta = {"quick": quick, "target": target, "draft": draft, "draft_dtype": draft_dtype, "stand_in": stand_in,
+            "prompts": n_prompts, "free_prompts": free_prompts, "rtts_ms": rtts, "bandwidth_mbps": args.bandwidth_mbps,
+            "jitter_ms": args.jitter_ms, "exit_layers": list(exit_layers), "exit_heads": args.exit_heads,
+            "target_layers": layers, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
+            "fleet_sizes": fleet_sizes, "fleet_commands_per_robot": per_robot, "fleet_rtt_ms": args.fleet_rtt,
+            "fleet_max_wait_ms": args.fleet_max_wait_ms, "fleet_load": load, "ros_rtt_ms": None if args.no_ros
+            else args.ros_rtt, "robot_cores": robot_cores, "cloud_cores": cloud_cores,
+            "inprocess_threads": args.inprocess_threads, "inprocess_cores": cpus,
+            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
+            "minutes": round((time.time() - started) / 60, 1), "prompt_list": prompt_json}
+    results = {"meta": meta, "inprocess": inproc["rows"], "robot": robot["rows"],
+               "fleet": [p.to_json() for p in points], "references": references}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report.write(out, results, frames_image=contact_sheet(frames))
+    failures = report.exactness_failures(results)
+    progress("bench", f"report written to {out} in {meta['minutes']} min")
+    if failures:
+        progress("bench", "LOSSLESSNESS FAILED: " + "; ".join(failures[:10]))
+        return 1
+    return 0
+
+
+def _profile(rtt_ms: float, args: argparse.Namespace) -> LinkProfile:
+    return LinkProfile(rtt_ms / 2000, args.jitter_ms / 1000,
+                       args.bandwidth_mbps * 1e6 if args.bandwidth_mbps > 0 else None)
+
+
+def _target_layers(target: str) -> int:
+    from transformers import AutoConfig
+
+    from speculative_vlm.decoding import model_store
+
+    config = AutoConfig.from_pretrained(model_store.resolve(target))
+    return int(config.get_text_config(decoder=True).num_hidden_layers)
+
+
+def _vocab(target: str) -> int:
+    from transformers import AutoConfig
+
+    from speculative_vlm.decoding import model_store
+
+    return int(AutoConfig.from_pretrained(model_store.resolve(target)).vocab_size)
+
+
+def _fleet_load(rows: list[dict], args: argparse.Namespace, quick: bool) -> dict:
+    """The replay robots' drafting: the full method's measured acceptance and time per drafted token."""
+    full = [r for r in rows if r["method"] == ladder.PIPELINE.key and r["transport"] == "grpc"]
+    drafted = sum(r["drafted"] for r in full)
+    acceptance = sum(r["accepted"] for r in full) / drafted if drafted else 0.7
+    per_token = sum(r["draft_s"] for r in full) / drafted if drafted else 0.01
+    return {"acceptance": round(acceptance, 4), "draft_s_per_token": round(per_token, 5), "gamma": args.gamma,
+            "max_new_tokens": args.max_new_tokens}
+
+
+def _start_bridge(address: str, token: str, workdir: Path, cores: list[int], env: dict[str, str]):
+    """The bridge node as its own process (robot side), its gRPC client pointed at the proxy."""
+    import subprocess
+    import sys
+
+    token_file = workdir / "bridge-token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    log = open(workdir / "bridge.log", "w")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [sys.executable, "-m", "speculative_vlm.nodes.bridge", "--ros-args", "-p", f"cloud_address:={address}",
+         "-p", f"auth_token_file:={token_file}", "-p", "deadline_s:=120.0", "-p", "open_timeout_s:=120.0"],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env(1, env),
+        preexec_fn=lambda: os.sched_setaffinity(0, set(cores) & os.sched_getaffinity(0) or os.sched_getaffinity(0)))
+
+
+__all__ = ["add_arguments", "run", "BenchProcessError"]
