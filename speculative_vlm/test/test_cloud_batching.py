@@ -139,3 +139,18 @@ def test_the_batching_benchmark_reports_both_phases_and_checks_every_output(mode
     assert report["unbatched"]["largest_batch"] == 1
     assert report["batched"]["tokens"] == report["unbatched"]["tokens"] == report[
         "cloud_autoregressive_sequential"]["tokens"]
+
+
+def test_opened_tells_the_robot_the_target_vocabulary_and_exit_layers(models, monkeypatch):
+    handle = _server(models, monkeypatch)
+    try:
+        verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
+        session = verifier.open(_request(PROMPTS[0]))
+        opened = session.opened
+        session.close()
+        verifier.close()
+        assert opened.vocab_size == models[0].vocab_size and list(opened.exit_layers) == [2]
+        assert set(opened.eos_token_ids) == set(models[0].eos_token_ids)
+        assert opened.target_model == models[0].name
+    finally:
+        handle.stop()

@@ -167,10 +167,13 @@ class VerificationService:
             self.scheduler.register(session)
         self.metrics.sessions_total.inc()
         self.metrics.sessions_open.inc()
+        model = getattr(self.engine, "model", None)
         session.send(pb.ServerMessage(opened=pb.Opened(
-            session_id=session.id, protocol_version=convert.PROTOCOL_VERSION, target_model=str(self.config.model),
+            session_id=session.id, protocol_version=convert.PROTOCOL_VERSION,
+            target_model=str(getattr(model, "name", "") or self.config.model),
             exit_layers=list(getattr(self.engine, "exit_layers", self.config.exit_layers)),
-            prefill_time_s=prefill)))
+            prefill_time_s=prefill, vocab_size=self.vocab_size or 0,
+            eos_token_ids=list(getattr(model, "eos_token_ids", ())))))
         log.info("session opened", extra={"event": "open", "session": session.id, "client": session.client,
                                           "peer": session.peer, "prefill_s": round(prefill, 4),
                                           "prompt_chars": len(request.prompt), "image": request.image is not None,

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'speculative_vlm/protocol/verifier.proto\x12\x12speculative_vlm.v1\"~\n\x12GenerationSettings\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x0f\n\x07grammar\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\xb6\x01\n\x04Open\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nimage_jpeg\x18\x02 \x01(\x0c\x12\x0e\n\x06system\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x38\n\x08settings\x18\x05 \x01(\x0b\x32&.speculative_vlm.v1.GenerationSettings\x12&\n\x04mode\x18\x06 \x01(\x0e\x32\x18.speculative_vlm.v1.Mode\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x01\"\x95\x01\n\x05\x44raft\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0b\x62\x61se_length\x18\x02 \x01(\r\x12\x11\n\tbase_tail\x18\x03 \x03(\r\x12\x0e\n\x06tokens\x18\x04 \x03(\r\x12\x12\n\npreemptive\x18\x05 \x01(\x08\x12\x31\n\x01q\x18\x06 \x03(\x0b\x32&.speculative_vlm.v1.SparseDistribution\"\x07\n\x05\x43lose\"\x99\x01\n\rClientMessage\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.speculative_vlm.v1.OpenH\x00\x12*\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x19.speculative_vlm.v1.DraftH\x00\x12*\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x19.speculative_vlm.v1.CloseH\x00\x42\x06\n\x04kind\"y\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x14\n\x0ctarget_model\x18\x03 \x01(\t\x12\x13\n\x0b\x65xit_layers\x18\x04 \x03(\r\x12\x16\n\x0eprefill_time_s\x18\x05 \x01(\x02\"Z\n\x05\x45\x61rly\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\x05\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\r\n\x05layer\x18\x05 \x01(\x05\"[\n\x05\x46inal\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\x05\x12\x0b\n\x03\x65os\x18\x04 \x01(\x08\x12\x15\n\rverify_time_s\x18\x05 \x01(\x02\"\x18\n\x07\x44ropped\x12\r\n\x05round\x18\x01 \x01(\r\"2\n\x05Token\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x05\x12\x0b\n\x03\x65os\x18\x03 \x01(\x08\"%\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa5\x02\n\rServerMessage\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.speculative_vlm.v1.OpenedH\x00\x12*\n\x05\x65\x61rly\x18\x02 \x01(\x0b\x32\x19.speculative_vlm.v1.EarlyH\x00\x12*\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.speculative_vlm.v1.FinalH\x00\x12.\n\x07\x64ropped\x18\x04 \x01(\x0b\x32\x1b.speculative_vlm.v1.DroppedH\x00\x12*\n\x05token\x18\x05 \x01(\x0b\x32\x19.speculative_vlm.v1.TokenH\x00\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.speculative_vlm.v1.ErrorH\x00\x42\x06\n\x04kind*+\n\x04Mode\x12\x0f\n\x0bSPECULATIVE\x10\x00\x12\x12\n\x0e\x41UTOREGRESSIVE\x10\x01\x32\x63\n\x0cVerification\x12S\n\x07Session\x12!.speculative_vlm.v1.ClientMessage\x1a!.speculative_vlm.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'speculative_vlm/protocol/verifier.proto\x12\x12speculative_vlm.v1\"~\n\x12GenerationSettings\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x0f\n\x07grammar\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\xb6\x01\n\x04Open\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nimage_jpeg\x18\x02 \x01(\x0c\x12\x0e\n\x06system\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x38\n\x08settings\x18\x05 \x01(\x0b\x32&.speculative_vlm.v1.GenerationSettings\x12&\n\x04mode\x18\x06 \x01(\x0e\x32\x18.speculative_vlm.v1.Mode\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x01\"\x95\x01\n\x05\x44raft\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0b\x62\x61se_length\x18\x02 \x01(\r\x12\x11\n\tbase_tail\x18\x03 \x03(\r\x12\x0e\n\x06tokens\x18\x04 \x03(\r\x12\x12\n\npreemptive\x18\x05 \x01(\x08\x12\x31\n\x01q\x18\x06 \x03(\x0b\x32&.speculative_vlm.v1.SparseDistribution\"\x07\n\x05\x43lose\"\x99\x01\n\rClientMessage\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.speculative_vlm.v1.OpenH\x00\x12*\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x19.speculative_vlm.v1.DraftH\x00\x12*\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x19.speculative_vlm.v1.CloseH\x00\x42\x06\n\x04kind\"\xa4\x01\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x14\n\x0ctarget_model\x18\x03 \x01(\t\x12\x13\n\x0b\x65xit_layers\x18\x04 \x03(\r\x12\x16\n\x0eprefill_time_s\x18\x05 \x01(\x02\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\"Z\n\x05\x45\x61rly\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\x05\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\r\n\x05layer\x18\x05 \x01(\x05\"[\n\x05\x46inal\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\x05\x12\x0b\n\x03\x65os\x18\x04 \x01(\x08\x12\x15\n\rverify_time_s\x18\x05 \x01(\x02\"\x18\n\x07\x44ropped\x12\r\n\x05round\x18\x01 \x01(\r\"2\n\x05Token\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x05\x12\x0b\n\x03\x65os\x18\x03 \x01(\x08\"%\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa5\x02\n\rServerMessage\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.speculative_vlm.v1.OpenedH\x00\x12*\n\x05\x65\x61rly\x18\x02 \x01(\x0b\x32\x19.speculative_vlm.v1.EarlyH\x00\x12*\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.speculative_vlm.v1.FinalH\x00\x12.\n\x07\x64ropped\x18\x04 \x01(\x0b\x32\x1b.speculative_vlm.v1.DroppedH\x00\x12*\n\x05token\x18\x05 \x01(\x0b\x32\x19.speculative_vlm.v1.TokenH\x00\x12*\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.speculative_vlm.v1.ErrorH\x00\x42\x06\n\x04kind*+\n\x04Mode\x12\x0f\n\x0bSPECULATIVE\x10\x00\x12\x12\n\x0e\x41UTOREGRESSIVE\x10\x01\x32\x63\n\x0cVerification\x12S\n\x07Session\x12!.speculative_vlm.v1.ClientMessage\x1a!.speculative_vlm.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'speculative_vlm.protocol.verifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=1470
-  _globals['_MODE']._serialized_end=1513
+  _globals['_MODE']._serialized_start=1514
+  _globals['_MODE']._serialized_end=1557
   _globals['_GENERATIONSETTINGS']._serialized_start=63
   _globals['_GENERATIONSETTINGS']._serialized_end=189
   _globals['_OPEN']._serialized_start=192
@@ -45,20 +45,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSE']._serialized_end=591
   _globals['_CLIENTMESSAGE']._serialized_start=594
   _globals['_CLIENTMESSAGE']._serialized_end=747
-  _globals['_OPENED']._serialized_start=749
-  _globals['_OPENED']._serialized_end=870
-  _globals['_EARLY']._serialized_start=872
-  _globals['_EARLY']._serialized_end=962
-  _globals['_FINAL']._serialized_start=964
-  _globals['_FINAL']._serialized_end=1055
-  _globals['_DROPPED']._serialized_start=1057
-  _globals['_DROPPED']._serialized_end=1081
-  _globals['_TOKEN']._serialized_start=1083
-  _globals['_TOKEN']._serialized_end=1133
-  _globals['_ERROR']._serialized_start=1135
-  _globals['_ERROR']._serialized_end=1172
-  _globals['_SERVERMESSAGE']._serialized_start=1175
-  _globals['_SERVERMESSAGE']._serialized_end=1468
-  _globals['_VERIFICATION']._serialized_start=1515
-  _globals['_VERIFICATION']._serialized_end=1614
+  _globals['_OPENED']._serialized_start=750
+  _globals['_OPENED']._serialized_end=914
+  _globals['_EARLY']._serialized_start=916
+  _globals['_EARLY']._serialized_end=1006
+  _globals['_FINAL']._serialized_start=1008
+  _globals['_FINAL']._serialized_end=1099
+  _globals['_DROPPED']._serialized_start=1101
+  _globals['_DROPPED']._serialized_end=1125
+  _globals['_TOKEN']._serialized_start=1127
+  _globals['_TOKEN']._serialized_end=1177
+  _globals['_ERROR']._serialized_start=1179
+  _globals['_ERROR']._serialized_end=1216
+  _globals['_SERVERMESSAGE']._serialized_start=1219
+  _globals['_SERVERMESSAGE']._serialized_end=1512
+  _globals['_VERIFICATION']._serialized_start=1559
+  _globals['_VERIFICATION']._serialized_end=1658
 # @@protoc_insertion_point(module_scope)
