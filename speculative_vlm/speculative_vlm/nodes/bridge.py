@@ -12,11 +12,9 @@ from __future__ import annotations
 import sys
 import threading
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
 from std_msgs.msg import String
@@ -34,6 +32,7 @@ from speculative_vlm.decoding.verifier import (
 )
 from speculative_vlm.nodes.ros_verifier import SPEC_QOS
 from speculative_vlm.nodes.spec_messages import error_msg, msg_to_block, verdict_to_msg
+from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import DraftBlock as DraftBlockMsg
 from speculative_vlm_msgs.msg import Verdict as VerdictMsg
 from speculative_vlm_msgs.srv import CloseSession, OpenSession
@@ -203,19 +202,8 @@ def _header(node: Node):
     return Header(stamp=node.get_clock().now().to_msg())
 
 
-def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv)
-    node = BridgeNode()
-    executor = MultiThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+def main(args: list[str] | None = None) -> int:
+    return spin_node(BridgeNode, args)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ import sys
 import threading
 import time
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image
@@ -45,6 +43,7 @@ from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
 from speculative_vlm.decoding.verifier import GenerationSettings, LinkLost, SessionRequest, VerifierError
 from speculative_vlm.nodes.image_conversion import image_to_numpy
 from speculative_vlm.nodes.ros_verifier import RosVerifier
+from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.action import Instruct
 from speculative_vlm_msgs.msg import DecodingStats, LocomotionCommand
 
@@ -389,20 +388,8 @@ def _stamped(node: Node):
     return Header(stamp=node.get_clock().now().to_msg())
 
 
-def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv)
-    node = DrafterNode()
-    executor = MultiThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.stop_robot()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+def main(args: list[str] | None = None) -> int:
+    return spin_node(DrafterNode, args, before_destroy=lambda n: n.stop_robot())
 
 
 if __name__ == "__main__":

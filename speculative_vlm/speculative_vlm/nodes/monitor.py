@@ -24,11 +24,9 @@ import time
 
 import cv2
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image
@@ -36,6 +34,7 @@ from std_msgs.msg import String
 from visualization_msgs.msg import Marker
 
 from speculative_vlm.nodes.image_conversion import ImageConversionError, image_to_numpy, numpy_to_image
+from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import DecodingStats, LocomotionCommand
 
 ACTION_NAMES = {
@@ -287,16 +286,7 @@ class MonitorNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = MonitorNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_node(MonitorNode, args)
 
 
 if __name__ == "__main__":
