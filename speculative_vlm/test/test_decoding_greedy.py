@@ -39,6 +39,12 @@ def pair(request):
     return target, noisy_copy(target, noise=0.02)
 
 
+@pytest.fixture(scope="module")
+def llama_pair():
+    target = tiny_causal_lm("llama", seed=3)
+    return target, noisy_copy(target, noise=0.02)
+
+
 def speculative(target, draft, request, exit_layers=(), **kwargs):
     with InProcessVerifier(TargetEngine(target, exit_layers=exit_layers)) as verifier:
         return SpeculativeDecoder(draft, verifier, **kwargs).generate(request)
@@ -56,8 +62,8 @@ def test_greedy_output_equals_target_generate_on_many_prompts(pair):
 
 
 @pytest.mark.parametrize("length", range(1, 9))
-def test_every_draft_length_from_1_to_8_gives_the_target_output(pair, length):
-    target, draft = pair
+def test_every_draft_length_from_1_to_8_gives_the_target_output(llama_pair, length):
+    target, draft = llama_pair
     request = SessionRequest(PROMPTS[1], settings=GenerationSettings(max_new_tokens=18))
     result = speculative(target, draft, request, policy=FixedLength(length), preempt=False)
     assert result.token_ids == hf_greedy(target, request)
