@@ -1,1 +1,19 @@
-"""The ROS-free speculative decoding engine: model adapters, verification rules, the loop."""
+"""The ROS-free speculative decoding engine: model adapters, verification rules, the loop.
+
+Modules, one job each:
+
+- ``verifier``: the contract between the loop and any verifier (requests, blocks, verdicts, errors)
+- ``models``: Hugging Face adapters (causal LM, Idefics3-style VLM), KV cache per sequence,
+  rollback by cropping, batched forward with layer hooks; ``load_model(name_or_path)``
+- ``exits``: early-exit heads (shared norm + LM head, or trained adapters from a checkpoint)
+- ``rules``: temperature/top-k/top-p warping, greedy and rejection-sampling verification
+- ``grammar``: xgrammar matcher per sequence (masks, rollback, forced tokens)
+- ``sequence``: output rules both sides share (EOS, budget, grammar end, forced tokens)
+- ``target_engine``: ``TargetEngine`` (sessions, batched verify with early verdicts, generate)
+- ``drafter``: the draft side of one session
+- ``inprocess``: ``InProcessVerifier`` (a ``Verifier`` over a ``TargetEngine`` in a thread)
+- ``loop``: ``SpeculativeDecoder`` (preemption, pipelining, telemetry, draft-only fallback)
+- ``policy``: fixed and adaptive draft lengths
+- ``generate_command``, ``train_exits``: the ``generate`` and ``train-exits`` subcommands
+- ``model_store``: where models live, the one-time SmolLM2 conversion
+"""
