@@ -74,7 +74,7 @@ class Rig:
             namespace=self.ns, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()]
         )
         self.probe = Node("probe", namespace=self.ns)
-        self.spinner = world["spinner"]
+        self.spinner = Spinner()  # per rig: see test_camera_node
         self.sport: SportTap = world["sport"]
         self.state: StateTap = world["state"]
         self.command = self.probe.create_publisher(LocomotionCommand, "motion/command", 10)
@@ -114,8 +114,7 @@ class Rig:
         assert wait_for(lambda: self.state.speed() < 1e-3, timeout), "robot did not come to rest"
 
     def close(self) -> None:
-        self.spinner.remove(self.node)
-        self.spinner.remove(self.probe)
+        self.spinner.shutdown()
         if self.node._backend is not None:
             self.node.trigger_shutdown()
         self.node.destroy_node()
