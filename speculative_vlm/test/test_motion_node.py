@@ -269,6 +269,21 @@ def test_odometry_reports_the_robot_pose_from_sportmodestate(rig):
     assert yaw == pytest.approx(float(rig.state.latest.imu_state.rpy[2]), abs=0.01)
 
 
+def test_limits_and_rate_changed_at_runtime_apply_to_the_next_command(rig):
+    assert rig.node.set_parameters([Parameter("max_vx", value=0.2), Parameter("move_rate_hz", value=20.0)])[0].successful
+    t0 = rig.move(0.5, 1.0)
+    assert wait_for(lambda: rig.sport.since(t0, STOP_MOVE), 5.0)
+    moves = rig.sport.moves_since(t0)
+    assert {m["x"] for _, m in moves} == {0.2}
+    assert abs(len(moves) - 20) <= 2
+
+
+def test_the_robot_connection_cannot_be_changed_while_configured(rig):
+    result = rig.node.set_parameters([Parameter("network_interface", value="eth0")])[0]
+    assert not result.successful and "cleanup" in result.reason
+    assert rig.node.get_parameter("network_interface").value == "lo"
+
+
 def test_autostart_configures_and_activates_the_node_by_itself(world):
     ns = "/t" + uuid.uuid4().hex[:8]
     node = MotionNode(

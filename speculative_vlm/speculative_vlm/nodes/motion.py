@@ -41,9 +41,10 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Twist
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
@@ -125,8 +126,19 @@ class MotionNode(LifecycleNode):
         self._timers: list = []
         self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = None
         self._autostart_timer = None
+        self.add_on_set_parameters_callback(self._check_parameter_change)
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.01, self._autostart)
+
+    def _check_parameter_change(self, params: list[Parameter]) -> SetParametersResult:
+        # The robot connection is made in configure: changing it later would silently do nothing.
+        fixed = sorted(p.name for p in params if p.name in _CONNECTION_PARAMETERS)
+        if fixed and self.lifecycle_state != "unconfigured":
+            return SetParametersResult(
+                successful=False,
+                reason=f"{fixed} take effect at configure; clean the node up (lifecycle cleanup) first",
+            )
+        return SetParametersResult(successful=True)
 
     # ---- lifecycle ----------------------------------------------------------------
     @property
@@ -354,11 +366,11 @@ class MotionNode(LifecycleNode):
 
     # ---- the Move stream ----------------------------------------------------------
     def _run(self) -> None:
-        p = self._params()
-        period = 1.0 / p["move_rate_hz"]
-        stale = p["stale_timeout_s"]
         next_tick = time.monotonic()
         while not self._stop_loop.is_set():
+            # Read every pass so that rate and staleness changes apply at once.
+            period = 1.0 / self.get_parameter("move_rate_hz").value
+            stale = self.get_parameter("stale_timeout_s").value
             self._wake.wait(max(0.0, next_tick - time.monotonic()))
             self._wake.clear()
             if self._stop_loop.is_set():
@@ -486,6 +498,8 @@ class MotionNode(LifecycleNode):
         array.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(array)
 
+
+_CONNECTION_PARAMETERS = ("network_interface", "dds_domain_id", "sdk_timeout_s", "diagnostics_period_s")
 
 _ACTION_METHODS = {
     "StopMove": "stop_move",
