@@ -84,8 +84,19 @@ def healthy_robot(server, models, expected):
     assert result["tokens"] == expected
 
 
+_clients: list[GrpcVerifier] = []
+
+
 def _intruder(server, **kwargs) -> GrpcVerifier:
-    return GrpcVerifier(f"127.0.0.1:{server.port}", token=INTRUDER, **kwargs)
+    _clients.append(GrpcVerifier(f"127.0.0.1:{server.port}", token=INTRUDER, **kwargs))
+    return _clients[-1]
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 def _raw_stream(server, payloads: list[bytes]) -> list[pb.ServerMessage]:
