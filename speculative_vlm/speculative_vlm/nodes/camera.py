@@ -22,10 +22,8 @@ import time
 
 import cv2
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
@@ -34,6 +32,7 @@ from std_msgs.msg import Header
 from speculative_vlm.go2.dds import MAX_DOMAIN_ID
 from speculative_vlm.go2.sdk_backend import VideoBackend, code_name
 from speculative_vlm.nodes.image_conversion import ImageConversionError, image_to_numpy, numpy_to_image
+from speculative_vlm.nodes.spin import spin_node
 
 SOURCES = ("go2_video", "topic", "file")
 
@@ -232,16 +231,7 @@ class CameraNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = CameraNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_node(CameraNode, args)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Twist
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -51,6 +49,7 @@ from std_srvs.srv import Trigger
 
 from speculative_vlm.go2.dds import MAX_DOMAIN_ID, DdsDomainError
 from speculative_vlm.go2.sdk_backend import RobotState, SportBackend, code_name
+from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import LocomotionCommand
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -512,17 +511,8 @@ _ACTION_METHODS = {
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = MotionNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.halt()  # StopMove before anything else goes away
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    # StopMove (halt) before anything else goes away.
+    return spin_node(MotionNode, args, before_destroy=lambda n: n.halt())
 
 
 if __name__ == "__main__":
