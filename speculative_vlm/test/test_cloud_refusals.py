@@ -190,3 +190,16 @@ def test_a_client_over_its_request_rate_is_refused(models):
         assert refused.value.code == "rate_limited" and "requests/s" in refused.value.reason
     finally:
         handle.stop()
+
+
+def test_a_stream_that_never_opens_a_session_is_ended_after_the_idle_time(server, healthy_robot):
+    started = time.monotonic()
+    replies = _raw_stream(server, _silent_for(5.0))
+    assert [r.error.code for r in replies] == ["open_timeout"]
+    assert time.monotonic() - started < 3.0
+
+
+def _silent_for(seconds: float):
+    """A request stream that sends nothing for a while (a client that connected and stalled)."""
+    time.sleep(seconds)
+    yield from ()

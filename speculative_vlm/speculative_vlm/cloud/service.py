@@ -12,6 +12,7 @@ because the service installs its own request deserializer.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -95,7 +96,14 @@ class VerificationService:
                          name=f"reader-{session.id}").start()
         try:
             while True:
-                message = session.outbox.get()
+                try:
+                    # A stream that never opens a session would hold a handler thread forever.
+                    message = session.outbox.get(timeout=self.config.session_idle_s)
+                except queue.Empty:
+                    if session.target is None and self.store.get(session.id) is None:
+                        self._fail(session, "open_timeout", f"no Open within {self.config.session_idle_s:g} s; "
+                                   "send Open first")
+                    continue
                 if message is None:
                     return
                 yield message
