@@ -115,6 +115,7 @@ def test_health_service_and_metrics_report_the_serving_state(models, monkeypatch
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
         verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
+        assert verifier.serving()
         SpeculativeDecoder(models[1], verifier, verdict_timeout_s=30).generate(_request(PROMPTS[1], 8))
         verifier.close()
         text = urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=5).read().decode()

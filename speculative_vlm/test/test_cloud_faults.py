@@ -157,6 +157,7 @@ def test_a_stalled_link_times_out_at_the_deadline_and_marks_the_link_degraded(mo
 
 def test_open_gives_up_with_link_lost_when_nothing_listens():
     verifier = GrpcVerifier("127.0.0.1:9", token=TOKEN, open_timeout_s=1.0, backoff_initial_s=0.05)
+    assert not verifier.serving(timeout_s=0.5)
     started = time.monotonic()
     with pytest.raises(LinkLost, match="could not open"):
         verifier.open(REQUEST)

@@ -284,5 +284,16 @@ class GrpcVerifier(Verifier):
         finally:
             session.close()
 
+    def serving(self, timeout_s: float = 2.0) -> bool:
+        """Whether the server's standard health service reports the verifier as SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service="speculative_vlm.v1.Verification"), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     def close(self) -> None:
         self._channel.close()
