@@ -45,14 +45,22 @@ def percentile(values: list[float], q: float) -> float:
 def run_point(server: CloudServer, address: str, robots: int, batched: bool, commands: list[dict],
               per_robot: int, load: dict, workdir: Path, cores: list[int]) -> FleetPoint:
     """``robots`` processes, robot ``i`` decoding ``per_robot`` commands (rotating over ``commands``)."""
-    start_at = time.time() + 3.0 + 0.5 * robots  # room for every process to import and connect
+    go = workdir / f"go-{'b' if batched else 'u'}{robots}"
     workers = []
     for i in range(robots):
         mine = [commands[(i * per_robot + j) % len(commands)] for j in range(per_robot)]
         job = dict(load, address=address, token=server.tokens[i % len(server.tokens)], commands=mine,
-                   seed=1000 * robots + i, start_at=start_at)
+                   seed=1000 * robots + i, go_file=str(go))
         workers.append(start_worker(f"fleet-{'b' if batched else 'u'}{robots}-{i}",
                                     "speculative_vlm.benchmark.fleet_robot", job, workdir, cores, 1, echo=False))
+    deadline = time.monotonic() + 180
+    while not all(Path(str(w.out) + ".ready").exists() for w in workers):
+        if time.monotonic() > deadline or any(w.process.poll() is not None for w in workers):
+            for w in workers:
+                w.stop()
+            raise BenchProcessError(f"fleet robots did not all start; see the logs in {workdir}")
+        time.sleep(0.02)
+    go.touch()
     results = []
     try:
         for w in workers:
@@ -70,11 +78,32 @@ def run_point(server: CloudServer, address: str, robots: int, batched: bool, com
                       round(percentile(latencies, 0.95), 3), all(r["exact"] for r in rows))
 
 
+def warm_up(address: str, token: str, command: dict, load: dict) -> None:
+    """One command before measuring (not recorded): the server's first passes allocate and pick kernels."""
+    import random
+
+    from speculative_vlm.benchmark.fleet_robot import replay
+    from speculative_vlm.benchmark.workload import Prompt
+    from speculative_vlm.protocol.client import GrpcVerifier
+
+    verifier = GrpcVerifier(address, token=token, verdict_timeout_s=300, open_timeout_s=300)
+    try:
+        session = verifier.open(Prompt.from_json(command["prompt"]).request(True, load["max_new_tokens"]))
+        try:
+            replay(session, command["reference"], command["forced"], load["gamma"], load["acceptance"], 0.0,
+                   random.Random(0), load["vocab"])
+        finally:
+            session.close()
+    finally:
+        verifier.close()
+
+
 def run_fleet(servers: dict[bool, tuple[CloudServer, str]], sizes: list[int], commands: list[dict], per_robot: int,
               load: dict, workdir: Path, cores: list[int]) -> list[FleetPoint]:
     points = []
     for batched in (True, False):
         server, address = servers[batched]
+        warm_up(address, server.tokens[0], commands[0], load)
         for n in sizes:
             point = run_point(server, address, n, batched, commands, per_robot, load, workdir, cores)
             points.append(point)

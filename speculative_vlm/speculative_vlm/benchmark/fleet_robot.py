@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 from speculative_vlm.benchmark.processes import pin, read_job, write_result
 from speculative_vlm.benchmark.workload import Prompt
@@ -61,8 +62,16 @@ def main() -> int:
     verifier = GrpcVerifier(job["address"], token=job["token"], verdict_timeout_s=300, open_timeout_s=300)
     rng = random.Random(job["seed"])
     rows = []
-    # All robots of a fleet start together, so they really compete for the verifier.
-    time.sleep(max(0.0, job["start_at"] - time.time()))
+    # All robots of a fleet start together, so they really compete for the verifier: say we
+    # are connected, then wait for the go.
+    from speculative_vlm.protocol.link import LinkState
+
+    deadline = time.monotonic() + 60
+    while verifier.link_state is not LinkState.CONNECTED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    Path(job["out"] + ".ready").touch()
+    while not Path(job["go_file"]).exists():
+        time.sleep(0.005)
     for command in job["commands"]:
         prompt = Prompt.from_json(command["prompt"])
         start = time.monotonic()  # one clock for every process of the fleet

@@ -77,7 +77,7 @@ def main() -> int:
                 free = sum(not f for f in ref["command_forced"])
                 rows.append({"method": "target_alone", "wall_s": wall, "open_s": opened, "tokens": len(tokens),
                              "passes": free, "exact": True, "first_divergence": -1, "text": ref["command_text"],
-                             "prompt": prompt.index})
+                             "prompt": prompt.index, "prompt_tokens": len(target.encode(request).ids)})
                 for method in (ladder.VANILLA, ladder.ADAPTIVE_INPROCESS):
                     decoder = ladder.decoder_for(method, draft, verifier, settings)
                     result = decoder.generate(request)

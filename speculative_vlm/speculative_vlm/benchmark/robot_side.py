@@ -116,7 +116,7 @@ class Robot:
         rclpy.init()
         node = rclpy.create_node("bench_drafter")
         over_ros = ladder.OpenTimer(RosVerifier(node, service_timeout_s=120))
-        executor = MultiThreadedExecutor()
+        executor = MultiThreadedExecutor(num_threads=4)  # verdicts arrive while a service call waits
         executor.add_node(node)
         spinner = threading.Thread(target=executor.spin, daemon=True)
         spinner.start()

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     n_prompts = args.prompts or (2 if quick else 10)
     free_prompts = min(n_prompts, args.free_prompts if args.free_prompts is not None else (1 if quick else 3))
     per_robot = args.fleet_commands or (1 if quick else 3)
-    rtts = _ints(args.rtts) if not quick or args.rtts != "5,20,60,150" else [5, 60]
+    rtts = _ints(args.rtts) if not quick or args.rtts != "5,20,60,150" else [5, 20]
     fleet_sizes = _ints(args.fleet) if not quick or args.fleet != "1,2,4,8" else [1, 2]
     layers = _target_layers(target)
     exit_layers = tuple(_ints(args.exit_layers)) if args.exit_layers else (max(0, min(layers - 2, (3 * layers) // 4)),)
