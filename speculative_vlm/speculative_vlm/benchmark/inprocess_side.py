@@ -52,7 +52,7 @@ def main() -> int:
     target = load_model(job["target"])
     draft = load_model(job["draft"], dtype=job.get("draft_dtype"))
     engine = TargetEngine(target, exit_layers=[], max_batch=1)
-    settings = ladder.Settings(gamma=job["gamma"])
+    settings = ladder.Settings(gamma=job["gamma"], early_threshold=job["early_threshold"])
     prompts = [Prompt.from_json(p) for p in job["prompts"]]
     max_new = job["max_new_tokens"]
     rows: list[dict] = []

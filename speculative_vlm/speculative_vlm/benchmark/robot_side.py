@@ -49,7 +49,7 @@ class Robot:
 
         self.job = job
         self.draft = load_model(job["draft"], dtype=job.get("draft_dtype"))
-        self.settings = ladder.Settings(gamma=job["gamma"])
+        self.settings = ladder.Settings(gamma=job["gamma"], early_threshold=job["early_threshold"])
         self.prompts = [Prompt.from_json(p) for p in job["prompts"]]
         self.refs = job["references"]
         self.max_new = job["max_new_tokens"]

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"else {STAND_IN_DRAFT} in bfloat16 as a stand-in)")
     parser.add_argument("--draft-dtype", default=None, help="load the draft in this dtype (e.g. bfloat16)")
     parser.add_argument("--exit-layers", default=None, help="target layers with early exits (default 3/4 depth)")
-    parser.add_argument("--exit-heads", default=None, help="trained exit adapters (train-exits checkpoint)")
+    parser.add_argument("--exit-heads", default=None,
+                        help=f"trained exit adapters (a train-exits checkpoint; default: the one shipped under "
+                             f"{PACKAGE_ROOT / 'models'} if any, else the untrained shared head)")
+    parser.add_argument("--early-threshold", type=float, default=0.5,
+                        help="exit confidence needed to draft preemptively")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per method and RTT (full: 10)")
     parser.add_argument("--free-prompts", type=int, default=None, help="prompts for the grammar-off rung (full: 3)")
     parser.add_argument("--rtts", default="5,20,60,150", help="RTT profiles in ms")
@@ -105,7 +110,13 @@ def run(args: argparse.Namespace) -> int:
     rtts = _ints(args.rtts) if not quick or args.rtts != "5,20,60,150" else [5, 20]
     fleet_sizes = _ints(args.fleet) if not quick or args.fleet != "1,2,4,8" else [1, 2]
     layers = _target_layers(target)
-    exit_layers = tuple(_ints(args.exit_layers)) if args.exit_layers else (max(0, min(layers - 2, (3 * layers) // 4)),)
+    exit_heads = None if quick else (args.exit_heads or _shipped_exit_heads())
+    if args.exit_layers:
+        exit_layers = tuple(_ints(args.exit_layers))
+    elif exit_heads:
+        exit_layers = tuple(_checkpoint_layers(exit_heads))
+    else:
+        exit_layers = (max(0, min(layers - 2, (3 * layers) // 4)),)
     robot_cores, cloud_cores = [args.robot_core], [args.cloud_core]
     cpus = sorted(os.sched_getaffinity(0))
     progress("bench", f"{'quick' if quick else 'full'} run: target {target}, draft {draft}"
@@ -114,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     prompts, frames = build_prompts(n_prompts)
     prompt_json = [p.to_json() for p in prompts]
     common = {"target": target, "draft": draft, "draft_dtype": draft_dtype, "prompts": prompt_json,
-              "gamma": args.gamma, "max_new_tokens": args.max_new_tokens, "free_prompts": free_prompts}
+              "gamma": args.gamma, "max_new_tokens": args.max_new_tokens, "free_prompts": free_prompts,
+              "early_threshold": args.early_threshold}
 
     # (1) One process: target alone (the references) against speculative decoding.
     progress("bench", "phase 1/3: one process, target alone vs speculative (references)")
@@ -127,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     # The robot's one token opens sessions on both servers, as one client of one cloud.
     tokens = [secrets.token_hex(16)]
     servers = {"plain": CloudServer(ServerSpec("plain", target), cloud_cores, workdir, tokens=list(tokens)).start(),
-               "exits": CloudServer(ServerSpec("exits", target, exit_layers, args.exit_heads), cloud_cores, workdir,
+               "exits": CloudServer(ServerSpec("exits", target, exit_layers, exit_heads), cloud_cores, workdir,
                                     tokens=list(tokens)).start()}
     proxies: list[DelayProxy] = []
     bridge = None
@@ -191,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
 
     meta = {"quick": quick, "target": target, "draft": draft, "draft_dtype": draft_dtype, "stand_in": stand_in,
             "prompts": n_prompts, "free_prompts": free_prompts, "rtts_ms": rtts, "bandwidth_mbps": args.bandwidth_mbps,
-            "jitter_ms": args.jitter_ms, "exit_layers": list(exit_layers), "exit_heads": args.exit_heads,
+            "jitter_ms": args.jitter_ms, "exit_layers": list(exit_layers), "exit_heads": exit_heads,
+            "early_threshold": args.early_threshold,
             "target_layers": layers, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
             "fleet_sizes": fleet_sizes, "fleet_commands_per_robot": per_robot, "fleet_rtt_ms": args.fleet_rtt,
             "fleet_max_wait_ms": args.fleet_max_wait_ms, "fleet_load": load, "ros_rtt_ms": None if args.no_ros
@@ -205,10 +218,25 @@ def run(args: argparse.Namespace) -> int:
     report.write(out, results, frames_image=contact_sheet(frames))
     failures = report.exactness_failures(results)
     progress("bench", f"report written to {out} in {meta['minutes']} min")
+    if not failures and workdir not in out.resolve().parents:
+        shutil.rmtree(workdir, ignore_errors=True)  # logs and jobs are kept only when something failed
     if failures:
         progress("bench", "LOSSLESSNESS FAILED: " + "; ".join(failures[:10]))
         return 1
     return 0
+
+
+def _shipped_exit_heads() -> str | None:
+    """A train-exits checkpoint shipped in the package's models folder, if there is exactly one."""
+    found = sorted(p for p in (PACKAGE_ROOT / "models").rglob("*") if p.is_file() and "exit" in p.name
+                   and p.suffix in (".pt", ".pth"))
+    return str(found[0]) if len(found) == 1 else None
+
+
+def _checkpoint_layers(path: str) -> list[int]:
+    import torch
+
+    return sorted(int(k) for k in torch.load(path, map_location="cpu", weights_only=True)["state"])
 
 
 def _profile(rtt_ms: float, args: argparse.Namespace) -> LinkProfile:
