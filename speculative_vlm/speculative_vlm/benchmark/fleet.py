@@ -27,6 +27,7 @@ class FleetPoint:
     tokens_per_s: float
     p50_s: float
     p95_s: float
+    open_s: float  # mean session open (the prompt prefill, one session at a time, plus queueing for it)
     exact: bool
 
     def to_json(self) -> dict:
@@ -75,7 +76,8 @@ def run_point(server: CloudServer, address: str, robots: int, batched: bool, com
     latencies = [r["latency_s"] for r in rows]
     return FleetPoint(batched, robots, len(rows), tokens, sum(r["passes"] for r in rows), round(wall, 3),
                       round(tokens / wall, 2), round(statistics.median(latencies), 3),
-                      round(percentile(latencies, 0.95), 3), all(r["exact"] for r in rows))
+                      round(percentile(latencies, 0.95), 3), round(statistics.mean(r["open_s"] for r in rows), 3),
+                      all(r["exact"] for r in rows))
 
 
 def warm_up(address: str, token: str, command: dict, load: dict) -> None:

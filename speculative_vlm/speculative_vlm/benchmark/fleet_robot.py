@@ -76,6 +76,7 @@ def main() -> int:
         prompt = Prompt.from_json(command["prompt"])
         start = time.monotonic()  # one clock for every process of the fleet
         session = verifier.open(prompt.request(True, job["max_new_tokens"]))
+        opened = time.monotonic() - start
         try:
             out, passes = replay(session, command["reference"], command["forced"], job["gamma"], job["acceptance"],
                                  job["draft_s_per_token"], rng, job["vocab"])
@@ -84,7 +85,7 @@ def main() -> int:
         ref = command["reference"]
         diverged = next((i for i, (a, b) in enumerate(zip(out, ref, strict=False)) if a != b),
                         -1 if len(out) == len(ref) else min(len(out), len(ref)))
-        rows.append({"prompt": prompt.index, "started": start, "latency_s": time.monotonic() - start,
+        rows.append({"prompt": prompt.index, "started": start, "latency_s": time.monotonic() - start, "open_s": opened,
                      "tokens": len(out), "passes": passes, "exact": diverged == -1, "first_divergence": diverged})
     verifier.close()
     write_result(job, {"rows": rows, "ended": time.monotonic()})

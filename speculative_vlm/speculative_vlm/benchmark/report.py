@@ -188,6 +188,7 @@ def _plots(out: Path, results: dict) -> None:
     edge = summarize(select(robot, method=ladder.EDGE_ONLY.key))
     if edge:
         ax.axhline(edge.wall, color="grey", linestyle="--", label=ladder.EDGE_ONLY.label)
+    ax.set_xticks(rtts)
     ax.set_xlabel("round-trip time, ms")
     ax.set_ylabel("mean latency per command, s")
     ax.set_title("Latency per command against RTT")
@@ -219,12 +220,15 @@ def _plots(out: Path, results: dict) -> None:
 
     fleet = results["fleet"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for batched, style in ((True, "o-"), (False, "s--")):
+    for batched, colour in ((True, "tab:blue"), (False, "tab:orange")):
         pts = sorted((p for p in fleet if p["batched"] == batched), key=lambda p: p["robots"])
         name = "batched" if batched else "unbatched"
-        a1.plot([p["robots"] for p in pts], [p["tokens_per_s"] for p in pts], style, label=name)
-        a2.plot([p["robots"] for p in pts], [p["p50_s"] for p in pts], style, label=f"{name} p50")
-        a2.plot([p["robots"] for p in pts], [p["p95_s"] for p in pts], style, alpha=0.5, label=f"{name} p95")
+        robots = [p["robots"] for p in pts]
+        a1.plot(robots, [p["tokens_per_s"] for p in pts], "o-", color=colour, label=name)
+        a2.plot(robots, [p["p50_s"] for p in pts], "o-", color=colour, label=f"{name} p50")
+        a2.plot(robots, [p["p95_s"] for p in pts], "s--", color=colour, alpha=0.6, label=f"{name} p95")
+    for a in (a1, a2):
+        a.set_xticks(sorted({p["robots"] for p in fleet}))
     a1.set_xlabel("robots")
     a1.set_ylabel("verified tokens/s (server)")
     a1.set_title("Fleet throughput against robots")
@@ -504,7 +508,7 @@ def _ros_text(results: dict) -> str:
 def _fleet_text(results: dict) -> str:
     meta, load = results["meta"], results["meta"]["fleet_load"]
     rows = [[("batched" if p["batched"] else "unbatched"), p["robots"], p["commands"], p["tokens"],
-             f"{p['tokens_per_s']:.1f}", f"{p['p50_s']:.2f}", f"{p['p95_s']:.2f}",
+             f"{p['tokens_per_s']:.1f}", f"{p['p50_s']:.2f}", f"{p['p95_s']:.2f}", f"{p.get('open_s', 0):.2f}",
              f"{p['tokens'] / max(p['passes'], 1):.2f}", "yes" if p["exact"] else "**NO**"]
             for p in sorted(results["fleet"], key=lambda p: (not p["batched"], p["robots"]))]
     return (f"One verifier server process (core {meta['cloud_cores']}; batched: max batch {max(meta['fleet_sizes'])}, "
@@ -513,8 +517,10 @@ def _fleet_text(results: dict) -> str:
             f"started together; each replays the target's answer as draft blocks of {load['gamma']} with the acceptance "
             f"({load['acceptance']:.2f}) and drafting time ({load['draft_s_per_token'] * 1e3:.1f} ms/token) the real "
             "draft reached in the ladder, so the robots' CPUs are not what is measured. Throughput is every verified "
-            "token over the wall time.\n\n" +
-            _table(["server", "robots", "commands", "tokens", "tokens/s", "p50 s", "p95 s", "tokens/pass", "= target"],
+            "token over the wall time. `open` is the mean session open: the prompt's prefill on the target, which the "
+            "server runs one session at a time (it is not batched), plus the wait for it.\n\n" +
+            _table(["server", "robots", "commands", "tokens", "tokens/s", "p50 s", "p95 s", "open s", "tokens/pass",
+                    "= target"],
                    rows))
 
 
