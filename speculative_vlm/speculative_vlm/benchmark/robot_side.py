@@ -3,7 +3,7 @@
 Pinned to the robot's core with one torch thread. For each RTT profile it talks to two
 verifier servers through proxies of that profile: one without early exits (cloud
 autoregressive and vanilla speculative) and one with them (the preemptive rungs). Methods
-are interleaved per prompt, so load from anything else on the machine hits them alike.
+are interleaved per prompt (in a rotating order), so load from anything else on the machine hits them alike.
 The ROS line decodes the full method twice per prompt at one RTT: straight over gRPC, and
 through ROS 2 (this process's RosVerifier -> spec/draft over DDS -> the bridge node process ->
 gRPC -> proxy -> server). Every output is compared with the target's own (the in-process
@@ -94,7 +94,9 @@ class Robot:
         progress("robot", f"edge-only done ({len(self.prompts)} prompts)")
         for rtt in rtts:
             for n, prompt in enumerate(self.prompts):
-                for method in ladder.NETWORKED:
+                # The order rotates per prompt, so no method always runs first (or right after another).
+                shift = n % len(ladder.NETWORKED)
+                for method in ladder.NETWORKED[shift:] + ladder.NETWORKED[:shift]:
                     v = verifiers[(rtt, "exits" if method.exits else "plain")]
                     self.add(self.decode(method, v, prompt), prompt, rtt, "grpc")
                 if rtt == job["free_rtt_ms"] and n < job["free_prompts"]:
