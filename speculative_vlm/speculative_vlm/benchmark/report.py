@@ -392,7 +392,9 @@ def markdown(results: dict) -> str:
         "first token); `draft` the robot's drafting (partly hidden behind verification when preempting); `verify` "
         "the server's passes; `wait` the rest of the time from sending a block to handling its final verdict "
         "(network, queueing behind a pipelined block, and, when preempting, the drafter still busy drafting the "
-        "next block when the verdict is in). Per round: the "
+        "next block when the verdict is in). With preemption, a block is drafted and sent while the previous one "
+        "is still being verified, so `draft` and `wait` overlap and do not add up to the latency: `round ms` = "
+        "(latency - open) / rounds is the measured cost of a round. Per round: the "
         "measured time, the serial cost γd+R+V of draft-send-wait, and the physical bound max(V, γd+R) of ANCHORS "
         "(drafting and the network fully overlapped with verification). Early: hit/miss/low (an exit answered below "
         "the confidence threshold).",
