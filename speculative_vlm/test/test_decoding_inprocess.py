@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from speculative_vlm.decoding.inprocess import InProcessVerifier
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
@@ -35,3 +36,18 @@ def test_concurrent_sessions_get_their_own_target_output_and_share_passes():
         assert results[i] == hf_greedy(target, request), PROMPTS[i]
     assert engine.largest_batch > 1
     assert not engine.sessions  # every session was closed
+
+
+def test_an_invalid_block_fails_its_own_session_only():
+    from speculative_vlm.decoding.verifier import DraftBlock, Refused, VerdictKind
+
+    target = tiny_causal_lm("qwen2", seed=13, layers=2)
+    engine = TargetEngine(target, max_batch=4)
+    with InProcessVerifier(engine) as verifier:
+        good, bad = verifier.open(SessionRequest("sit down")), verifier.open(SessionRequest("stand up"))
+        bad.submit(DraftBlock(0, 0, (), (target.vocab_size + 5,)))
+        good.submit(DraftBlock(0, 0, (), (1, 2)))
+        assert good.next_verdict(timeout=30).kind is VerdictKind.FINAL
+        with pytest.raises(Refused) as err:
+            bad.next_verdict(timeout=30)
+        assert err.value.code == "bad_token"

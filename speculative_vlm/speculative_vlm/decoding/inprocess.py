@@ -107,6 +107,17 @@ class InProcessVerifier(Verifier):
                 shift = next(self._rr) % len(ready)
                 ready = (ready[shift:] + ready[:shift])[: self.engine.max_batch]
                 batch = [(s, s.pending.popleft()) for s in ready]
+            # A session's invalid block fails that session only, not the whole batch.
+            valid = []
+            for s, block in batch:
+                try:
+                    self.engine.check_block(s.target, block)
+                    valid.append((s, block))
+                except VerifierError as exc:
+                    s.verdicts.put(exc)
+            batch = valid
+            if not batch:
+                continue
             by_target = {id(s.target): s for s, _ in batch}
 
             def on_early(target: TargetSession, verdict: Verdict, by_target=by_target) -> None:

@@ -146,16 +146,9 @@ class TargetEngine:
         verdicts: list[Verdict | None] = [None] * len(items)
         live: list[tuple[int, _Item]] = []
         for i, (sess, block) in enumerate(items):
-            if sess.closed:
-                raise SessionNotFound(f"session {sess.session_id} is closed; open a new one")
-            if not self._prefix_holds(sess, block):
+            if not self.check_block(sess, block):
                 verdicts[i] = Verdict(block.round, VerdictKind.DROPPED)
                 continue
-            if sess.done:
-                raise Refused("session_done", f"session {sess.session_id} has finished its output; close it")
-            bad = [t for t in block.tokens if not 0 <= t < self.model.vocab_size]
-            if bad:
-                raise Refused("bad_token", f"draft tokens {bad[:3]} are outside the vocabulary of {self.model.vocab_size}")
             tokens = list(block.tokens[: max(0, sess.out.room - 1)])
             uncached = len(sess.kv.ids) - sess.kv.cached
             masks = sess.out.grammar.masks_along(tokens) if sess.out.grammar is not None else None
@@ -165,6 +158,24 @@ class TargetEngine:
             for (i, _), verdict in zip(chunk, self._verify_pass([it for _, it in chunk], on_early, start), strict=True):
                 verdicts[i] = verdict
         return verdicts  # type: ignore[return-value]
+
+    def check_block(self, sess: TargetSession, block: DraftBlock) -> bool:
+        """Whether ``block`` would be verified (True) or DROPPED (False); raises when it is invalid.
+
+        Raises SessionNotFound (closed session) or Refused (finished output, tokens outside
+        the vocabulary). ``verify`` calls it for every item; a batch scheduler can call it
+        first to keep one session's bad block from failing the whole batch.
+        """
+        if sess.closed:
+            raise SessionNotFound(f"session {sess.session_id} is closed; open a new one")
+        if not self._prefix_holds(sess, block):
+            return False
+        if sess.done:
+            raise Refused("session_done", f"session {sess.session_id} has finished its output; close it")
+        bad = [t for t in block.tokens if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise Refused("bad_token", f"draft tokens {bad[:3]} are outside the vocabulary of {self.model.vocab_size}")
+        return True
 
     def _prefix_holds(self, sess: TargetSession, block: DraftBlock) -> bool:
         out = sess.output
