@@ -42,7 +42,7 @@ def verdict_to_msg(session_id: str, verdict: Verdict) -> VerdictMsg:
     return VerdictMsg(
         session_id=session_id, round=verdict.round, kind=_KIND_TO_MSG[verdict.kind],
         accepted=verdict.accepted, token=verdict.token, confidence=float(verdict.confidence),
-        exit_layer=verdict.exit_layer, eos=verdict.eos,
+        exit_layer=verdict.exit_layer, eos=verdict.eos, verify_time_s=float(verdict.verify_time_s),
     )
 
 
@@ -55,5 +55,5 @@ def msg_to_verdict(msg: VerdictMsg) -> Verdict:
     """A Verdict from a non-ERROR message (ERROR messages become exceptions in the caller)."""
     return Verdict(
         round=msg.round, kind=_MSG_TO_KIND[msg.kind], accepted=msg.accepted, token=msg.token,
-        confidence=msg.confidence, exit_layer=msg.exit_layer, eos=msg.eos,
+        confidence=msg.confidence, exit_layer=msg.exit_layer, eos=msg.eos, verify_time_s=msg.verify_time_s,
     )
