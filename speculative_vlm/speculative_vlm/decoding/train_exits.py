@@ -156,9 +156,11 @@ def train_exits(
     for p, ids in zip(prompts, generate_answers(engine, prompts, settings), strict=True):
         plen = len(target.encode(SessionRequest(p, system=SYSTEM, settings=settings)).ids)
         seqs.append((ids, plen))
-    log(f"generated {len(seqs)} answers ({sum(len(i) - n for i, n in seqs)} tokens) in {time.monotonic() - start:.0f} s")
+    generated_at = time.monotonic()
+    log(f"generated {len(seqs)} answers ({sum(len(i) - n for i, n in seqs)} tokens) in {generated_at - start:.0f} s")
     train = collect(target, seqs[:train_prompts], layers, top_k)
     held = collect(target, seqs[train_prompts:], layers, top_k)
+    collected_at = time.monotonic()
     before = agreement(ExitHeads(target, layers), held)
     train_before = agreement(ExitHeads(target, layers), train)
     adapters = {layer: ExitAdapter(target.hidden_size, inner) for layer in layers}
@@ -176,6 +178,9 @@ def train_exits(
         "train_agreement_before": {str(k): round(v, 4) for k, v in train_before.items()},
         "train_agreement_after": {str(k): round(v, 4) for k, v in train_after.items()},
         "seconds": round(time.monotonic() - start, 1),
+        "seconds_generating": round(generated_at - start, 1),
+        "seconds_collecting": round(collected_at - generated_at, 1),
+        "seconds_training": round(time.monotonic() - collected_at, 1),
     }
     return heads, report
 
