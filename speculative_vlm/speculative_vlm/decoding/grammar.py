@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -24,7 +25,6 @@ class GrammarConstraint:
 
         self._matcher = xgr.GrammarMatcher(compiled)
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-        self._shifts = torch.arange(32, dtype=torch.int32)
         self.vocab_size = vocab_size
         self.steps = 0  # tokens accepted so far (rollback depth available)
 
@@ -34,11 +34,16 @@ class GrammarConstraint:
 
     def allowed(self) -> torch.Tensor:
         """Bool mask (vocab_size,) of the tokens allowed next."""
+        return torch.from_numpy(self._allowed())
+
+    def _allowed(self) -> np.ndarray:
         if self.terminated:
-            return torch.zeros(self.vocab_size, dtype=torch.bool)
+            return np.zeros(self.vocab_size, dtype=bool)
         self._matcher.fill_next_token_bitmask(self._bitmask)
-        bits = (self._bitmask[0].unsqueeze(-1) >> self._shifts) & 1
-        return bits.flatten()[: self.vocab_size].bool()
+        # Bit i of 32-bit word w is token 32 w + i (little-endian); numpy unpacks it in
+        # microseconds, where torch shifts and reductions took ~20 ms per call.
+        bits = np.unpackbits(self._bitmask[0].numpy().view(np.uint8), bitorder="little")
+        return bits[: self.vocab_size].astype(bool)
 
     def accept(self, token: int) -> None:
         if not self._matcher.accept_token(int(token)):
@@ -52,9 +57,9 @@ class GrammarConstraint:
 
     def forced_token(self) -> int | None:
         """The only allowed token, or None when there is a choice (or nothing is left)."""
-        mask = self.allowed()
-        if int(mask.sum()) == 1:
-            return int(torch.nonzero(mask)[0])
+        mask = self._allowed()
+        if np.count_nonzero(mask) == 1:
+            return int(np.flatnonzero(mask)[0])
         return None
 
     def masks_along(self, tokens: Sequence[int]) -> torch.Tensor:
