@@ -134,8 +134,8 @@ target's vocabulary ({target_config.vocab_size} tokens, same tokenizer, saved he
   (`speculative_vlm.commands.grammar`, grammar "command"), with its top-32 log-probs
   after the grammar mask; {d['answer_tokens']} answer tokens in all (commands and general).
 - General instructions: {d['general_prompts']} template questions (`training/general_prompts.py`),
-  answered by the target unconstrained (at most 48 tokens), so the draft is passable
-  outside the command domain.
+  answered by the target unconstrained (at most 48 tokens), meant to keep the draft
+  usable outside the command domain (the general acceptance below says how far it gets).
 - Held out: {d['heldout_command']} command and {d['heldout_general']} general prompts from another seed.
 
 ## Training
@@ -145,7 +145,7 @@ target's vocabulary ({target_config.vocab_size} tokens, same tokenizer, saved he
 - Loss per answer token: cross-entropy to the target's top-32 distribution + 0.5 x
   cross-entropy to the target's token. AdamW, lr {args.lr}, cosine over the time budget,
   batch {args.batch_size}.
-- {t['steps']} steps ({t['examples_seen']} examples) in {t['minutes']:.1f} min on {args.threads} CPU threads
+- {t['steps']} steps ({t['examples_seen']} examples) in {t['minutes']:.1f} min on {args.threads} CPU thread(s)
   ({platform.processor() or platform.machine()}); whole run {m['total_minutes']} min.
 
 ## Acceptance against the target (held-out prompts, greedy, lossless verification)
