@@ -25,20 +25,38 @@ def store_dir() -> Path:
     return Path(os.environ.get("SPECULATIVE_VLM_MODELS", Path.home() / ".cache/speculative_vlm/models"))
 
 
+def bundled_dirs() -> list[Path]:
+    """Where the models shipped with the package live: the source tree (a checkout or an editable
+    install) and, after `colcon build`, the package's share folder."""
+    dirs = [Path(__file__).resolve().parents[2] / "models"]
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+        try:
+            dirs.append(Path(get_package_share_directory("speculative_vlm")) / "models")
+        except PackageNotFoundError:
+            pass
+    except ImportError:  # no ROS at all (the cloud side): the source tree is the only place
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A model folder from a path or a store name; raises ModelNotFound saying how to get it."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    stored = store_dir() / str(name_or_path)
-    if stored.is_dir() and (stored / "config.json").exists():
-        return stored
+    for folder in (store_dir(), *bundled_dirs()):
+        stored = folder / str(name_or_path)
+        if stored.is_dir() and (stored / "config.json").exists():
+            return stored
     hint = (
         "run `speculative-vlm prepare-models` (scripts/setup does)"
         if str(name_or_path) == SMOLLM2
         else "give a folder with config.json and weights"
     )
-    raise ModelNotFound(f"model {str(name_or_path)!r} not found as a folder or in {store_dir()}; {hint}")
+    raise ModelNotFound(
+        f"model {str(name_or_path)!r} not found as a folder, in {store_dir()} or among the shipped models; {hint}")
 
 
 def prepare_smollm2(force: bool = False) -> Path:
