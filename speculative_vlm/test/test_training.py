@@ -48,7 +48,7 @@ def test_batched_generation_with_a_shared_prefix_equals_one_prompt_at_a_time(tea
     import xgrammar as xgr
 
     prompts = [teacher._prompt_ids("command", "test", i) for i in range(2)]
-    kwargs = dict(max_new_tokens=48, stop_ids=teacher.stop_ids, pad_id=teacher.pad_id)
+    kwargs = dict(max_new_tokens=16, stop_ids=teacher.stop_ids, pad_id=teacher.pad_id)
     batched = teacher_data.generate_batch(teacher.model, prompts, **kwargs,
                                           matchers=[xgr.GrammarMatcher(teacher.compiled) for _ in prompts])
     for prompt, (answer, _, _) in zip(prompts, batched, strict=True):
