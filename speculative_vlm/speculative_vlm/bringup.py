@@ -211,7 +211,9 @@ def follow_instruction(executor, config: BringupConfig) -> int:
     if not client.wait_for_server(timeout_sec=60.0):
         print("error: the drafter's instruct action did not come up within 60 s", flush=True)
         return 1
-    time.sleep(1.0)  # let odometry arrive
+    deadline = time.monotonic() + 15.0  # odometry starts once the motion node is active
+    while not pose and "motion" in config.nodes and time.monotonic() < deadline:
+        time.sleep(0.05)
     start = dict(pose)
     scene, target = _target_object(config, config.instruction)
     if target is not None and start:
