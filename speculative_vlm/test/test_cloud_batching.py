@@ -14,7 +14,7 @@ from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import noisy_copy, tiny_causal_lm
+from tiny_models import target_alone, tiny_pair
 
 TOKEN = "batching-test-token-0123456789"
 PROMPTS = ["walk to the red ball", "turn left slowly", "sit down now", "go back two metres"]
@@ -24,24 +24,15 @@ def _request(prompt: str, max_new_tokens: int = 24) -> SessionRequest:
     return SessionRequest(prompt=prompt, settings=GenerationSettings(max_new_tokens=max_new_tokens))
 
 
-def _target_greedy(engine: TargetEngine, request: SessionRequest) -> list[int]:
-    session = engine.open_session(request)
-    try:
-        return list(engine.generate(session))
-    finally:
-        engine.close_session(session)
-
-
 @pytest.fixture(scope="module")
 def models():
-    target = tiny_causal_lm(seed=0)
-    return target, noisy_copy(target, noise=0.05)
+    return tiny_pair()
 
 
 @pytest.fixture(scope="module")
 def expected(models):
     engine = TargetEngine(models[0], exit_layers=[2])
-    return {p: _target_greedy(engine, _request(p)) for p in PROMPTS}
+    return {p: target_alone(engine, _request(p)) for p in PROMPTS}
 
 
 def _server(models, monkeypatch, **changes):

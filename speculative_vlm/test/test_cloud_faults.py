@@ -26,7 +26,7 @@ from speculative_vlm.decoding.verifier import (
 )
 from speculative_vlm.protocol.client import GrpcVerifier
 from speculative_vlm.protocol.link import LinkState
-from tiny_models import noisy_copy, tiny_causal_lm
+from tiny_models import target_alone, tiny_pair
 
 TOKEN = "faults-test-token-0123456789abcdef"
 REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=16))
@@ -35,14 +35,12 @@ BLOCK = DraftBlock(round=0, base_length=0, base_tail=(), tokens=(1, 2, 3))
 
 @pytest.fixture(scope="module")
 def models():
-    target = tiny_causal_lm(seed=0)
-    return target, noisy_copy(target, noise=0.05)
+    return tiny_pair()
 
 
 @pytest.fixture(scope="module")
 def expected(models):
-    engine = TargetEngine(models[0])
-    return list(engine.generate(engine.open_session(REQUEST)))
+    return target_alone(TargetEngine(models[0]), REQUEST)
 
 
 @pytest.fixture

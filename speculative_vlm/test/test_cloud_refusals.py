@@ -22,7 +22,7 @@ from speculative_vlm.decoding.verifier import (
 from speculative_vlm.protocol import convert
 from speculative_vlm.protocol import verifier_pb2 as pb
 from speculative_vlm.protocol.client import METHOD, GrpcVerifier
-from tiny_models import jpeg, noisy_copy, tiny_causal_lm
+from tiny_models import jpeg, target_alone, tiny_pair
 
 HEALTHY, INTRUDER = "healthy-robot-token-000000000000", "intruder-robot-token-11111111111"
 HEALTHY_REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=32))
@@ -33,14 +33,12 @@ LIMITS = Limits(max_message_bytes=256 * 1024, max_image_bytes=32 * 1024, max_pro
 
 @pytest.fixture(scope="module")
 def models():
-    target = tiny_causal_lm(seed=0)
-    return target, noisy_copy(target, noise=0.05)
+    return tiny_pair()
 
 
 @pytest.fixture(scope="module")
 def expected(models):
-    engine = TargetEngine(models[0])
-    return list(engine.generate(engine.open_session(HEALTHY_REQUEST)))
+    return target_alone(TargetEngine(models[0]), HEALTHY_REQUEST)
 
 
 @pytest.fixture(scope="module")

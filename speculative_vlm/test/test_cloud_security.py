@@ -9,7 +9,7 @@ from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, LinkLost, Refused, SessionRequest
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import noisy_copy, tiny_causal_lm
+from tiny_models import target_alone, tiny_pair
 
 TOKEN = "security-test-token-abcdef0123456789"
 REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=8))
@@ -17,15 +17,12 @@ REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSetti
 
 @pytest.fixture(scope="module")
 def models():
-    target = tiny_causal_lm(seed=0)
-    return target, noisy_copy(target, noise=0.05)
+    return tiny_pair()
 
 
 @pytest.fixture(scope="module")
 def expected(models):
-    engine = TargetEngine(models[0])
-    session = engine.open_session(REQUEST)
-    return list(engine.generate(session))
+    return target_alone(TargetEngine(models[0]), REQUEST)
 
 
 @pytest.fixture

@@ -68,6 +68,21 @@ def noisy_copy(adapter: ModelAdapter, noise: float = 0.02, seed: int = 1) -> Mod
     return ModelAdapter(model, adapter.tokenizer, adapter.processor, name=adapter.name + "-draft")
 
 
+def tiny_pair(seed: int = 0, noise: float = 0.05) -> tuple[ModelAdapter, ModelAdapter]:
+    """A tiny llama target and a noisy-copy draft for it: the cloud tests' robot and verifier."""
+    target = tiny_causal_lm(seed=seed)
+    return target, noisy_copy(target, noise=noise)
+
+
+def target_alone(engine, request) -> list[int]:
+    """The target's own output for ``request`` (what every speculative run must reproduce)."""
+    session = engine.open_session(request)
+    try:
+        return list(engine.generate(session))
+    finally:
+        engine.close_session(session)
+
+
 def truncated_copy(adapter: ModelAdapter, layers: int) -> ModelAdapter:
     """A draft made of the first ``layers`` decoder layers of ``adapter`` (shared final norm and head)."""
     model = copy.deepcopy(adapter.model)
