@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"else {STAND_IN_DRAFT} in bfloat16 as a stand-in)")
     parser.add_argument("--draft-dtype", default=None, help="load the draft in this dtype (e.g. bfloat16)")
     parser.add_argument("--exit-layers", default=None,
-                        help="target layers with early exits (default: one, the trained layer nearest 3/4 depth)")
+                        help="target layers with early exits (default: one, the earliest trained layer, or 3/4 "
+                             "depth without trained heads)")
     parser.add_argument("--exit-heads", default=None,
                         help=f"trained exit adapters (a train-exits checkpoint; default: the one shipped under "
                              f"{PACKAGE_ROOT / 'models'} if any, else the untrained shared head)")
@@ -112,16 +113,16 @@ def run(args: argparse.Namespace) -> int:
     fleet_sizes = _ints(args.fleet) if not quick or args.fleet != "1,2,4,8" else [1, 2]
     layers = _target_layers(target)
     exit_heads = None if quick else (args.exit_heads or _shipped_exit_heads())
-    # One exit by default, at about 3/4 depth (the trained layer nearest to it): every exit
-    # adds a full-vocabulary head product to each verification pass, and an earlier one is
-    # wrong too often to pay for the preemptive drafts it wastes.
-    three_quarters = max(0, min(layers - 2, (3 * layers) // 4))
+    # One exit by default: every exit adds a full-vocabulary head product to each verification
+    # pass. Trained: the earliest trained layer, because preemption only pays when the early
+    # verdict leaves time to draft the next block before the pass ends (and then a miss costs
+    # nothing but that hidden drafting). Untrained: 3/4 depth, as earlier ones are mostly wrong.
     if args.exit_layers:
         exit_layers = tuple(_ints(args.exit_layers))
     elif exit_heads:
-        exit_layers = (min(_checkpoint_layers(exit_heads), key=lambda layer: abs(layer - three_quarters)),)
+        exit_layers = (min(_checkpoint_layers(exit_heads)),)
     else:
-        exit_layers = (three_quarters,)
+        exit_layers = (max(0, min(layers - 2, (3 * layers) // 4)),)
     robot_cores, cloud_cores = [args.robot_core], [args.cloud_core]
     cpus = sorted(os.sched_getaffinity(0))
     progress("bench", f"{'quick' if quick else 'full'} run: target {target}, draft {draft}"
