@@ -1,14 +1,15 @@
 """The real SmolLM2-135M-Instruct as target: speculative output is the target's own, token for token.
 
-The draft is a bf16 copy of the target: a stand-in (we have no smaller model sharing its
-tokenizer), but it exercises the whole path with real weights, real tokenizer, the real
-chat template and the command grammar.
+The command test uses the shipped distilled draft (``command-draft``, a 4-layer Llama on
+SmolLM2's vocabulary) with the project's robot prompt; the free-text test uses a bf16
+copy of the target as the draft (the distilled draft is weak outside commands).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
 from speculative_vlm.commands.schema import parse_command
 from speculative_vlm.decoding import model_store
 from speculative_vlm.decoding.inprocess import InProcessVerifier
@@ -18,17 +19,19 @@ from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 
 pytestmark = pytest.mark.slow
+SHIPPED_DRAFT = "command-draft"
 
 
 @pytest.fixture(scope="module")
-def models():
-    return load_model(model_store.SMOLLM2), load_model(model_store.SMOLLM2, dtype=torch.bfloat16)
+def target():
+    return load_model(model_store.SMOLLM2)
 
 
-def test_smollm2_greedy_command_with_early_exits_equals_target_alone(models):
-    target, draft = models
+def test_smollm2_greedy_command_with_the_shipped_draft_and_early_exits_equals_target_alone(target):
+    draft = load_model(SHIPPED_DRAFT)
     request = SessionRequest(
-        "the red ball is 2 m ahead, slightly left; walk to it",
+        user_message("walk to the red ball", "a red ball 2.0 m ahead, slightly left"),
+        system=SYSTEM_PROMPT,
         settings=GenerationSettings(max_new_tokens=80, grammar="command"),
     )
     engine = TargetEngine(target, exit_layers=[24])
@@ -38,12 +41,12 @@ def test_smollm2_greedy_command_with_early_exits_equals_target_alone(models):
     assert result.token_ids == alone
     assert result.stop_reason == "eos"  # the grammar ended the command, not the budget
     parse_command(result.text)
-    assert result.acceptance > 0.5  # a bf16 copy agrees with fp32 nearly always
+    assert result.acceptance > 0.5  # the distilled draft accepts ~0.84 on held-out commands
     assert result.tokens_per_pass > 2
 
 
-def test_smollm2_free_text_equals_hf_generate(models):
-    target, draft = models
+def test_smollm2_free_text_equals_hf_generate(target):
+    draft = load_model(model_store.SMOLLM2, dtype=torch.bfloat16)
     request = SessionRequest("Name one colour.", settings=GenerationSettings(max_new_tokens=8))
     ids = target.encode(request).ids
     expected = target.model.generate(
