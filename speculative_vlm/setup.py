@@ -16,8 +16,8 @@ setup(
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
         ("share/" + package_name + "/config", glob("config/*.yaml")),
-        # The shipped draft model (speculative-vlm train-draft writes it; about 35 MB).
-        ("share/" + package_name + "/models/command-draft", glob("models/command-draft/*")),
+        # Shipped models: the command draft (train-draft, ~35 MB) and the target's exit heads (train-exits).
+        *[("share/" + package_name + "/" + d, glob(d + "/*")) for d in sorted(glob("models/*"))],
     ],
     install_requires=["setuptools"],
     zip_safe=False,

