@@ -29,6 +29,9 @@ class FleetPoint:
     p95_s: float
     open_s: float  # mean session open (the prompt prefill, one session at a time, plus queueing for it)
     exact: bool
+    mean_batch: float = 0.0  # blocks per verification pass (server metrics)
+    pass_s: float = 0.0  # mean time of one verification pass
+    queue_s: float = 0.0  # mean time a block waited for its pass
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -46,6 +49,7 @@ def percentile(values: list[float], q: float) -> float:
 def run_point(server: CloudServer, address: str, robots: int, batched: bool, commands: list[dict],
               per_robot: int, load: dict, workdir: Path, cores: list[int]) -> FleetPoint:
     """``robots`` processes, robot ``i`` decoding ``per_robot`` commands (rotating over ``commands``)."""
+    before = server.scrape()
     go = workdir / f"go-{'b' if batched else 'u'}{robots}"
     workers = []
     for i in range(robots):
@@ -74,10 +78,19 @@ def run_point(server: CloudServer, address: str, robots: int, batched: bool, com
     wall = max(res["ended"] for res in results) - min(r["started"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     latencies = [r["latency_s"] for r in rows]
+    after = server.scrape()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    passes = max(delta("svlm_batch_size_count"), 1.0)
+    blocks = max(delta("svlm_batch_size_sum"), 1.0)
     return FleetPoint(batched, robots, len(rows), tokens, sum(r["passes"] for r in rows), round(wall, 3),
                       round(tokens / wall, 2), round(statistics.median(latencies), 3),
                       round(percentile(latencies, 0.95), 3), round(statistics.mean(r["open_s"] for r in rows), 3),
-                      all(r["exact"] for r in rows))
+                      all(r["exact"] for r in rows), round(blocks / passes, 2),
+                      round(delta("svlm_verify_latency_seconds_sum") / passes, 4),
+                      round(delta("svlm_queue_wait_seconds_sum") / blocks, 4))
 
 
 def warm_up(address: str, token: str, command: dict, load: dict) -> None:

@@ -127,6 +127,7 @@ class ServerSpec:
     exit_heads: str | None = None
     max_batch: int = 1
     max_wait_ms: float = 0.0
+    metrics: bool = False  # serve Prometheus metrics (the fleet reads batch sizes and pass times)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class CloudServer:
     clients: int = 8
     port: int = 0
     tokens: list[str] = field(default_factory=list)
+    metrics_port: int | None = None
     process: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -159,6 +161,9 @@ class CloudServer:
             args += ["--exit-layers", ",".join(str(x) for x in self.spec.exit_layers)]
         if self.spec.exit_heads:
             args += ["--exit-heads", self.spec.exit_heads]
+        if self.spec.metrics:
+            self.metrics_port = free_port()
+            args += ["--metrics-port", str(self.metrics_port)]
         self.log = self.workdir / f"server-{self.spec.name}.log"
         self.process = subprocess.Popen(args, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                         env=child_env(1), preexec_fn=_affinity(self.cores))
@@ -178,6 +183,22 @@ class CloudServer:
             except OSError:
                 time.sleep(0.2)
         raise BenchProcessError(f"verifier server {self.spec.name} not listening after {timeout:g} s:\n{tail(self.log)}")
+
+    def scrape(self) -> dict[str, float]:
+        """The server's Prometheus samples (histogram sums and counts), summed over labels."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        if self.metrics_port is None:
+            return {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+        return samples
 
     @property
     def address(self) -> tuple[str, int]:

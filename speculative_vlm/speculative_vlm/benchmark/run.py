@@ -187,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
     commands = [{"prompt": p.to_json(), "reference": references[str(p.index)]["command"],
                  "forced": references[str(p.index)]["command_forced"]} for p in prompts]
     fleet_servers = {True: ServerSpec("fleet-batched", target, max_batch=max(fleet_sizes),
-                                      max_wait_ms=args.fleet_max_wait_ms),
-                     False: ServerSpec("fleet-unbatched", target, max_batch=1)}
+                                      max_wait_ms=args.fleet_max_wait_ms, metrics=True),
+                     False: ServerSpec("fleet-unbatched", target, max_batch=1, metrics=True)}
     running = {b: CloudServer(spec, cloud_cores, workdir, clients=max(fleet_sizes)).start()
                for b, spec in fleet_servers.items()}
     fleet_proxies = []
