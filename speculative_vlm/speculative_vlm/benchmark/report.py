@@ -372,8 +372,10 @@ def markdown(results: dict) -> str:
         f"Robot process pinned to core(s) {meta['robot_cores']}, each verifier server process to core(s) "
         f"{meta['cloud_cores']}, one torch thread each; joined through the netem delay proxy (RTT profiles "
         f"{meta['rtts_ms']} ms, {meta['bandwidth_mbps']:g} Mbit/s each way, jitter {meta['jitter_ms']:g} ms). "
-        f"Methods are interleaved per prompt, in a rotating order. Every lossless method's output was compared token by token with the "
-        f"target's own greedy output (the one-process target-alone run).",
+        + (f"1-minute load average {meta['load_average'][0]:g} at the start and {meta['load_average'][1]:g} at the end "
+           f"on {meta['cpus']} CPUs. " if meta.get("load_average") else "") +
+        "Methods are interleaved per prompt, in a rotating order. Every lossless method's output was compared token by token with the "
+        "target's own greedy output (the one-process target-alone run).",
         "",
         "## Headline: mean latency per command (s) against RTT",
         "",

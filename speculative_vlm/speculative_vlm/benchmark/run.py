@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from speculative_vlm.cloud.netem import DelayProxy
 
     started = time.time()
+    load_before = os.getloadavg()[0]  # other work on the machine makes timings noisy; the report says how busy it was
     workdir = Path(tempfile.mkdtemp(prefix="spec-bench-"))
     quick = args.quick
     out = args.out or (workdir / "results" if quick else DEFAULT_OUT)
@@ -217,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
             else args.ros_rtt, "robot_cores": robot_cores, "cloud_cores": cloud_cores,
             "inprocess_threads": args.inprocess_threads, "inprocess_cores": cpus,
             "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
-            "minutes": round((time.time() - started) / 60, 1), "prompt_list": prompt_json}
+            "minutes": round((time.time() - started) / 60, 1), "prompt_list": prompt_json,
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpus": len(cpus)}
     results = {"meta": meta, "inprocess": inproc["rows"], "robot": robot["rows"],
                "fleet": [p.to_json() for p in points], "references": references}
     (out / "results.json").write_text(json.dumps(results, indent=1))
