@@ -119,6 +119,8 @@ class DrafterNode(Node):
             "the goal, or finish the step on the draft alone (unverified)"))
         d("execute_unverified", False, ParameterDescriptor(
             description="execute a command the target never verified (draft_only fallback); off by default"))
+        d("torch_threads", 0, _int(0, 256, "CPU threads for the draft model; 0 = torch's default (all cores). "
+          "On a machine shared with the verifier, 1 avoids the two oversubscribing the cores"))
         d("image_topic", "camera/image_raw", ParameterDescriptor(description="camera image topic"))
         d("frame_timeout_s", 5.0, _float(0.1, 60.0, "how long a step waits for a camera frame, s"))
         d("verdict_timeout_s", 10.0, _float(0.1, 600.0, "how long to wait for a verdict before the link counts as lost"))
@@ -171,6 +173,10 @@ class DrafterNode(Node):
     def _load(self) -> None:
         p = self.get_parameter
         try:
+            if p("torch_threads").value:
+                import torch
+
+                torch.set_num_threads(p("torch_threads").value)
             draft = load_model(p("draft_model").value)
             length = p("draft_length").value
             policy = AdaptiveLength(initial=max(1, length)) if p("adaptive_draft_length").value else FixedLength(length)
