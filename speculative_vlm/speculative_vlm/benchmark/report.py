@@ -462,7 +462,8 @@ def _shortfall(results: dict) -> str:
             f"Early verdicts: {s.early_hits} hits, {s.early_misses} misses, {s.early_low} below the threshold "
             f"(a miss throws the preemptive block away and drafts again after the final verdict); the exit itself "
             f"makes a verification pass {(s.v - v.v) * 1e3:+.0f} ms ({(s.v / v.v - 1) * 100 if v.v else 0:+.0f}%) "
-            f"longer than vanilla's {v.v * 1e3:.0f} ms.")
+            f"longer than vanilla's {v.v * 1e3:.0f} ms; with an exit that cost nothing the bound would be "
+            f"{_below(1 - (s.open + s.rounds * max(v.v, s.gamma * s.d + r)) / c.wall)} cloud AR.")
     return "\n".join(lines)
 
 
