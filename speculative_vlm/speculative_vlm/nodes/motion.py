@@ -24,8 +24,9 @@ Interfaces (relative names, so a namespace applies):
   services    motion/engage_estop, motion/release_estop (std_srvs/Trigger)
 How a client knows a command finished: publish it with a fresh header stamp, wait for
 ``motion/active_command`` with that stamp, then for ``motion/idle`` == True.
-TF: tf2_msgs is not installable from PyPI here, so the odom -> base_link transform is
-published as nav_msgs/Odometry only (frame ids from parameters).
+TF: the odom -> base_link transform goes on ``/tf`` (tf2_msgs/TFMessage) when tf2_msgs is
+installed, as on every ROS 2 install; it is not on PyPI, so where the PyPI wheels stand in for ROS
+the pose is on ``odom`` only (``publish_tf`` turns it off anywhere).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ from speculative_vlm.go2.dds import MAX_DOMAIN_ID, DdsDomainError
 from speculative_vlm.go2.sdk_backend import RobotState, SportBackend, code_name
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import LocomotionCommand
+
+try:  # part of every ROS 2 install, but not among the PyPI wheels
+    from geometry_msgs.msg import TransformStamped
+    from tf2_msgs.msg import TFMessage
+except ImportError:
+    TFMessage = None
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
@@ -99,6 +106,8 @@ class MotionNode(LifecycleNode):
         d("require_verified", True, ParameterDescriptor(
             description="Refuse LocomotionCommands that move the robot unless the target model verified "
             "their text (STOP is always accepted; cmd_vel, a teleoperation input, is not affected)"))
+        d("publish_tf", True, ParameterDescriptor(
+            description="Also publish odom -> base_link on /tf (needs tf2_msgs, part of every ROS 2 install)"))
         d("autostart", False, ParameterDescriptor(
             description="Configure and activate right after start (for bringups without a lifecycle manager)"))
 
@@ -124,6 +133,7 @@ class MotionNode(LifecycleNode):
         self._services: list = []
         self._timers: list = []
         self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = None
+        self._tf_pub = None
         self._autostart_timer = None
         self.add_on_set_parameters_callback(self._check_parameter_change)
         if self.get_parameter("autostart").value:
@@ -159,6 +169,8 @@ class MotionNode(LifecycleNode):
             self.get_logger().error(f"cannot connect to the Go2: {exc}")
             return TransitionCallbackReturn.FAILURE
         self._odom_pub = self.create_lifecycle_publisher(Odometry, "odom", 10)
+        if TFMessage is not None and self.get_parameter("publish_tf").value:
+            self._tf_pub = self.create_lifecycle_publisher(TFMessage, "/tf", 10)
         self._idle_pub = self.create_publisher(Bool, "motion/idle", LATCHED)
         self._active_pub = self.create_publisher(LocomotionCommand, "motion/active_command", LATCHED)
         self._estop_pub = self.create_publisher(Bool, "motion/estop_engaged", LATCHED)
@@ -224,8 +236,8 @@ class MotionNode(LifecycleNode):
             self.destroy_subscription(sub)
         for srv in self._services:
             self.destroy_service(srv)
-        pubs = (self._odom_pub, self._idle_pub, self._active_pub, self._estop_pub, self._diag_pub)
-        self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = None
+        pubs = (self._odom_pub, self._idle_pub, self._active_pub, self._estop_pub, self._diag_pub, self._tf_pub)
+        self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = self._tf_pub = None
         for pub in pubs:
             if pub is not None:
                 self.destroy_publisher(pub)
@@ -445,6 +457,12 @@ class MotionNode(LifecycleNode):
         msg.twist.twist.angular.z = s.yaw_rate
         try:
             pub.publish(msg)
+            if self._tf_pub is not None:
+                tf = TransformStamped(header=msg.header, child_frame_id=msg.child_frame_id)
+                p, t = msg.pose.pose.position, tf.transform.translation
+                t.x, t.y, t.z = p.x, p.y, p.z
+                tf.transform.rotation = msg.pose.pose.orientation
+                self._tf_pub.publish(TFMessage(transforms=[tf]))
         except Exception:  # publisher destroyed between the check and the call during cleanup
             pass
 
