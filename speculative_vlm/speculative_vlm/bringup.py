@@ -168,10 +168,14 @@ def run_bringup(config: BringupConfig) -> int:
         stop.wait()
         return 0
     finally:
-        # The motion node goes last among nodes but before the robot: its shutdown sends StopMove.
-        for node in sorted(nodes, key=lambda n: n.get_name() == "motion"):
-            node.destroy_node()
+        # StopMove first, while everything still runs; then stop the executor before destroying
+        # nodes (destroying under a spinning executor races with its wait set).
+        for node in nodes:
+            if hasattr(node, "halt"):
+                node.halt()
         executor.shutdown(timeout_sec=2.0)
+        for node in nodes:
+            node.destroy_node()
         rclpy.try_shutdown()
         peers.stop()
 
