@@ -145,12 +145,13 @@ def start_peers(config: BringupConfig, peers: Peers) -> None:
 
 def run_bringup(config: BringupConfig) -> int:
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+
+    from speculative_vlm.nodes.spin import PoolExecutor
 
     peers = Peers()
     nodes = []
     rclpy.init(args=["--ros-args", "--params-file", str(config.path)])
-    executor = MultiThreadedExecutor()
+    executor = PoolExecutor()
     spinner = threading.Thread(target=executor.spin, name="bringup-executor", daemon=True)
     try:
         start_peers(config, peers)

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
 from speculative_vlm.go2.dds import init_domain
+from speculative_vlm.nodes.spin import PoolExecutor
 from unitree_sdk2py.core.channel import ChannelSubscriber
 from unitree_sdk2py.idl.unitree_api.msg.dds_ import Request_
 from unitree_sdk2py.idl.unitree_go.msg.dds_ import SportModeState_
@@ -128,10 +128,10 @@ class StateTap:
 
 
 class Spinner:
-    """rclpy executor on a background thread."""
+    """The nodes' executor (see speculative_vlm.nodes.spin) on a background thread."""
 
     def __init__(self) -> None:
-        self.executor = MultiThreadedExecutor(num_threads=2)
+        self.executor = PoolExecutor(num_threads=2)
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
 

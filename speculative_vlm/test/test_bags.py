@@ -17,7 +17,6 @@ import pytest
 import rclpy
 import yaml
 from ament_index_python.packages import get_package_share_directory
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -28,6 +27,7 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 from speculative_vlm.bags import BagPlayer, BagRecorder, installed_typestore
+from speculative_vlm.nodes.spin import PoolExecutor
 
 from speculative_vlm_msgs.msg import LocomotionCommand
 
@@ -62,7 +62,7 @@ class Spinner:
 
     def __init__(self, name: str) -> None:
         self.node = Node(name)
-        self.executor = MultiThreadedExecutor()
+        self.executor = PoolExecutor()
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()

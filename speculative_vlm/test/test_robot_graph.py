@@ -17,7 +17,6 @@ import rclpy
 from go2_harness import SimProcess, go2_domain_id
 from nav_msgs.msg import Odometry
 from rclpy.action import ActionClient
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -27,6 +26,7 @@ from speculative_vlm.cloud.server import serve
 from speculative_vlm.commands.schema import parse_command
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
+from speculative_vlm.nodes.spin import PoolExecutor
 from speculative_vlm.protocol.client import GrpcVerifier
 from std_msgs.msg import String
 from tiny_models import noisy_copy, tiny_causal_lm
@@ -76,7 +76,7 @@ class Graph:
         self.camera_params = _params(dds_domain_id=domain, rate_hz=5.0, width=160, height=120)
         self.camera_class = CameraNode
         self.probe = Node("graph_probe")
-        self.executor = MultiThreadedExecutor()
+        self.executor = PoolExecutor()
         for n in [*self.nodes, self.probe]:
             self.executor.add_node(n)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)

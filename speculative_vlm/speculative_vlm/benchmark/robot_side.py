@@ -111,14 +111,14 @@ class Robot:
 
     def run_ros(self, direct: ladder.OpenTimer, rtt: float) -> None:
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
 
         from speculative_vlm.nodes.ros_verifier import RosVerifier
+        from speculative_vlm.nodes.spin import PoolExecutor
 
         rclpy.init()
         node = rclpy.create_node("bench_drafter")
         over_ros = ladder.OpenTimer(RosVerifier(node, service_timeout_s=120))
-        executor = MultiThreadedExecutor(num_threads=4)  # verdicts arrive while a service call waits
+        executor = PoolExecutor(num_threads=4)  # verdicts arrive while a service call waits
         executor.add_node(node)
         spinner = threading.Thread(target=executor.spin, daemon=True)
         spinner.start()
