@@ -110,9 +110,13 @@ def test_velocity_marker_points_along_the_commanded_velocity_at_the_odometry_pos
         odom_pub.publish(odom)
         command_pub.publish(move(0.4, 0.4))
 
-    markers = collect(node, Marker, "monitor/velocity_marker", 10,
-                      lambda r: any(m.header.frame_id == "odom" for m in r), feed)
-    marker = [m for m in markers if m.header.frame_id == "odom"][-1]
+    # Earlier tests' commands may still be the monitor's latest when the first odometry arrives:
+    # wait for a marker drawn from this command (its length is the commanded speed).
+    def this_command(m: Marker) -> bool:
+        return m.header.frame_id == "odom" and m.scale.x == pytest.approx(math.hypot(0.4, 0.4), rel=1e-3)
+
+    markers = collect(node, Marker, "monitor/velocity_marker", 10, lambda r: any(this_command(m) for m in r), feed)
+    marker = [m for m in markers if this_command(m)][-1]
     assert (marker.type, marker.action) == (Marker.ARROW, Marker.ADD)
     assert (marker.pose.position.x, marker.pose.position.y) == (1.5, -0.5)
     yaw = 2 * math.atan2(marker.pose.orientation.z, marker.pose.orientation.w)

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.ros
 
 @pytest.fixture(scope="module", autouse=True)
 def ros():
-    if not rclpy.ok():
-        rclpy.init()
+    rclpy.init()
     yield
+    rclpy.shutdown()
 
 
 def counting(executor_class):
