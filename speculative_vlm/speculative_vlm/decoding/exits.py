@@ -55,11 +55,12 @@ class ExitHeads(nn.Module):
     def trained(self) -> bool:
         return len(self.adapters) > 0
 
-    def logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The exit's logits at ``layer``; with ``rows``, for those tokens only (the rest -inf)."""
         adapter = self.adapters[str(layer)] if str(layer) in self.adapters else None
         if adapter is not None:
             hidden = adapter(hidden.float())
-        return self._head(hidden)
+        return self._head(hidden, rows)
 
 
 def save_exit_heads(heads: ExitHeads, path: str | os.PathLike, target: ModelAdapter, report: dict | None = None) -> Path:

@@ -1,0 +1,79 @@
+"""The LM head restricted to the tokens a grammar allows (models.RowsHead / forward(rows=...)):
+the same logits as masking the full head, computed for the allowed tokens only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from speculative_vlm.decoding.exits import ExitHeads
+from speculative_vlm.decoding.models import RowsHead, allowed_rows
+from speculative_vlm.decoding.verifier import SessionRequest
+from tiny_models import tiny_causal_lm, tiny_vlm
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_causal_lm("llama", seed=2), lambda: tiny_causal_lm("qwen2", seed=2),
+                                  lambda: tiny_vlm(seed=2)], ids=["llama", "qwen2", "idefics3"])
+def test_forward_with_rows_equals_the_full_head_masked_and_restores_the_head(make):
+    adapter = make()
+    request = SessionRequest(prompt="walk to the red ball")
+    rows = torch.tensor([3, 17, 64, 65, adapter.vocab_size - 1])
+    full_state, rows_state = adapter.start(adapter.encode(request)), adapter.start(adapter.encode(request))
+    for s in (full_state, rows_state):
+        s.append([5, 9, 11])
+    full = adapter.forward([full_state])[0]
+    narrow = adapter.forward([rows_state], rows=rows)[0]
+    assert narrow.shape == full.shape
+    assert torch.allclose(narrow[:, rows], full[:, rows], atol=1e-5)
+    others = torch.ones(full.shape[-1], dtype=torch.bool)
+    others[rows] = False
+    assert torch.isneginf(narrow[:, others]).all()
+    assert torch.equal(narrow.argmax(-1), rows[full[:, rows].argmax(-1)])
+    # The model's own head is back in place afterwards.
+    assert adapter.model.get_output_embeddings() is adapter.lm_head
+    again = adapter.forward([full_state])[0]
+    assert not torch.isneginf(again).any()
+
+
+def test_exit_head_with_rows_matches_the_full_exit_head():
+    adapter = tiny_causal_lm("llama", seed=4)
+    heads = ExitHeads(adapter, [1])
+    hidden = torch.randn(4, adapter.hidden_size)
+    rows = torch.tensor([0, 7, 8, 100])
+    narrow, full = heads.logits(1, hidden, rows), heads.logits(1, hidden)
+    assert torch.allclose(narrow[:, rows], full[:, rows], atol=1e-5)
+    assert torch.isneginf(narrow).sum() == 4 * (full.shape[-1] - 4)
+
+
+def test_allowed_rows_is_the_union_of_the_masks():
+    masks = torch.zeros((2, 3, 10), dtype=torch.bool)
+    masks[0, 0, 2] = masks[1, 2, 7] = masks[0, 1, 2] = True
+    assert allowed_rows(masks).tolist() == [2, 7]
+    assert allowed_rows(None) is None
+    head = torch.nn.Linear(4, 10, bias=True)
+    out = RowsHead(head, torch.tensor([2, 7]), 10)(torch.randn(3, 4))
+    assert torch.isfinite(out[:, [2, 7]]).all() and torch.isneginf(out[:, [0, 1, 3, 4, 5, 6, 8, 9]]).all()
+
+
+def test_a_prompt_sharing_a_prefix_reuses_its_keys_and_values_with_the_same_logits():
+    adapter = tiny_causal_lm("llama", seed=6)
+    first = adapter.encode(SessionRequest(prompt="the red ball is 2 m ahead. walk to the red ball"))
+    second = adapter.encode(SessionRequest(prompt="the red ball is 2 m ahead. turn left"))
+    adapter.start(first)
+    shared = next(i for i, (a, b) in enumerate(zip(first.ids, second.ids, strict=False)) if a != b)
+    assert shared >= 32, "the test needs prompts sharing at least the cache's minimum prefix"
+    reused_state = adapter.start(second)
+    assert adapter.prefill_reused == shared
+    fresh = type(adapter)(adapter.model, adapter.tokenizer)  # an empty prefix cache
+    fresh_state = fresh.start(second)
+    assert fresh.prefill_reused == 0
+    for s in (reused_state, fresh_state):
+        s.append([5, 9])
+    assert torch.allclose(adapter.forward([reused_state])[0], fresh.forward([fresh_state])[0], atol=1e-4)
+    # Images change what equal ids mean: a prompt with an image is never served from the cache.
+    vlm = tiny_vlm(seed=3)
+    from tiny_models import jpeg
+
+    req = SessionRequest(prompt="walk to the red ball and then stop next to it, facing the door", image=jpeg())
+    vlm.start(vlm.encode(req))
+    vlm.start(vlm.encode(SessionRequest(prompt=req.prompt, image=jpeg((10, 200, 10)))))
+    assert vlm.prefill_reused == 0
