@@ -54,26 +54,32 @@ def test_allowed_rows_is_the_union_of_the_masks():
     assert torch.isfinite(out[:, [2, 7]]).all() and torch.isneginf(out[:, [0, 1, 3, 4, 5, 6, 8, 9]]).all()
 
 
-def test_a_prompt_sharing_a_prefix_reuses_its_keys_and_values_with_the_same_logits():
+def test_the_system_prompt_is_prefilled_once_and_reused_and_nothing_past_it():
+    from speculative_vlm.commands.prompts import SYSTEM_PROMPT
+
     adapter = tiny_causal_lm("llama", seed=6)
-    first = adapter.encode(SessionRequest(prompt="the red ball is 2 m ahead. walk to the red ball"))
-    second = adapter.encode(SessionRequest(prompt="the red ball is 2 m ahead. turn left"))
+    first = adapter.encode(SessionRequest(prompt="the red ball is 2 m ahead. walk to the red ball", system=SYSTEM_PROMPT))
+    second = adapter.encode(SessionRequest(prompt="the red ball is 2 m ahead. turn left", system=SYSTEM_PROMPT))
+    assert first.shared == second.shared > 100
+    assert first.ids[: first.shared] == second.ids[: second.shared]
     adapter.start(first)
-    shared = next(i for i, (a, b) in enumerate(zip(first.ids, second.ids, strict=False)) if a != b)
-    assert shared >= 32, "the test needs prompts sharing at least the cache's minimum prefix"
+    assert adapter.prefill_reused == 0
     reused_state = adapter.start(second)
-    assert adapter.prefill_reused == shared
-    fresh = type(adapter)(adapter.model, adapter.tokenizer)  # an empty prefix cache
+    assert adapter.prefill_reused == second.shared
+    adapter.start(second)  # the same prompt again: still only the system part is reused
+    assert adapter.prefill_reused == 2 * second.shared
+    fresh = type(adapter)(adapter.model, adapter.tokenizer)  # an empty cache
     fresh_state = fresh.start(second)
     assert fresh.prefill_reused == 0
     for s in (reused_state, fresh_state):
         s.append([5, 9])
     assert torch.allclose(adapter.forward([reused_state])[0], fresh.forward([fresh_state])[0], atol=1e-4)
-    # Images change what equal ids mean: a prompt with an image is never served from the cache.
+    # Another system prompt shares nothing; a prompt with an image has no shared part.
+    other = adapter.encode(SessionRequest(prompt="turn left", system="You drive a robot dog. Answer in JSON only, " * 4))
+    adapter.start(other)
+    assert adapter.prefill_reused == 2 * second.shared
     vlm = tiny_vlm(seed=3)
     from tiny_models import jpeg
 
-    req = SessionRequest(prompt="walk to the red ball and then stop next to it, facing the door", image=jpeg())
-    vlm.start(vlm.encode(req))
-    vlm.start(vlm.encode(SessionRequest(prompt=req.prompt, image=jpeg((10, 200, 10)))))
-    assert vlm.prefill_reused == 0
+    with_image = vlm.encode(SessionRequest(prompt="walk to the red ball", image=jpeg(), system=SYSTEM_PROMPT))
+    assert with_image.shared == 0

@@ -72,6 +72,7 @@ class KVState:
 class Prompt:
     ids: list[int]
     extra: dict  # model inputs for the prefill only (pixel_values, ...)
+    shared: int = 0  # leading ids that do not depend on the user's message (system prompt, template)
 
 
 # Layer hooks receive (layer index, hidden states (B, T, H)) during a forward pass.
@@ -135,6 +136,10 @@ class ModelAdapter:
             text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             extra = {}
+            # What any user message would share with this one: the system prompt and the template.
+            other = [*messages[:-1], {**messages[-1], "content": "x" if not self.is_vlm else [{"type": "text", "text": "x"}]}]
+            other_text = template_owner.apply_chat_template(other, add_generation_prompt=True, tokenize=False)
+            shared = _shared_prefix(self.tokenizer(other_text, add_special_tokens=False)["input_ids"], ids)
         budget = self.max_context - request.settings.max_new_tokens
         if len(ids) > budget:
             raise PromptTooLong(
@@ -143,7 +148,7 @@ class ModelAdapter:
                 f"({self.max_context} context - {request.settings.max_new_tokens} new tokens); "
                 "shorten the prompt or ask for fewer new tokens",
             )
-        return Prompt(ids=list(ids), extra=extra)
+        return Prompt(ids=list(ids), extra=extra, shared=0 if extra else shared)
 
     def decode(self, tokens) -> str:
         tokens = [t for t in tokens if t not in self.eos_token_ids]
@@ -154,28 +159,32 @@ class ModelAdapter:
     def start(self, prompt: Prompt) -> KVState:
         """Prefill all prompt ids but the last (it is fed with the first block).
 
-        Text prompts reuse the keys/values of the longest prefix they share with one of the
-        last few prompts (robot commands share a long system prompt): only the rest is
-        prefilled. Prompts with images are always prefilled whole (equal ids, other pixels).
+        The part every prompt with the same system message shares (``prompt.shared`` ids:
+        the system prompt and the chat template around it; robot commands share ~190 of
+        ~230) is prefilled once and its keys/values reused. Nothing past it is ever reused,
+        so an instruction sent twice costs the same both times. Prompts with images have no
+        shared part (``shared`` is 0).
         """
         state = KVState(ids=list(prompt.ids), prompt_len=len(prompt.ids))
         n = len(prompt.ids) - 1
         if n <= 0:
             return state
+        shared = min(prompt.shared, n)
         reuse = 0
-        if not prompt.extra:
-            reuse, layers = self._prefix_cache.lookup(prompt.ids[:n])
-            if reuse:
-                state.cache = DynamicCache(
-                    ddp_cache_data=[(k[..., :reuse, :].clone(), v[..., :reuse, :].clone()) for k, v in layers]
-                )
-                state.cached = reuse
-        if reuse < n:
-            ids = torch.tensor([prompt.ids[reuse:n]])
+        if shared >= self._prefix_cache.min_shared:
+            key = prompt.ids[:shared]
+            layers = self._prefix_cache.get(key)
+            if layers is None:
+                self.model(input_ids=torch.tensor([key]), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+                self._prefix_cache.put(key, state.cache)
+            else:
+                reuse = shared
+                state.cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers])
+            state.cached = shared
+        if state.cached < n:
+            ids = torch.tensor([prompt.ids[state.cached : n]])
             self.model(input_ids=ids, past_key_values=state.cache, use_cache=True, logits_to_keep=1, **prompt.extra)
             state.cached = n
-        if not prompt.extra:
-            self._prefix_cache.remember(prompt.ids[:n], state.cache)
         self.prefill_reused += reuse
         return state
 
@@ -287,35 +296,32 @@ class ModelAdapter:
 
 
 class PrefixCache:
-    """Keys/values of the last few prompts, for prompts that start the same way.
+    """Keys/values of the shared part of recent prompts (system prompt + template), LRU.
 
-    ``min_shared`` keeps short coincidental matches (a chat template's first tokens) from
-    costing a copy for nothing.
+    ``min_shared`` keeps a bare chat template's few tokens from costing a copy for nothing.
     """
 
     def __init__(self, entries: int = 4, min_shared: int = 32):
         self.entries, self.min_shared = entries, min_shared
-        self._items: list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        self._items: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._lock = threading.Lock()
 
-    def lookup(self, ids: list[int]) -> tuple[int, list]:
-        """(length of the longest shared prefix, that entry's per-layer keys/values), or (0, [])."""
-        best, layers = 0, []
+    def get(self, ids: list[int]) -> list | None:
         with self._lock:
-            for stored, kv in self._items:
-                n = _shared_prefix(stored, ids)
-                if n > best:
-                    best, layers = n, kv
-        return (best, layers) if best >= self.min_shared else (0, [])
+            layers = self._items.pop(tuple(ids), None)
+            if layers is not None:
+                self._items[tuple(ids)] = layers  # most recently used last
+            return layers
 
-    def remember(self, ids: list[int], cache: DynamicCache) -> None:
-        if self.entries <= 0 or len(ids) < self.min_shared:
+    def put(self, ids: list[int], cache: DynamicCache) -> None:
+        if self.entries <= 0:
             return
         layers = [(layer.keys[..., : len(ids), :].clone(), layer.values[..., : len(ids), :].clone())
                   for layer in cache.layers]
         with self._lock:
-            self._items = [it for it in self._items if it[0] != ids][: self.entries - 1]
-            self._items.insert(0, (list(ids), layers))
+            self._items[tuple(ids)] = layers
+            while len(self._items) > self.entries:
+                self._items.pop(next(iter(self._items)))
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
