@@ -62,7 +62,7 @@ BY_KEY = {m.key: m for m in ALL}
 class Settings:
     gamma: int = 4  # draft tokens per block for fixed-length rungs (initial length for adaptive)
     max_gamma: int = 8
-    early_threshold: float = 0.5
+    early_threshold: float = 0.2
     verdict_timeout_s: float = 120.0
 
 

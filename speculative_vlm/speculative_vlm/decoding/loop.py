@@ -139,7 +139,7 @@ class SpeculativeDecoder:
         policy=None,
         preempt: bool = True,
         pipeline: bool = True,
-        early_threshold: float = 0.5,
+        early_threshold: float = 0.2,
         verdict_timeout_s: float = 120.0,
     ):
         self.draft = draft
