@@ -18,6 +18,7 @@ import io
 import json
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,18 +129,20 @@ class ModelAdapter:
             ids = inputs.pop("input_ids")[0].tolist()
             inputs.pop("attention_mask", None)
             extra = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+            shared = 0  # equal ids, other pixels: nothing of an image prompt is reusable
         else:
-            messages.append({"role": "user", "content": request.prompt})
             template_owner = self.processor if (self.is_vlm and self.processor.chat_template) else self.tokenizer
-            if self.is_vlm:
-                messages[-1] = {"role": "user", "content": [{"type": "text", "text": request.prompt}]}
-            text = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+            def tokens(user_text: str) -> list[int]:
+                content = [{"type": "text", "text": user_text}] if self.is_vlm else user_text
+                text = template_owner.apply_chat_template(
+                    [*messages, {"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+            ids = tokens(request.prompt)
             extra = {}
             # What any user message would share with this one: the system prompt and the template.
-            other = [*messages[:-1], {**messages[-1], "content": "x" if not self.is_vlm else [{"type": "text", "text": "x"}]}]
-            other_text = template_owner.apply_chat_template(other, add_generation_prompt=True, tokenize=False)
-            shared = _shared_prefix(self.tokenizer(other_text, add_special_tokens=False)["input_ids"], ids)
+            shared = common_prefix([tokens("x"), ids])
         budget = self.max_context - request.settings.max_new_tokens
         if len(ids) > budget:
             raise PromptTooLong(
@@ -148,7 +151,7 @@ class ModelAdapter:
                 f"({self.max_context} context - {request.settings.max_new_tokens} new tokens); "
                 "shorten the prompt or ask for fewer new tokens",
             )
-        return Prompt(ids=list(ids), extra=extra, shared=0 if extra else shared)
+        return Prompt(ids=list(ids), extra=extra, shared=shared)
 
     def decode(self, tokens) -> str:
         tokens = [t for t in tokens if t not in self.eos_token_ids]
@@ -324,12 +327,13 @@ class PrefixCache:
                 self._items.pop(next(iter(self._items)))
 
 
-def _shared_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix that every sequence shares."""
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        t = seqs[0][i]
+        if any(s[i] != t for s in seqs):
+            return i
     return n
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from speculative_vlm.decoding.models import common_prefix
 from speculative_vlm.training.draft_model import ProjectedDraft
-from speculative_vlm.training.teacher_data import Example, common_prefix
+from speculative_vlm.training.teacher_data import Example
 
 
 @dataclass(frozen=True)

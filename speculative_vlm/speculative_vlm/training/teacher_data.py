@@ -28,6 +28,7 @@ import torch
 
 from speculative_vlm.commands.grammar import compile_grammar, grammar_source
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, render_prompt, sample_task
+from speculative_vlm.decoding.models import common_prefix
 from speculative_vlm.training.general_prompts import sample_general_prompt
 
 FORMAT_VERSION = 1
@@ -42,16 +43,6 @@ class Example:
     answer_ids: list[int]  # includes the stop token when the target produced one
     topk_ids: np.ndarray  # (len(answer_ids), k) int32
     topk_logp: np.ndarray  # (len(answer_ids), k) float16, log-probs under the grammar mask if any
-
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix that every sequence shares."""
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        t = seqs[0][i]
-        if any(s[i] != t for s in seqs):
-            return i
-    return n
 
 
 @torch.inference_mode()
