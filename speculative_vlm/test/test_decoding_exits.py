@@ -20,7 +20,7 @@ class AlwaysWrongExits(ExitHeads):
         self.wrong_token = wrong_token
         self.vocab = target.vocab_size
 
-    def logits(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, layer: int, hidden: torch.Tensor, narrow=None) -> torch.Tensor:
         out = torch.full(hidden.shape[:-1] + (self.vocab,), -1e4)
         out[..., self.wrong_token] = 1e4
         return out

@@ -1,4 +1,4 @@
-"""The LM head restricted to the tokens a grammar allows (models.RowsHead / forward(rows=...)):
+"""The LM head restricted to the tokens a grammar allows (models.RowsHead / forward(head=...)):
 the same logits as masking the full head, computed for the allowed tokens only."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def test_forward_with_rows_equals_the_full_head_masked_and_restores_the_head(mak
     for s in (full_state, rows_state):
         s.append([5, 9, 11])
     full = adapter.forward([full_state])[0]
-    narrow = adapter.forward([rows_state], rows=rows)[0]
+    narrow = adapter.forward([rows_state], head=RowsHead(adapter.lm_head, rows, adapter.vocab_size))[0]
     assert narrow.shape == full.shape
     assert torch.allclose(narrow[:, rows], full[:, rows], atol=1e-5)
     others = torch.ones(full.shape[-1], dtype=torch.bool)
@@ -39,7 +39,7 @@ def test_exit_head_with_rows_matches_the_full_exit_head():
     heads = ExitHeads(adapter, [1])
     hidden = torch.randn(4, adapter.hidden_size)
     rows = torch.tensor([0, 7, 8, 100])
-    narrow, full = heads.logits(1, hidden, rows), heads.logits(1, hidden)
+    narrow, full = heads.logits(1, hidden, RowsHead(adapter.lm_head, rows, adapter.vocab_size)), heads.logits(1, hidden)
     assert torch.allclose(narrow[:, rows], full[:, rows], atol=1e-5)
     assert torch.isneginf(narrow).sum() == 4 * (full.shape[-1] - 4)
 

@@ -17,7 +17,7 @@ import torch
 
 from speculative_vlm.decoding import rules
 from speculative_vlm.decoding.grammar import apply_mask
-from speculative_vlm.decoding.models import ModelAdapter, allowed_rows
+from speculative_vlm.decoding.models import ModelAdapter
 from speculative_vlm.decoding.target_engine import make_tracker
 from speculative_vlm.decoding.verifier import SessionRequest
 
@@ -74,7 +74,7 @@ class Drafter:
         k = min(k, max(0, self.out.room - reserve))
         while len(tokens) < k and not self.out.done:
             mask = self.out.mask()
-            logits = self.model.forward([self.kv], rows=allowed_rows(mask))[0][-1]
+            logits = self.model.forward([self.kv], head=self.model.narrow_head(mask))[0][-1]
             if mask is not None:
                 logits = apply_mask(logits, mask)
             token, probs = rules.pick(logits, self.settings, self.generator)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from speculative_vlm.decoding import model_store
-from speculative_vlm.decoding.models import ModelAdapter
+from speculative_vlm.decoding.models import ModelAdapter, RowsHead
 
 
 class ExitCheckpointMismatch(ValueError):
@@ -55,12 +55,13 @@ class ExitHeads(nn.Module):
     def trained(self) -> bool:
         return len(self.adapters) > 0
 
-    def logits(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The exit's logits at ``layer``; with ``rows``, for those tokens only (the rest -inf)."""
+    def logits(self, layer: int, hidden: torch.Tensor, narrow: RowsHead | None = None) -> torch.Tensor:
+        """The exit's logits at ``layer``; with ``narrow`` (the pass's narrowed LM head), for its
+        tokens only (the rest -inf)."""
         adapter = self.adapters[str(layer)] if str(layer) in self.adapters else None
         if adapter is not None:
             hidden = adapter(hidden.float())
-        return self._head(hidden, rows)
+        return self._head(hidden, narrow)
 
 
 def save_exit_heads(heads: ExitHeads, path: str | os.PathLike, target: ModelAdapter, report: dict | None = None) -> Path:

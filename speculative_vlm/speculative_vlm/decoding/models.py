@@ -193,17 +193,18 @@ class ModelAdapter:
 
     @torch.inference_mode()
     def forward(
-        self, states: list[KVState], hooks: dict[int, object] | None = None, rows: torch.Tensor | None = None
+        self, states: list[KVState], hooks: dict[int, object] | None = None, head: RowsHead | None = None
     ) -> list[torch.Tensor]:
         """Feed each state's uncached ids in one pass; returns per state logits (n_i, V) in fp32.
 
         Several states are stacked: caches left-padded to a common length, inputs
         right-padded, with an attention mask and position ids per row, then split back.
         ``hooks`` maps a decoder layer index to ``fn(layer, hidden (B, T, H))``, called as
-        soon as that layer has run (before the later layers). ``rows`` (token ids, e.g. what
-        a grammar allows) computes the LM head for those tokens only and leaves every other
-        logit at -inf: the same result as masking full logits, without the full head's cost
-        (for SmolLM2 the 49,152-token head is a fifth of a pass; for a small draft, most of it).
+        soon as that layer has run (before the later layers). ``head`` (from
+        :meth:`narrow_head`) computes the LM head for the tokens a grammar allows only and leaves
+        every other logit at -inf: the same result as masking full logits, without the full
+        head's cost (for SmolLM2 the 49,152-token head is a fifth of a pass; for a small draft,
+        most of it).
         """
         for s in states:
             if s.cached >= len(s.ids):  # logits are needed for the last id: recompute it
@@ -211,14 +212,14 @@ class ModelAdapter:
         handles = []
         for layer, fn in (hooks or {}).items():
             handles.append(self.decoder_layers[layer].register_forward_hook(_hook(layer, fn)))
-        if rows is not None:
-            setattr(self._head_owner, self._head_attr, RowsHead(self.lm_head, rows, self.vocab_size))
+        if head is not None:
+            setattr(self._head_owner, self._head_attr, head)
         try:
             if len(states) == 1:
                 return [self._forward_one(states[0])]
             return self._forward_batch(states)
         finally:
-            if rows is not None:
+            if head is not None:
                 setattr(self._head_owner, self._head_attr, self.lm_head)
             for h in handles:
                 h.remove()
@@ -274,12 +275,19 @@ class ModelAdapter:
         return logits
 
     # ---- exit heads ----------------------------------------------------------------------
-    def head(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def narrow_head(self, masks: torch.Tensor | None) -> RowsHead | None:
+        """The LM head for the tokens any of ``masks`` (..., V) allows; None without a grammar.
+
+        Build it once per pass and hand it to :meth:`forward` and :meth:`head` (exits) alike.
+        """
+        return None if masks is None else RowsHead(self.lm_head, allowed_rows(masks), self.vocab_size)
+
+    def head(self, hidden: torch.Tensor, narrow: RowsHead | None = None) -> torch.Tensor:
         """The shared final norm + LM head applied to a hidden state (the default exit head).
 
-        With ``rows``, only those tokens' logits are computed; the others are -inf.
+        With ``narrow`` (:meth:`narrow_head`), only its tokens' logits are computed; the others are -inf.
         """
-        head = self.lm_head if rows is None else RowsHead(self.lm_head, rows, self.vocab_size)
+        head = self.lm_head if narrow is None else narrow
         return head(self.final_norm(hidden.to(self.dtype))).float()
 
     def check_pairs_with(self, target: ModelAdapter) -> None:

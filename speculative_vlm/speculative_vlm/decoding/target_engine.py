@@ -29,7 +29,7 @@ import torch
 from speculative_vlm.decoding import rules
 from speculative_vlm.decoding.exits import ExitHeads, load_exit_heads
 from speculative_vlm.decoding.grammar import GrammarConstraint, apply_mask
-from speculative_vlm.decoding.models import KVState, ModelAdapter, allowed_rows
+from speculative_vlm.decoding.models import KVState, ModelAdapter
 from speculative_vlm.decoding.sequence import OutputTracker
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
@@ -186,9 +186,9 @@ class TargetEngine:
 
     def _verify_pass(self, items: list[_Item], on_early: EarlyCallback | None, start: float) -> list[Verdict]:
         # Under a grammar only the tokens it allows can be chosen: the heads compute just those.
-        rows = None
+        narrow = None
         if all(it.masks is not None for it in items):
-            rows = allowed_rows(torch.cat([it.masks for it in items]))
+            narrow = self.model.narrow_head(torch.cat([it.masks for it in items]))
         hooks = {}
         if on_early is not None and self.exits.layers:
 
@@ -196,7 +196,7 @@ class TargetEngine:
                 for row, it in enumerate(items):
                     k = len(it.tokens)
                     h = hidden[row, it.fed - k - 1 : it.fed]
-                    logits = self.exits.logits(layer, h, rows)
+                    logits = self.exits.logits(layer, h, narrow)
                     if it.masks is not None:
                         logits = apply_mask(logits, it.masks)
                     on_early(it.session, self._early_verdict(it, layer, logits))
@@ -205,7 +205,7 @@ class TargetEngine:
         with self._lock:
             for it in items:
                 it.session.kv.append(it.tokens)
-            all_logits = self.model.forward([it.session.kv for it in items], hooks=hooks, rows=rows)
+            all_logits = self.model.forward([it.session.kv for it in items], hooks=hooks, head=narrow)
             self.passes += 1
             self.largest_batch = max(self.largest_batch, len(items))
         verdicts = []
@@ -276,7 +276,7 @@ class TargetEngine:
         while not sess.done and len(sess.output) < limit:
             mask = sess.out.mask()
             with self._lock:
-                logits = self.model.forward([sess.kv], rows=allowed_rows(mask))[0][-1]
+                logits = self.model.forward([sess.kv], head=self.model.narrow_head(mask))[0][-1]
             if mask is not None:
                 logits = apply_mask(logits, mask)
             token, _ = rules.pick(logits, settings, sess.generator)
