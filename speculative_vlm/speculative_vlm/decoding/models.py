@@ -98,7 +98,7 @@ class ModelAdapter:
         self.decoder_layers = decoder.layers
         self.final_norm = decoder.norm
         self.lm_head = model.get_output_embeddings()
-        # Where the model keeps its LM head, so that forward(rows=...) can stand a narrower one in.
+        # Where the model keeps its LM head, so that forward(head=...) can stand a narrower one in.
         self._head_owner, self._head_attr = _owner_of(model, self.lm_head)
         self.eos_token_ids: tuple[int, ...] = _eos_ids(model, tokenizer)
         self.pad_token_id: int = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -362,7 +362,7 @@ class RowsHead(torch.nn.Module):
 
 
 def allowed_rows(masks: torch.Tensor | None) -> torch.Tensor | None:
-    """Token ids any of ``masks`` (..., V) allows (for ``forward(rows=...)``); None without a grammar."""
+    """Token ids any of ``masks`` (..., V) allows (for :class:`RowsHead`); None without a grammar."""
     if masks is None:
         return None
     return masks.reshape(-1, masks.shape[-1]).any(0).nonzero().flatten()
