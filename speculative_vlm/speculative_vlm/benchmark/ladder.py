@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from speculative_vlm.decoding.loop import GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import ModelAdapter
 from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
-from speculative_vlm.decoding.verifier import SessionRequest, Verifier, VerifierSession
+from speculative_vlm.decoding.verifier import EARLY_THRESHOLD, SessionRequest, Verifier, VerifierSession
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ BY_KEY = {m.key: m for m in ALL}
 class Settings:
     gamma: int = 4  # draft tokens per block for fixed-length rungs (initial length for adaptive)
     max_gamma: int = 8
-    early_threshold: float = 0.2
+    early_threshold: float = EARLY_THRESHOLD
     verdict_timeout_s: float = 120.0
 
 

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-heads", default=None,
                         help=f"trained exit adapters (a train-exits checkpoint; default: the one shipped under "
                              f"{PACKAGE_ROOT / 'models'} if any, else the untrained shared head)")
-    parser.add_argument("--early-threshold", type=float, default=0.2,
+    parser.add_argument("--early-threshold", type=float, default=ladder.EARLY_THRESHOLD,
                         help="exit confidence needed to draft preemptively")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per method and RTT (full: 10)")
     parser.add_argument("--free-prompts", type=int, default=None, help="prompts for the grammar-off rung (full: 3)")

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
+from speculative_vlm.decoding.verifier import EARLY_THRESHOLD, GenerationSettings, SessionRequest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-layers", type=int, nargs="*", default=[], help="target layers with early exits")
     parser.add_argument("--exit-heads", type=Path, default=None, help="trained exit checkpoint (train-exits)")
     parser.add_argument("--draft-length", default="4", help="tokens per block, or 'adaptive'")
-    parser.add_argument("--early-threshold", type=float, default=0.2, help="confidence needed to preempt")
+    parser.add_argument("--early-threshold", type=float, default=EARLY_THRESHOLD, help="confidence needed to preempt")
     parser.add_argument("--no-preempt", action="store_true", help="never draft before the final verdict")
     parser.add_argument("--no-pipeline", action="store_true", help="preempt, but submit after the final verdict")
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -20,6 +20,7 @@ from speculative_vlm.decoding.drafter import Draft, Drafter
 from speculative_vlm.decoding.models import ModelAdapter
 from speculative_vlm.decoding.policy import FixedLength, RoundObservation
 from speculative_vlm.decoding.verifier import (
+    EARLY_THRESHOLD,
     DraftBlock,
     SessionRequest,
     Verdict,
@@ -139,7 +140,7 @@ class SpeculativeDecoder:
         policy=None,
         preempt: bool = True,
         pipeline: bool = True,
-        early_threshold: float = 0.2,
+        early_threshold: float = EARLY_THRESHOLD,
         verdict_timeout_s: float = 120.0,
     ):
         self.draft = draft

@@ -40,7 +40,13 @@ from speculative_vlm.commands.to_msg import to_msg
 from speculative_vlm.decoding.loop import GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import load_model
 from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
-from speculative_vlm.decoding.verifier import GenerationSettings, LinkLost, SessionRequest, VerifierError
+from speculative_vlm.decoding.verifier import (
+    EARLY_THRESHOLD,
+    GenerationSettings,
+    LinkLost,
+    SessionRequest,
+    VerifierError,
+)
 from speculative_vlm.nodes.image_conversion import image_to_numpy
 from speculative_vlm.nodes.ros_verifier import RosVerifier
 from speculative_vlm.nodes.spin import spin_node
@@ -109,7 +115,7 @@ class DrafterNode(Node):
             description="adapt the draft length per round from acceptance, draft, verify and round-trip time"))
         d("preemptive", True, ParameterDescriptor(description="draft the next block on a confident early verdict"))
         d("pipelining", True, ParameterDescriptor(description="send preemptive blocks before the final verdict"))
-        d("early_confidence", 0.2, _float(0.0, 1.0, "early-verdict confidence needed to draft preemptively"))
+        d("early_confidence", EARLY_THRESHOLD, _float(0.0, 1.0, "early-verdict confidence needed to draft preemptively"))
         d("max_new_tokens", 64, _int(1, 512, "token limit of one step's answer"))
         d("temperature", 0.0, _float(0.0, 2.0, "sampling temperature; 0 = greedy"))
         d("seed", 0, _int(0, 2**31 - 1, "sampling seed"))
