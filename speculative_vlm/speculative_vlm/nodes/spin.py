@@ -38,7 +38,6 @@ class PoolExecutor(Executor):
         super().__init__(context=context)
         if num_threads is None:
             num_threads = max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
-        self.num_threads = num_threads
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="ros-callback")
         self._running: list = []  # handler tasks handed to the pool, kept until done
 
