@@ -34,6 +34,19 @@ class ProtocolViolation(VerifierError):
     """The verifier sent a verdict that does not fit the blocks in flight (a verifier bug)."""
 
 
+class Cancelled(Exception):
+    """The caller's ``should_stop`` asked the loop to stop; the session is already closed.
+
+    Not a :class:`VerifierError`: nothing is wrong with the link, the caller changed its mind (an
+    action goal cancelled or preempted). ``partial`` holds the output and rounds verified so far.
+    """
+
+    def __init__(self, partial: GenerationResult):
+        super().__init__(f"decoding stopped on request after {len(partial.rounds)} rounds "
+                         f"({len(partial.token_ids)} tokens verified)")
+        self.partial = partial
+
+
 @dataclass
 class RoundStats:
     round: int
@@ -61,7 +74,7 @@ class GenerationResult:
     wall_s: float = 0.0
     prompt_forced: int = 0
     # "eos": the model (or the grammar) ended the output; "length": max_new_tokens cut it,
-    # so a constrained output may be an unfinished command.
+    # so a constrained output may be an unfinished command; "cancelled": should_stop ended it.
     stop_reason: str = "eos"
 
     @property
@@ -129,6 +142,7 @@ class _InFlight:
 
 
 TextCallback = Callable[[str], None]
+StopCheck = Callable[[], bool]
 TAIL = 16  # at most this many assumed tokens travel with a block as base_tail
 
 
@@ -154,19 +168,36 @@ class SpeculativeDecoder:
         if engine is not None:  # in-process: the target is at hand, check the pairing now
             draft.check_pairs_with(engine.model)
 
-    def generate(self, request: SessionRequest, on_text: TextCallback | None = None) -> GenerationResult:
-        """Decode ``request`` speculatively; ``on_text`` gets the verified text after each verdict."""
+    def generate(
+        self, request: SessionRequest, on_text: TextCallback | None = None, should_stop: StopCheck | None = None
+    ) -> GenerationResult:
+        """Decode ``request`` speculatively; ``on_text`` gets the verified text after each verdict.
+
+        ``should_stop`` is asked before each round and on every verdict (early ones included), so
+        a caller that wants out (a cancelled goal) waits at most for the verdict in flight: when it
+        returns True the session is closed and :class:`Cancelled` raised with the partial result.
+        """
         start = time.perf_counter()
         drafter = Drafter(self.draft, request)  # bad input fails here, before the verifier is asked
         session = self.verifier.open(request)
+        committed: list[int] = []
+        result = GenerationResult(text="", token_ids=[])
+
+        def check_stop() -> None:
+            if should_stop is not None and should_stop():
+                result.token_ids, result.text = list(committed), self.draft.decode(committed)
+                result.stop_reason, result.wall_s = "cancelled", time.perf_counter() - start
+                raise Cancelled(result)
+
         try:
-            committed: list[int] = drafter.append_forced()
-            result = GenerationResult(text="", token_ids=[], prompt_forced=len(committed))
+            committed = drafter.append_forced()
+            result.prompt_forced = len(committed)
             abandoned: set[int] = set()
             next_round = 0
             queued: _InFlight | None = None
             done = drafter.out.done
             while not done:
+                check_stop()
                 if queued is not None:
                     current, queued = queued, None
                 else:
@@ -190,6 +221,7 @@ class SpeculativeDecoder:
                 preempted: _InFlight | None = None
                 while True:
                     verdict = session.next_verdict(timeout=self.verdict_timeout_s)
+                    check_stop()
                     if verdict.round in abandoned:
                         continue
                     if verdict.round != current.block.round:
@@ -279,12 +311,21 @@ class SpeculativeDecoder:
             return None  # the assumed output is complete: nothing to draft after it
         return self._draft_block(drafter, assumed, committed, round_no, early)
 
-    def generate_unverified(self, request: SessionRequest, on_text: TextCallback | None = None) -> GenerationResult:
-        """The draft alone (edge-only baseline, or the fallback when the link is lost)."""
+    def generate_unverified(
+        self, request: SessionRequest, on_text: TextCallback | None = None, should_stop: StopCheck | None = None
+    ) -> GenerationResult:
+        """The draft alone (edge-only baseline, or the fallback when the link is lost).
+
+        ``should_stop`` is asked before each chunk of 8 drafted tokens, as :meth:`generate` does.
+        """
         start = time.perf_counter()
         drafter = Drafter(self.draft, request)
         committed = drafter.append_forced()
         while not drafter.out.done:
+            if should_stop is not None and should_stop():
+                raise Cancelled(GenerationResult(
+                    text=self.draft.decode(committed), token_ids=list(committed), verified=False,
+                    stop_reason="cancelled", wall_s=time.perf_counter() - start))
             drafter.draft(8, reserve=0)
             committed = list(drafter.tokens) + drafter.append_forced()
             if on_text is not None:
