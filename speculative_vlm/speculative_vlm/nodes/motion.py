@@ -15,7 +15,7 @@ Safety lives here, not in the models:
 
 Interfaces (relative names, so a namespace applies):
   subscribes  motion/command (speculative_vlm_msgs/LocomotionCommand), cmd_vel (geometry_msgs/Twist),
-              motion/estop (std_msgs/Bool, reliable + transient local)
+              motion/estop (std_msgs/Bool, any QoS: see ESTOP_QOS)
   publishes   odom (nav_msgs/Odometry, from rt/sportmodestate), /diagnostics,
               motion/idle (std_msgs/Bool, transient local): True when nothing is executing,
               motion/active_command (LocomotionCommand, transient local): the command being
@@ -53,6 +53,11 @@ from speculative_vlm.go2.sdk_backend import RobotState, SportBackend, code_name
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import LocomotionCommand
 
+try:  # rclpy >= 7 (Iron)
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # pragma: no cover - Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks
+
 try:  # part of every ROS 2 install, but not among the PyPI wheels
     from geometry_msgs.msg import TransformStamped
     from tf2_msgs.msg import TFMessage
@@ -60,6 +65,16 @@ except ImportError:
     TFMessage = None
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# The e-stop must hear every publisher, and a subscription only matches publishers whose QoS
+# offers at least what it requests: transient local (an e-stop latched before this node
+# started), volatile reliable (the default QoS: teleop, Foxglove's Publish panel, most user code)
+# and best effort (sensor-style publishers). One subscription per profile; a publisher matching
+# several delivers its message more than once, and engaging an engaged e-stop is harmless.
+ESTOP_QOS = (
+    LATCHED,
+    QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE),
+    QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE),
+)
 
 
 def _float_param(lo: float, hi: float, text: str) -> ParameterDescriptor:
@@ -178,7 +193,12 @@ class MotionNode(LifecycleNode):
         self._subs = [
             self.create_subscription(LocomotionCommand, "motion/command", self._on_command, 10),
             self.create_subscription(Twist, "cmd_vel", self._on_cmd_vel, 10),
-            self.create_subscription(Bool, "motion/estop", self._on_estop_topic, LATCHED),
+        ]
+        # A publisher the stricter profiles cannot match is heard by a looser one: no warning for it.
+        quiet = SubscriptionEventCallbacks(incompatible_qos=lambda _event: None)
+        self._subs += [
+            self.create_subscription(Bool, "motion/estop", self._on_estop_topic, qos, event_callbacks=quiet)
+            for qos in ESTOP_QOS
         ]
         self._services = [
             self.create_service(Trigger, "motion/engage_estop", self._on_engage_srv),
@@ -365,12 +385,15 @@ class MotionNode(LifecycleNode):
 
     def engage_estop(self, source: str) -> None:
         """Latch the e-stop: drop everything queued, StopMove at once, refuse commands until released."""
+        was = self._estop
         self._estop = True
         with self._lock:
             self._velocity = None
             self._actions.clear()
             self._stop_pending = True
         self._wake.set()
+        if was:  # the same e-stop again (one message heard by several subscriptions, or repeated)
+            return
         if self._estop_pub is not None:
             self._estop_pub.publish(Bool(data=True))
         self.get_logger().error(f"E-STOP engaged by {source}")
