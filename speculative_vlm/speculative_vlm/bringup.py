@@ -5,7 +5,8 @@ executor, each reading its own ``ros__parameters`` section of the same YAML (the
 a global ``--params-file``, exactly as launch files pass it). Peers that are separate machines in
 real life run as separate processes: the simulated Go2 (``speculative-vlm-sim-go2``) and the local
 cloud verifier (``speculative-vlm-cloud``). With an ``instruction`` the bringup sends it as an
-``Instruct`` goal, prints every step and a summary, and exits; without one it runs until Ctrl-C.
+``Instruct`` goal, prints every step and a summary, and exits (0 only when the model said the task
+is done, :data:`GOAL_NOT_ACHIEVED` when the goal ended otherwise); without one it runs until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ NODE_CLASSES = {
     "drafter": "speculative_vlm.nodes.drafter:DrafterNode",
     "monitor": "speculative_vlm.nodes.monitor:MonitorNode",
 }
+
+
+# Exit status of `up` with an instruction: 0 when the model said done, this when the goal ended
+# otherwise (step limit, refusal, lost link...; the summary says which), 1 when it could not run.
+GOAL_NOT_ACHIEVED = 2
 
 
 class BringupError(RuntimeError):
@@ -202,6 +208,7 @@ def follow_instruction(executor, config: BringupConfig) -> int:
     from rclpy.node import Node
 
     from speculative_vlm.commands.to_msg import from_msg
+    from speculative_vlm.nodes.drafter import outcome_name
     from speculative_vlm_msgs.action import Instruct
 
     client_node = Node("bringup_client")
@@ -255,7 +262,9 @@ def follow_instruction(executor, config: BringupConfig) -> int:
     stats = result.stats
     print("", flush=True)
     print("summary", flush=True)
-    print(f"  outcome: {'success' if result.success else 'failed'}: {result.reason}", flush=True)
+    # Only the model saying done is success; any other end names its outcome (step limit, ...).
+    outcome = "succeeded" if result.success else f"failed ({outcome_name(result.outcome)})"
+    print(f"  outcome: {outcome}: {result.reason}", flush=True)
     print(f"  commands executed: {result.steps}; wall time {time.monotonic() - t0:.1f} s", flush=True)
     print(f"  decoding: {stats.generated} tokens in {stats.rounds} rounds, {stats.target_passes} target passes "
           f"({stats.tokens_per_pass:.2f} tokens/pass), acceptance {stats.acceptance_rate:.2f}, early hits "
@@ -273,7 +282,7 @@ def follow_instruction(executor, config: BringupConfig) -> int:
     executor.remove_node(client_node)
     client.destroy()
     client_node.destroy_node()
-    return 0 if result.success else 1
+    return 0 if result.success else GOAL_NOT_ACHIEVED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import rclpy
+from action_msgs.msg import GoalStatus
 from go2_harness import SimProcess, go2_domain_id
 from nav_msgs.msg import Odometry
 from rclpy.action import ActionClient
@@ -34,6 +35,7 @@ from tiny_models import noisy_copy, tiny_causal_lm
 from speculative_vlm_msgs.action import Instruct
 from speculative_vlm_msgs.msg import LocomotionCommand
 
+Outcome = Instruct.Result
 pytestmark = pytest.mark.ros
 
 MAX_VX, MIN_VX, MAX_VY, MAX_VYAW, MAX_DURATION = 0.6, -0.3, 0.3, 0.8, 0.6
@@ -155,7 +157,7 @@ def test_instruct_goal_runs_verified_commands_within_limits_with_feedback_per_st
     graph.active.clear()
     response = graph.instruct("walk to the red ball", max_steps=2, feedback=feedback)
     result = response.result
-    assert result.success, result.reason
+    assert result.outcome in (Outcome.SUCCEEDED, Outcome.STEP_LIMIT), result.reason
     steps_with_command = {f.feedback.step for f in feedback if f.feedback.command.text}
     assert steps_with_command == set(range(1, result.steps + 1)) or result.steps < 2
     assert any(f.feedback.stats.target_passes > 0 for f in feedback)
@@ -168,6 +170,24 @@ def test_instruct_goal_runs_verified_commands_within_limits_with_feedback_per_st
         assert MIN_VX - 1e-6 <= echo.vx <= MAX_VX + 1e-6
         assert abs(echo.vy) <= MAX_VY + 1e-6 and abs(echo.vyaw) <= MAX_VYAW + 1e-6
         assert 0.0 <= echo.duration <= MAX_DURATION + 1e-6
+
+
+def test_a_goal_that_reaches_the_step_limit_is_aborted_not_succeeded(graph):
+    # The tiny target answers the start frame with MOVE commands, never DONE: two steps run out.
+    response = graph.instruct("walk to the red ball", max_steps=2)
+    result = response.result
+    assert result.outcome == Outcome.STEP_LIMIT and not result.success, result.reason
+    assert response.status == GoalStatus.STATUS_ABORTED
+    assert result.steps == 2 and "step limit of 2" in result.reason
+
+
+def test_a_refused_prompt_ends_the_goal_refused_not_as_a_lost_link(graph):
+    # Longer than the tiny models' 512-token context: refused before any block is drafted.
+    response = graph.instruct("walk to the red ball " * 200, max_steps=2)
+    result = response.result
+    assert result.outcome == Outcome.REFUSED and not result.success, result.reason
+    assert response.status == GoalStatus.STATUS_ABORTED
+    assert "prompt_too_long" in result.reason and result.steps == 0
 
 
 def test_commands_through_the_graph_equal_the_target_alone_on_frames_replayed_from_a_bag(graph, tmp_path):
@@ -225,7 +245,8 @@ def test_cancel_stops_the_robot(graph):
     assert graph.speed() > 0.05  # moving when the cancel comes
     _wait(handle.cancel_goal_async(), 10)
     response = _wait(result, 30)
-    assert not response.result.success and response.result.reason == "cancelled"
+    assert response.result.outcome == Outcome.CANCELED and not response.result.success, response.result.reason
+    assert response.status == GoalStatus.STATUS_CANCELED
     time.sleep(1.0)  # StopMove went out at once; the sim decelerates within its limits
     assert graph.speed() < 0.05
 
@@ -239,7 +260,8 @@ def test_lost_link_stops_the_robot_and_ends_the_goal_with_a_reason_then_recovers
     killer.start()
     response = graph.instruct("walk to the red ball", max_steps=20)
     killer.join()
-    assert not response.result.success, response.result.reason
+    assert response.result.outcome == Outcome.LINK_LOST and not response.result.success, response.result.reason
+    assert response.status == GoalStatus.STATUS_ABORTED
     assert "link" in response.result.reason.lower() or "lost" in response.result.reason.lower(), response.result.reason
     time.sleep(1.0)  # motion node's Move stream stops at once on STOP; the sim decelerates
     assert graph.speed() < 0.05
@@ -247,7 +269,7 @@ def test_lost_link_stops_the_robot_and_ends_the_goal_with_a_reason_then_recovers
     deadline = time.monotonic() + 20
     while True:
         response = graph.instruct("walk to the red ball", max_steps=1)
-        if response.result.success or time.monotonic() > deadline:
+        if response.result.outcome != Outcome.LINK_LOST or time.monotonic() > deadline:
             break
         time.sleep(1.0)
-    assert response.result.success, response.result.reason
+    assert response.result.outcome in (Outcome.SUCCEEDED, Outcome.STEP_LIMIT), response.result.reason

@@ -7,6 +7,10 @@ into a command (the grammar guarantees it parses; the parser still refuses anyth
 to the motion node and wait until the motion node reports it finished. It repeats until the model
 says ``done``, the step limit is reached, or the goal is cancelled (cancel stops the robot).
 
+Only the model saying ``done`` is success: the result's ``outcome`` says how any other goal ended
+(STEP_LIMIT, REFUSED, LINK_LOST, CANCELED, PREEMPTED, FAILED), and the goal is aborted (or
+cancelled) with a reason in words.
+
 When the cloud link is lost mid-step the robot is stopped; with ``on_link_lost: draft_only`` the
 step is finished on the draft alone, marked unverified, and executed only if
 ``execute_unverified`` allows it. Decoding runs in the action's execute callback, on a thread of
@@ -44,6 +48,7 @@ from speculative_vlm.decoding.verifier import (
     EARLY_THRESHOLD,
     GenerationSettings,
     LinkLost,
+    Refused,
     SessionRequest,
     VerifierError,
 )
@@ -58,8 +63,26 @@ PERCEPTIONS = ("scene_text", "image")
 LINK_POLICIES = ("stop", "draft_only")
 
 
+Outcome = Instruct.Result
+# How the bringup and the logs name each Instruct outcome.
+OUTCOME_NAMES = {
+    Outcome.SUCCEEDED: "succeeded", Outcome.STEP_LIMIT: "step limit", Outcome.REFUSED: "refused",
+    Outcome.LINK_LOST: "link lost", Outcome.CANCELED: "cancelled", Outcome.PREEMPTED: "preempted",
+    Outcome.FAILED: "failed",
+}
+
+
+def outcome_name(outcome: int) -> str:
+    """``Instruct.Result.outcome`` in words ("step limit", "link lost", ...)."""
+    return OUTCOME_NAMES.get(outcome, f"unknown outcome {outcome}")
+
+
 class StepFailed(RuntimeError):
-    """A step cannot go on; the goal ends with this reason and the robot is stopped."""
+    """A step cannot go on; the goal ends with ``outcome`` and this reason, and the robot is stopped."""
+
+    def __init__(self, reason: str, outcome: int = Outcome.FAILED):
+        super().__init__(reason)
+        self.outcome = outcome
 
 
 def _float(lo: float, hi: float, text: str) -> ParameterDescriptor:
@@ -243,39 +266,45 @@ class DrafterNode(Node):
         max_steps = goal.max_steps or self.get_parameter("max_steps").value
         results: list[GenerationResult] = []
 
-        def finish(success: bool, reason: str, how: str) -> Instruct.Result:
-            result.success, result.reason, result.steps = success, reason, len(result.commands)
+        def finish(outcome: int, reason: str) -> Instruct.Result:
+            result.outcome, result.success = outcome, outcome == Outcome.SUCCEEDED
+            result.reason, result.steps = reason, len(result.commands)
             result.stats = total_stats(results)
-            getattr(handle, how)()
-            self.get_logger().info(f"goal {how}: {reason}")
+            if outcome == Outcome.SUCCEEDED:
+                handle.succeed()
+            elif outcome == Outcome.CANCELED:
+                handle.canceled()
+            else:
+                handle.abort()
+            self.get_logger().info(f"goal ended ({outcome_name(outcome)}): {reason}")
             return result
 
         self._loaded.wait()
         if self._decoder is None:
-            return finish(False, self._load_error, "abort")
+            return finish(Outcome.FAILED, self._load_error)
         for step in range(1, max_steps + 1):
             if handle.is_cancel_requested:
                 self.stop_robot()
-                return finish(False, "cancelled", "canceled")
+                return finish(Outcome.CANCELED, "cancelled")
             try:
                 command, gen = self._step(handle, goal.instruction, step)
             except StepFailed as exc:
                 self.stop_robot()
                 self._last_error = str(exc)
-                return finish(False, str(exc), "abort")
+                return finish(exc.outcome, str(exc))
             results.append(gen)
             if command.action == LocomotionCommand.DONE:
-                return finish(True, f"the model says the task is done after {step - 1} commands", "succeed")
+                return finish(Outcome.SUCCEEDED, f"the model said done after {step - 1} commands")
             if not command.verified and not self.get_parameter("execute_unverified").value:
                 self.stop_robot()
-                return finish(False, "cloud link lost: the step was finished on the draft alone and its "
-                              "unverified command was not executed (execute_unverified is off)", "abort")
+                return finish(Outcome.LINK_LOST, "cloud link lost: the step was finished on the draft alone and "
+                              "its unverified command was not executed (execute_unverified is off)")
             result.commands.append(command)
             if not self._execute_command(handle, command):
                 self.stop_robot()
-                return finish(False, "cancelled", "canceled")
+                return finish(Outcome.CANCELED, "cancelled")
             self._steps_done += 1
-        return finish(True, f"step limit of {max_steps} reached", "succeed")
+        return finish(Outcome.STEP_LIMIT, f"step limit of {max_steps} commands reached before the model said done")
 
     def _latest_frame(self) -> Image:
         with self._frame_lock:
@@ -321,16 +350,21 @@ class DrafterNode(Node):
 
         try:
             gen = self._decoder.generate(request, on_text=on_text)
+        except Refused as exc:  # the prompt or a block was refused: drafting on alone would not help
+            raise StepFailed(f"step {step}: the verifier refused ({exc}); the robot was stopped",
+                             Outcome.REFUSED) from exc
         except (LinkLost, VerifierError) as exc:
             self.stop_robot()  # first: nothing moves on unverified output
             if self.get_parameter("on_link_lost").value != "draft_only":
-                raise StepFailed(f"cloud link lost during step {step}: {exc}; the robot was stopped") from exc
+                raise StepFailed(f"cloud link lost during step {step}: {exc}; the robot was stopped",
+                                 Outcome.LINK_LOST) from exc
             self.get_logger().warning(f"link lost ({exc}); finishing step {step} on the draft alone")
             gen = self._decoder.generate_unverified(request, on_text=on_text)
         try:
             command = parse_command(gen.text)
         except CommandError as exc:
-            raise StepFailed(f"step {step}: model text {gen.text!r} is not a command ({exc}); not executed") from exc
+            raise StepFailed(f"step {step}: model text {gen.text!r} is not a command ({exc}); not executed",
+                             Outcome.REFUSED) from exc
         msg = to_msg(command, verified=gen.verified, text=gen.text, stamp=self.get_clock().now().to_msg())
         self._text_pub.publish(String(data=gen.text))
         stats = stats_msg(gen)
