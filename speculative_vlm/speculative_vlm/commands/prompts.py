@@ -86,23 +86,63 @@ class Task:
     pose: Pose = Pose()
 
 
-def user_message(instruction: str, scene_text: str) -> str:
-    """The user turn: the instruction first, then what the robot currently sees."""
-    return f"Instruction: {instruction.strip()}\nScene: {scene_text.strip()}"
+def user_message(instruction: str, scene_text: str, progress: str = "") -> str:
+    """The user turn: the instruction first, then what the robot currently sees, then (when given)
+    what it has done since the instruction arrived (:meth:`Progress.text`)."""
+    message = f"Instruction: {instruction.strip()}\nScene: {scene_text.strip()}"
+    return f"{message}\nProgress: {progress.strip()}" if progress.strip() else message
 
 
-def build_messages(instruction: str, scene_text: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
+class Progress:
+    """Odometry since the instruction arrived, told to the model on every step.
+
+    One frame is all a stateless model sees, and an instruction such as "walk forward 2 meters",
+    "turn left 90 degrees" or "sit down" is fulfilled only relative to where the robot started: the
+    same camera view comes back after a sit or a walk through an empty room. So each step's prompt
+    also says how far the robot has moved in the frame it had when the instruction arrived, how far
+    it has turned (unwrapped: a full turn is 360 degrees, not 0) and what its last command was.
+    """
+
+    def __init__(self, start: Pose) -> None:
+        self.start = start
+        self.forward = 0.0  # m, along the start heading
+        self.left = 0.0  # m, to the left of the start heading
+        self.turned = 0.0  # rad, + left, unwrapped
+        self._yaw = start.yaw
+
+    def update(self, pose: Pose) -> None:
+        """Record the robot's current pose (call often enough that it turns < 180 degrees in between)."""
+        dx, dy = pose.x - self.start.x, pose.y - self.start.y
+        c, s = math.cos(self.start.yaw), math.sin(self.start.yaw)
+        self.forward, self.left = c * dx + s * dy, -s * dx + c * dy
+        self.turned += math.atan2(math.sin(pose.yaw - self._yaw), math.cos(pose.yaw - self._yaw))
+        self._yaw = pose.yaw
+
+    def text(self, last_action: str = "") -> str:
+        """``moved 1.2 m forward and 0.3 m to the right, turned 45 degrees to the left; last command: move``."""
+        fwd, left, deg = round(self.forward, 1) + 0.0, round(self.left, 1) + 0.0, round(math.degrees(self.turned))
+        moved = (f"moved {abs(fwd):.1f} m {'back' if fwd < 0 else 'forward'} and "
+                 f"{abs(left):.1f} m to the {'right' if left < 0 else 'left'}")
+        turned = f"turned {abs(deg)} degrees" + (f" to the {'left' if deg > 0 else 'right'}" if deg else "")
+        return f"{moved}, {turned}; last command: {last_action or 'none'}"
+
+
+def build_messages(
+    instruction: str, scene_text: str, system_prompt: str = SYSTEM_PROMPT, progress: str = ""
+) -> list[dict]:
     """Chat messages (system + user) ready for ``tokenizer.apply_chat_template``."""
     return [
         {"role": "system", "content": system_prompt},
-        {"role": "user", "content": user_message(instruction, scene_text)},
+        {"role": "user", "content": user_message(instruction, scene_text, progress)},
     ]
 
 
-def render_prompt(tokenizer, instruction: str, scene_text: str, system_prompt: str = SYSTEM_PROMPT) -> str:
+def render_prompt(
+    tokenizer, instruction: str, scene_text: str, system_prompt: str = SYSTEM_PROMPT, progress: str = ""
+) -> str:
     """The prompt text with the assistant turn opened, as the target and the draft both see it."""
     return tokenizer.apply_chat_template(
-        build_messages(instruction, scene_text, system_prompt), tokenize=False, add_generation_prompt=True
+        build_messages(instruction, scene_text, system_prompt, progress), tokenize=False, add_generation_prompt=True
     )
 
 
