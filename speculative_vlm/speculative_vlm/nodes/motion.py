@@ -49,6 +49,7 @@ from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
 from speculative_vlm.go2.dds import MAX_DOMAIN_ID, DdsDomainError
+from speculative_vlm.go2.motion_rules import SPORT_REQUESTS, MotionLimits
 from speculative_vlm.go2.sdk_backend import RobotState, SportBackend, code_name
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import LocomotionCommand
@@ -275,17 +276,9 @@ class MotionNode(LifecycleNode):
         return {n: self.get_parameter(n).value for n in names}
 
     # ---- inputs -------------------------------------------------------------------
-    def _clamp(self, vx: float, vy: float, vyaw: float) -> tuple[float, float, float]:
-        p = self._params()
-
-        def clamp(v: float, lo: float, hi: float) -> float:
-            return 0.0 if not math.isfinite(v) else max(lo, min(hi, v))
-
-        return (
-            clamp(vx, p["min_vx"], p["max_vx"]),
-            clamp(vy, -p["max_vy"], p["max_vy"]),
-            clamp(vyaw, -p["max_vyaw"], p["max_vyaw"]),
-        )
+    def _limits(self) -> MotionLimits:
+        # Read on every command, so that limits changed at run time apply to the next one.
+        return MotionLimits.from_params(self._params())
 
     def _accepting(self, what: str) -> bool:
         if not self._active:
@@ -318,10 +311,9 @@ class MotionNode(LifecycleNode):
             self._actions.clear()
             self._velocity = None
             if msg.action == LocomotionCommand.MOVE:
-                vx, vy, vyaw = self._clamp(msg.vx, msg.vy, msg.vyaw)
-                duration = min(max(float(msg.duration), 0.0), self.get_parameter("max_duration_s").value)
-                if not math.isfinite(duration) or duration <= 0.0:
-                    duration = 0.0
+                limits = self._limits()
+                vx, vy, vyaw = limits.clamp_velocity(msg.vx, msg.vy, msg.vyaw)
+                duration = limits.clamp_duration(msg.duration)
                 echo.vx, echo.vy, echo.vyaw, echo.duration = vx, vy, vyaw, duration
                 if duration > 0.0:
                     self._velocity = _Velocity(vx, vy, vyaw, now + duration, now)
@@ -331,12 +323,11 @@ class MotionNode(LifecycleNode):
             elif msg.action == LocomotionCommand.STOP:
                 self._stop_pending = True
             elif msg.action == LocomotionCommand.STAND_UP:
-                # StandUp locks the joints; BalanceStand makes the robot obey Move again.
-                self._actions.extend(["StandUp", "BalanceStand"])
+                self._actions.extend(SPORT_REQUESTS["stand_up"])
             elif msg.action == LocomotionCommand.STAND_DOWN:
-                self._actions.extend(["StopMove", "StandDown"])
+                self._actions.extend(SPORT_REQUESTS["stand_down"])
             elif msg.action == LocomotionCommand.SIT:
-                self._actions.extend(["StopMove", "Sit"])
+                self._actions.extend(SPORT_REQUESTS["sit"])
             elif msg.action == LocomotionCommand.DONE:
                 pass
             else:
@@ -353,7 +344,7 @@ class MotionNode(LifecycleNode):
             return
         now = time.monotonic()
         self._last_command_time = now
-        vx, vy, vyaw = self._clamp(msg.linear.x, msg.linear.y, msg.angular.z)
+        vx, vy, vyaw = self._limits().clamp_velocity(msg.linear.x, msg.linear.y, msg.angular.z)
         with self._lock:
             self._actions.clear()
             if self._velocity is None:
