@@ -27,14 +27,16 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
+            # One scheme: every executable starts with the package prefix, so none shadows a system
+            # command on PATH (`bridge` is iproute2's); `ros2 run speculative_vlm <name>` finds them.
             "speculative-vlm = speculative_vlm.cli:main",
-            "motion = speculative_vlm.nodes.motion:main",
-            "camera = speculative_vlm.nodes.camera:main",
+            "speculative-vlm-camera = speculative_vlm.nodes.camera:main",
+            "speculative-vlm-motion = speculative_vlm.nodes.motion:main",
+            "speculative-vlm-bridge = speculative_vlm.nodes.bridge:main",
+            "speculative-vlm-drafter = speculative_vlm.nodes.drafter:main",
+            "speculative-vlm-monitor = speculative_vlm.nodes.monitor:main",
             "speculative-vlm-sim-go2 = speculative_vlm.go2.sim:main",
-            "monitor = speculative_vlm.nodes.monitor:main",
             "speculative-vlm-cloud = speculative_vlm.cloud.server:main",
-            "drafter = speculative_vlm.nodes.drafter:main",
-            "bridge = speculative_vlm.nodes.bridge:main",
         ],
     },
 )

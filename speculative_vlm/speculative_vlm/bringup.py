@@ -138,15 +138,11 @@ def start_peers(config: BringupConfig, peers: Peers) -> None:
         print(f"starting the simulated Go2 (DDS domain {motion.get('dds_domain_id', 0)})", flush=True)
         peers.start("sim-go2", argv, "ready", timeout_s=60)
     if config.local_cloud:
-        import tempfile
-
-        section = {"ros__parameters": config.params("cloud_server")}
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="cloud_server_", delete=False) as f:
-            yaml.safe_dump(section, f)
-        model = section["ros__parameters"].get("model", "?")
+        model = config.params("cloud_server").get("model", "?")
         print(f"starting the local verifier (target {model}); loading takes a few seconds", flush=True)
-        peers.start("cloud", [sys.executable, "-m", "speculative_vlm.cloud.server", "--config", f.name],
-                    '"event": "serving"', timeout_s=300)
+        # The verifier reads its own section of the config: no copy of it is written anywhere.
+        peers.start("cloud", [sys.executable, "-m", "speculative_vlm.cloud.server", "--config", str(config.path),
+                              "--config-section", "cloud_server"], '"event": "serving"', timeout_s=300)
 
 
 def run_bringup(config: BringupConfig) -> int:

@@ -308,7 +308,7 @@ def test_the_motion_executable_sends_stop_move_when_interrupted(world):
     ns = "/t" + uuid.uuid4().hex[:8]
     proc = subprocess.Popen(
         [
-            shutil.which("motion") or "motion",
+            shutil.which("speculative-vlm-motion") or "speculative-vlm-motion",
             "--ros-args", "-r", f"__ns:={ns}",
             "-p", "network_interface:=lo", "-p", f"dds_domain_id:={world['domain']}", "-p", "autostart:=true",
         ],

@@ -107,6 +107,15 @@ def test_every_interface_file_is_generated_and_every_generated_file_exists():
     assert listed == on_disk
 
 
+def test_every_console_script_carries_the_package_prefix(distribution):
+    # Installed on PATH by pip (and into lib/speculative_vlm by colcon), a bare `bridge`, `motion`
+    # or `monitor` would shadow, or be shadowed by, a system command (`bridge` is iproute2's).
+    names = [line.partition("=")[0].strip() for line in distribution.entry_points["console_scripts"]]
+    unprefixed = [n for n in names if n != "speculative-vlm" and not n.startswith("speculative-vlm-")]
+    assert not unprefixed, f"console scripts without the speculative-vlm- prefix: {unprefixed}"
+    assert len(names) == len(set(names))
+
+
 def test_every_console_script_imports_and_its_function_exists(distribution):
     scripts = distribution.entry_points["console_scripts"]
     assert scripts

@@ -99,11 +99,17 @@ def from_mapping(data: dict[str, Any]) -> ServerConfig:
     return ServerConfig(**data, limits=Limits(**limits_data)).validate()
 
 
-def from_yaml(path: str | Path) -> ServerConfig:
+def from_yaml(path: str | Path, section: str | None = None) -> ServerConfig:
+    """Settings from a YAML file; ``section`` picks one section of a multi-section file
+    (``cloud_server`` of config/sim.yaml), so a launch file never writes a copy of it."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read server config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
+    if section is not None:
+        if not isinstance(data.get(section), dict):
+            raise ConfigError(f"{path} has no section {section!r}; sections: {sorted(data)}")
+        data = data[section]
     return from_mapping(data)

@@ -145,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         "The cloud verifier: hosts the target model (with early exits) for many robots over gRPC. "
         "Settings come from --config YAML; flags override it."))
     p.add_argument("--config", help="YAML with server settings (see cloud/config.py)")
+    p.add_argument("--config-section", help="read this section of --config (e.g. cloud_server of config/sim.yaml)")
     p.add_argument("--model", help="target model folder or model-store name")
     p.add_argument("--exit-layers", help="comma-separated decoder layer indices with early exits")
     p.add_argument("--exit-heads", help="trained exit adapters checkpoint")
@@ -169,7 +170,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    config = from_yaml(args.config) if args.config else ServerConfig()
+    if args.config_section and not args.config:
+        raise ConfigError("--config-section names a section of --config: give --config too")
+    config = from_yaml(args.config, args.config_section) if args.config else ServerConfig()
     changes: dict[str, Any] = {}
     for name in ("model", "exit_heads", "max_batch", "max_wait_ms", "bind", "tls_cert", "tls_key", "allow_insecure",
                  "tokens_file", "tokens_env", "metrics_port", "session_idle_s", "torch_threads", "log_level"):
