@@ -1,5 +1,6 @@
 """The robot graph end to end over real DDS: camera, motion, bridge, drafter against the simulated
-Go2 (a subprocess speaking the SDK protocol) and a real gRPC verifier on loopback.
+Go2 (a subprocess speaking the SDK protocol) and a real gRPC verifier on loopback, reached through
+the netem delay proxy so a test can slow the link down.
 
 Tiny random models keep it fast: their commands are arbitrary but grammar-valid, which is what
 these tests need (plumbing, safety, losslessness). Quality with the real models is the main job's
@@ -23,6 +24,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from speculative_vlm.cloud.config import ServerConfig
+from speculative_vlm.cloud.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.commands.schema import parse_command
 from speculative_vlm.decoding.target_engine import TargetEngine
@@ -59,6 +61,8 @@ class Graph:
         self.port = None
         self.server = None
         self.start_server()
+        # The bridge reaches the verifier through a loopback link whose delay a test can raise.
+        self.link = DelayProxy(("127.0.0.1", self.port)).start()
         domain = go2_domain_id()
         from speculative_vlm.nodes.bridge import BridgeNode
         from speculative_vlm.nodes.camera import CameraNode
@@ -70,7 +74,7 @@ class Graph:
             MotionNode(parameter_overrides=_params(
                 dds_domain_id=domain, autostart=True, max_vx=MAX_VX, min_vx=MIN_VX, max_vy=MAX_VY,
                 max_vyaw=MAX_VYAW, max_duration_s=MAX_DURATION)),
-            BridgeNode(parameter_overrides=_params(cloud_address=f"127.0.0.1:{self.port}", deadline_s=3.0)),
+            BridgeNode(parameter_overrides=_params(cloud_address=self.link.address, deadline_s=3.0)),
             DrafterNode(parameter_overrides=_params(
                 draft_model=str(self.draft_dir), max_new_tokens=64, verdict_timeout_s=3.0, max_steps=2,
                 draft_length=3, adaptive_draft_length=False)),
@@ -89,7 +93,8 @@ class Graph:
         self.active: list[LocomotionCommand] = []
         self.prompts: list[str] = []
         self.probe.create_subscription(Odometry, "odom", self.odom.append, 50)
-        self.probe.create_subscription(LocomotionCommand, "motion/command", lambda m: None, 10)
+        self.commands: list[LocomotionCommand] = []  # everything sent to the motion node
+        self.probe.create_subscription(LocomotionCommand, "motion/command", self.commands.append, 50)
         from speculative_vlm.nodes.motion import LATCHED
 
         self.probe.create_subscription(LocomotionCommand, "motion/active_command", self.active.append, LATCHED)
@@ -134,6 +139,7 @@ class Graph:
         self.probe.destroy_node()
         rclpy.try_shutdown()
         self.server.stop(grace=0.0)
+        self.link.stop()
         self.sim.stop()
 
 
@@ -237,10 +243,7 @@ def test_cancel_stops_the_robot(graph):
     goal = Instruct.Goal(instruction="walk to the red ball", max_steps=20)
     handle = _wait(graph.client.send_goal_async(goal), 30)
     result = handle.get_result_async()
-    deadline = time.monotonic() + 60
-    while not any(a.action == LocomotionCommand.MOVE and a.duration > 0 for a in graph.active):
-        assert time.monotonic() < deadline and not result.done(), "no MOVE was executed"
-        time.sleep(0.02)
+    _wait_until_moving(graph, result)
     time.sleep(0.2)
     assert graph.speed() > 0.05  # moving when the cancel comes
     _wait(handle.cancel_goal_async(), 10)
@@ -249,6 +252,67 @@ def test_cancel_stops_the_robot(graph):
     assert response.status == GoalStatus.STATUS_CANCELED
     time.sleep(1.0)  # StopMove went out at once; the sim decelerates within its limits
     assert graph.speed() < 0.05
+
+
+def _stamp(cmd: LocomotionCommand) -> tuple[int, int]:
+    return cmd.header.stamp.sec, cmd.header.stamp.nanosec
+
+
+def _wait_until_moving(graph, result_future) -> None:
+    deadline = time.monotonic() + 60
+    while not any(a.action == LocomotionCommand.MOVE and a.duration > 0 for a in graph.active):
+        assert time.monotonic() < deadline and not result_future.done(), "no MOVE was executed"
+        time.sleep(0.02)
+
+
+def test_a_new_goal_preempts_the_running_one_which_stops_the_robot_and_ends_preempted(graph):
+    graph.active.clear()
+    first = _wait(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=20)), 30)
+    first_result = first.get_result_async()
+    _wait_until_moving(graph, first_result)
+    sent = len(graph.commands)
+    second = _wait(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=1)), 30)
+    assert second.accepted  # not rejected because another goal runs
+    old = _wait(first_result, 30)
+    assert old.result.outcome == Outcome.PREEMPTED and not old.result.success, old.result.reason
+    assert old.status == GoalStatus.STATUS_ABORTED and "newer goal" in old.result.reason
+    new = _wait(second.get_result_async(), 120)
+    assert new.result.outcome in (Outcome.SUCCEEDED, Outcome.STEP_LIMIT), new.result.reason
+    assert new.result.steps == 1  # the new goal ran
+    after = graph.commands[sent:]
+    stops = [i for i, c in enumerate(after) if c.action == LocomotionCommand.STOP]
+    new_commands = [i for i, c in enumerate(after) if _stamp(c) in {_stamp(n) for n in new.result.commands}]
+    assert stops and new_commands and stops[0] < new_commands[0]  # stopped before the new goal commanded
+    old_stamps = {_stamp(c) for c in old.result.commands}
+    assert not any(_stamp(c) in old_stamps for c in after[stops[0]:])  # nothing of the old goal after it
+
+
+def test_a_cancel_during_decoding_ends_the_goal_within_one_round(graph):
+    graph.link.profile = LinkProfile(delay_s=0.15)  # every round now waits >= 0.3 s for its verdict
+    commands_before = len(graph.commands)
+    try:
+        feedback = []
+        handle = _wait(graph.client.send_goal_async(
+            Instruct.Goal(instruction="walk to the red ball", max_steps=1), feedback_callback=feedback.append), 30)
+        result = handle.get_result_async()
+
+        def rounds_seen() -> int:  # one feedback with the verified text per round, until the command
+            return sum(1 for f in list(feedback) if f.feedback.text and not f.feedback.command.text)
+
+        deadline = time.monotonic() + 60
+        while rounds_seen() < 1:
+            assert time.monotonic() < deadline and not result.done(), "no round was verified"
+            time.sleep(0.01)
+        _wait(handle.cancel_goal_async(), 10)
+        time.sleep(0.1)  # feedback of a round verified just before the cancel arrived is in
+        rounds_at_cancel = rounds_seen()
+        response = _wait(result, 30)
+    finally:
+        graph.link.profile = LinkProfile()
+    assert response.result.outcome == Outcome.CANCELED and response.status == GoalStatus.STATUS_CANCELED
+    assert response.result.stats.rounds <= rounds_at_cancel + 1  # at most the round in flight finished
+    assert response.result.steps == 0 and not any(f.feedback.command.text for f in feedback)  # step unfinished
+    assert any(c.action == LocomotionCommand.STOP for c in graph.commands[commands_before:])
 
 
 def test_lost_link_stops_the_robot_and_ends_the_goal_with_a_reason_then_recovers(graph):

@@ -7,6 +7,11 @@ into a command (the grammar guarantees it parses; the parser still refuses anyth
 to the motion node and wait until the motion node reports it finished. It repeats until the model
 says ``done``, the step limit is reached, or the goal is cancelled (cancel stops the robot).
 
+One goal runs at a time. As in nav2, a new goal preempts the running one: the running goal stops
+the robot and ends aborted with outcome PREEMPTED, then the new goal starts. A cancel, like a
+preemption, is seen by the decoding loop on the next verdict (``should_stop``), so a goal ends
+within one decoding round, not only between steps.
+
 Only the model saying ``done`` is success: the result's ``outcome`` says how any other goal ended
 (STEP_LIMIT, REFUSED, LINK_LOST, CANCELED, PREEMPTED, FAILED), and the goal is aborted (or
 cancelled) with a reason in words.
@@ -41,7 +46,7 @@ from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
 from speculative_vlm.commands.scene_text import describe_image
 from speculative_vlm.commands.schema import CommandError, parse_command
 from speculative_vlm.commands.to_msg import to_msg
-from speculative_vlm.decoding.loop import GenerationResult, SpeculativeDecoder
+from speculative_vlm.decoding.loop import Cancelled, GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import load_model
 from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
 from speculative_vlm.decoding.verifier import (
@@ -83,6 +88,26 @@ class StepFailed(RuntimeError):
     def __init__(self, reason: str, outcome: int = Outcome.FAILED):
         super().__init__(reason)
         self.outcome = outcome
+
+
+class _GoalRun:
+    """One accepted goal: its handle and, once a newer goal replaces it, why it must stop."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.preempted = threading.Event()
+        self.preempt_reason = ""
+
+    def preempt(self, reason: str) -> None:
+        self.preempt_reason = reason
+        self.preempted.set()
+
+    def should_stop(self) -> bool:
+        return self.handle.is_cancel_requested or self.preempted.is_set()
+
+
+def _goal_key(handle) -> bytes:
+    return bytes(handle.goal_id.uuid)
 
 
 def _float(lo: float, hi: float, text: str) -> ParameterDescriptor:
@@ -170,7 +195,10 @@ class DrafterNode(Node):
         self._idle = True
         self._link = "UNKNOWN"
         self._goal_lock = threading.Lock()
-        self._busy = False
+        self._busy = False  # a goal is running
+        self._active: _GoalRun | None = None  # the goal executing now
+        self._next: _GoalRun | None = None  # accepted while another ran; starts when that one has ended
+        self._runs: dict[bytes, _GoalRun] = {}  # accepted goals whose execute callback has not started
         self._steps_done = 0
         self._last_error = ""
 
@@ -195,7 +223,8 @@ class DrafterNode(Node):
         threading.Thread(target=self._load, name="drafter-load", daemon=True).start()
         self._action = ActionServer(
             self, Instruct, "instruct", execute_callback=self._execute, goal_callback=self._on_goal,
-            cancel_callback=lambda _g: CancelResponse.ACCEPT, callback_group=self._group,
+            handle_accepted_callback=self._on_accepted, cancel_callback=lambda _g: CancelResponse.ACCEPT,
+            callback_group=self._group,
         )
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -246,21 +275,48 @@ class DrafterNode(Node):
         if not goal.instruction.strip():
             self.get_logger().warning("refused a goal with an empty instruction")
             return GoalResponse.REJECT
-        with self._goal_lock:
-            if self._busy:
-                self.get_logger().warning("refused a goal: another goal is running")
-                return GoalResponse.REJECT
-            self._busy = True
         return GoalResponse.ACCEPT
 
+    def _on_accepted(self, handle) -> None:
+        """Start the goal now, or preempt the running one and start this one once it has ended.
+
+        The new goal does not wait inside its execute callback: that would hold a second executor
+        thread while the old goal still needs the executor for its verdicts.
+        """
+        run = _GoalRun(handle)
+        start: list[_GoalRun] = []
+        with self._goal_lock:
+            self._runs[_goal_key(handle)] = run
+            if self._active is None:
+                self._active, self._busy = run, True
+                start.append(run)
+            else:
+                self.get_logger().info(f"a new goal ({handle.request.instruction!r}) preempts the running one")
+                self._active.preempt(f"preempted by a newer goal ({handle.request.instruction!r}); "
+                                     "the robot was stopped")
+                if self._next is not None:  # never started: it runs only to end as PREEMPTED
+                    self._next.preempt(f"preempted before it started by a newer goal ({handle.request.instruction!r})")
+                    start.append(self._next)
+                self._next = run
+        for r in start:
+            r.handle.execute()
+
     def _execute(self, handle) -> Instruct.Result:
+        with self._goal_lock:
+            run = self._runs.pop(_goal_key(handle))
         try:
-            return self._run_goal(handle)
+            return self._run_goal(run)
         finally:
             with self._goal_lock:
-                self._busy = False
+                following = None
+                if self._active is run:
+                    self._active, self._next = self._next, None
+                    following, self._busy = self._active, self._active is not None
+            if following is not None:
+                following.handle.execute()
 
-    def _run_goal(self, handle) -> Instruct.Result:
+    def _run_goal(self, run: _GoalRun) -> Instruct.Result:
+        handle = run.handle
         goal: Instruct.Goal = handle.request
         result = Instruct.Result()
         max_steps = goal.max_steps or self.get_parameter("max_steps").value
@@ -279,15 +335,25 @@ class DrafterNode(Node):
             self.get_logger().info(f"goal ended ({outcome_name(outcome)}): {reason}")
             return result
 
-        self._loaded.wait()
+        def interrupted() -> Instruct.Result:
+            self.stop_robot()
+            if handle.is_cancel_requested:  # the client asked: CANCELED even if also preempted
+                return finish(Outcome.CANCELED, "cancelled")
+            return finish(Outcome.PREEMPTED, run.preempt_reason)
+
+        while not self._loaded.wait(0.1):
+            if run.should_stop():
+                return interrupted()
         if self._decoder is None:
             return finish(Outcome.FAILED, self._load_error)
         for step in range(1, max_steps + 1):
-            if handle.is_cancel_requested:
-                self.stop_robot()
-                return finish(Outcome.CANCELED, "cancelled")
+            if run.should_stop():
+                return interrupted()
             try:
-                command, gen = self._step(handle, goal.instruction, step)
+                command, gen = self._step(run, goal.instruction, step)
+            except Cancelled as exc:
+                results.append(exc.partial)  # the rounds it did count in the totals
+                return interrupted()
             except StepFailed as exc:
                 self.stop_robot()
                 self._last_error = str(exc)
@@ -300,20 +366,23 @@ class DrafterNode(Node):
                 return finish(Outcome.LINK_LOST, "cloud link lost: the step was finished on the draft alone and "
                               "its unverified command was not executed (execute_unverified is off)")
             result.commands.append(command)
-            if not self._execute_command(handle, command):
-                self.stop_robot()
-                return finish(Outcome.CANCELED, "cancelled")
+            if not self._execute_command(run, command):
+                return interrupted()
             self._steps_done += 1
         return finish(Outcome.STEP_LIMIT, f"step limit of {max_steps} commands reached before the model said done")
 
-    def _latest_frame(self) -> Image:
+    def _latest_frame(self, run: _GoalRun) -> Image:
         with self._frame_lock:
             frame = self._frame
         if frame is None:
             timeout = self.get_parameter("frame_timeout_s").value
-            if not self._frame_event.wait(timeout):
-                raise StepFailed(f"no camera frame on {self.get_parameter('image_topic').value} within {timeout} s; "
-                                 "is the camera node running?")
+            deadline = time.monotonic() + timeout
+            while not self._frame_event.wait(0.1):
+                if run.should_stop():
+                    raise Cancelled(GenerationResult(text="", token_ids=[], stop_reason="cancelled"))
+                if time.monotonic() > deadline:
+                    raise StepFailed(f"no camera frame on {self.get_parameter('image_topic').value} within "
+                                     f"{timeout} s; is the camera node running?")
             with self._frame_lock:
                 frame = self._frame
         return frame
@@ -338,8 +407,10 @@ class DrafterNode(Node):
         return SessionRequest(prompt=user_message(instruction, scene), system=p("system_prompt").value or SYSTEM_PROMPT,
                               image=image, settings=settings)
 
-    def _step(self, handle, instruction: str, step: int) -> tuple[LocomotionCommand, GenerationResult]:
-        request = self.request_for(instruction, self._latest_frame())
+    def _step(self, run: _GoalRun, instruction: str, step: int) -> tuple[LocomotionCommand, GenerationResult]:
+        """One step: decode a command for the latest frame. Raises Cancelled when the goal must stop."""
+        handle = run.handle
+        request = self.request_for(instruction, self._latest_frame(run))
         self._prompt_pub.publish(String(data=request.prompt))
         feedback = Instruct.Feedback(step=step)
 
@@ -349,7 +420,7 @@ class DrafterNode(Node):
             handle.publish_feedback(feedback)
 
         try:
-            gen = self._decoder.generate(request, on_text=on_text)
+            gen = self._decoder.generate(request, on_text=on_text, should_stop=run.should_stop)
         except Refused as exc:  # the prompt or a block was refused: drafting on alone would not help
             raise StepFailed(f"step {step}: the verifier refused ({exc}); the robot was stopped",
                              Outcome.REFUSED) from exc
@@ -359,7 +430,7 @@ class DrafterNode(Node):
                 raise StepFailed(f"cloud link lost during step {step}: {exc}; the robot was stopped",
                                  Outcome.LINK_LOST) from exc
             self.get_logger().warning(f"link lost ({exc}); finishing step {step} on the draft alone")
-            gen = self._decoder.generate_unverified(request, on_text=on_text)
+            gen = self._decoder.generate_unverified(request, on_text=on_text, should_stop=run.should_stop)
         try:
             command = parse_command(gen.text)
         except CommandError as exc:
@@ -373,8 +444,8 @@ class DrafterNode(Node):
         handle.publish_feedback(feedback)
         return msg, gen
 
-    def _execute_command(self, handle, command: LocomotionCommand) -> bool:
-        """Send the command and wait until the motion node has run it; False when cancelled."""
+    def _execute_command(self, run: _GoalRun, command: LocomotionCommand) -> bool:
+        """Send the command and wait until the motion node has run it; False when cancelled or preempted."""
         stamp = (command.header.stamp.sec, command.header.stamp.nanosec)
         sent = time.monotonic()
         deadline = sent + command.duration + self.get_parameter("motion_timeout_s").value
@@ -385,7 +456,7 @@ class DrafterNode(Node):
             # stale idle=True may arrive after the echo: a motion also needs its duration to pass.
             while (self._active_stamp != stamp or not self._idle
                    or time.monotonic() < sent + self._active_duration):
-                if handle.is_cancel_requested:
+                if run.should_stop():
                     return False
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
