@@ -6,6 +6,12 @@ verification is the standard rule (Leviathan et al. 2023; Chen et al. 2023): acc
 token ``x`` with probability ``min(1, p(x) / q(x))``; at the first rejection sample from the
 residual ``max(0, p - q)`` renormalised; if all are accepted sample a bonus token from
 ``p``. The output then follows the target's own distribution exactly.
+
+Both rules fail closed: a probability that is not a finite number in [0, 1] (a draft's ``q``,
+or a target distribution made of ``nan`` by broken settings or a broken model) raises
+:class:`InvalidProbability` and never accepts anything (in Python ``min(1.0, nan)`` is 1.0,
+so the textbook line would accept every junk token). A row of logits that allows nothing
+(every logit -inf: past a grammar's end) accepts nothing and gives no token (-1).
 """
 
 from __future__ import annotations
@@ -18,10 +24,50 @@ import torch
 from speculative_vlm.decoding.verifier import GenerationSettings
 
 
+class InvalidProbability(ValueError):
+    """A probability (or logit) that verification cannot decide on: nan, infinite, or outside [0, 1]."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     accepted: int  # leading draft tokens accepted
-    token: int  # correction (at the first rejection) or bonus token
+    token: int  # correction (at the first rejection) or bonus token; -1 when no token is allowed
+
+
+def acceptance_probability(p: float, q: float) -> float:
+    """The chance of accepting a drafted token, ``min(1, p / q)``; raises InvalidProbability unless
+    ``p`` is a finite number in [0, 1] and ``q`` one in (0, 1].
+
+    Written so that ``nan`` fails every test (each comparison with nan is False).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise InvalidProbability(f"target probability {p!r} is not a finite number in [0, 1]")
+    if not 0.0 < q <= 1.0:
+        raise InvalidProbability(f"draft probability {q!r} is not a finite number in (0, 1]")
+    return min(1.0, p / q)
+
+
+def _check_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Which rows allow some token (bool (k+1,)); raises InvalidProbability on nan or +inf logits."""
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        raise InvalidProbability("the target's logits hold nan or +inf; the model or its settings are broken")
+    return ~torch.isneginf(logits).all(dim=-1)
+
+
+def _draft_distribution(q: dict[int, float] | None, token: int, like: torch.Tensor, position: int) -> torch.Tensor:
+    """The draft's dense q for one position (one-hot on ``token`` when absent); fails closed on bad entries."""
+    q_vec = torch.zeros_like(like)
+    if q:
+        ids, values = list(q.keys()), list(q.values())
+        for t, v in zip(ids, values, strict=True):
+            if not (isinstance(t, int) and 0 <= t < like.shape[-1]) or not 0.0 <= v <= 1.0:
+                raise InvalidProbability(f"draft distribution {position} has entry {t!r}: {v!r}; ids must be in "
+                                         f"[0, {like.shape[-1]}) and probabilities finite numbers in [0, 1]")
+        q_vec[torch.tensor(ids, dtype=torch.long)] = torch.tensor(values, dtype=like.dtype)
+    if not float(q_vec[token]) > 0.0:  # the draft left its own token out: a greedy (one-hot) draft
+        q_vec.zero_()
+        q_vec[token] = 1.0
+    return q_vec
 
 
 def warp(logits: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
@@ -49,12 +95,16 @@ def pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Ge
 
 
 def verify_greedy(logits: torch.Tensor, drafts: Sequence[int]) -> Outcome:
-    """``logits`` (k+1, V): accept the longest prefix equal to the argmax; the next argmax is the token."""
+    """``logits`` (k+1, V): accept the longest prefix equal to the argmax; the next argmax is the token.
+
+    A row that allows nothing accepts nothing and gives no token; nan or +inf logits raise.
+    """
+    allows = _check_logits(logits).tolist()
     best = torch.argmax(logits, dim=-1).tolist()
     accepted = 0
-    while accepted < len(drafts) and best[accepted] == drafts[accepted]:
+    while accepted < len(drafts) and allows[accepted] and best[accepted] == drafts[accepted]:
         accepted += 1
-    return Outcome(accepted, int(best[accepted]))
+    return Outcome(accepted, int(best[accepted]) if allows[accepted] else -1)
 
 
 def verify_sampling(
@@ -67,28 +117,35 @@ def verify_sampling(
     """Lossless rejection sampling; ``q`` is the draft's sparse distribution per token (None: greedy draft).
 
     A greedy draft is a draft whose ``q`` is one-hot on the drafted token, so the same rule
-    stays lossless for it.
+    stays lossless for it. Fails closed: a ``q`` entry or a target probability that is not a
+    finite number in [0, 1] raises InvalidProbability before anything is accepted.
     """
+    if q is not None and len(q) < len(drafts):
+        raise InvalidProbability(f"{len(q)} draft distributions for {len(drafts)} drafted tokens")
+    allows = _check_logits(logits)
     probs = warp(logits, settings)
+    # Rows that allow nothing are nan after the softmax: they are all zero (nothing can be chosen).
+    probs = torch.where(allows[:, None], probs, torch.zeros_like(probs))
+    if not bool(torch.isfinite(probs).all()):
+        raise InvalidProbability("the target's distribution is not finite; check temperature, top_k and top_p")
     for i, x in enumerate(drafts):
         p = probs[i]
-        q_vec = torch.zeros_like(p)
-        if q is not None and q[i]:
-            idx = torch.tensor(list(q[i].keys()), dtype=torch.long)
-            q_vec[idx] = torch.tensor(list(q[i].values()), dtype=p.dtype)
-        if float(q_vec[x]) <= 0.0:
-            q_vec.zero_()
-            q_vec[x] = 1.0
-        ratio = float(p[x]) / float(q_vec[x])
+        q_vec = _draft_distribution(q[i] if q is not None else None, x, p, i)
+        ratio = acceptance_probability(float(p[x]), float(q_vec[x]))
         u = float(torch.rand((), generator=generator))
-        if u < min(1.0, ratio):
+        if u < ratio:
             continue
         residual = torch.clamp(p - q_vec, min=0.0)
         total = float(residual.sum())
         if total <= 0.0:  # p == q numerically: any sample of p is right
             residual, total = p, float(p.sum())
+        if not total > 0.0:  # nothing is allowed here
+            return Outcome(i, -1)
         return Outcome(i, int(torch.multinomial(residual / total, 1, generator=generator)))
-    return Outcome(len(drafts), int(torch.multinomial(probs[len(drafts)], 1, generator=generator)))
+    bonus = probs[len(drafts)]
+    if not float(bonus.sum()) > 0.0:
+        return Outcome(len(drafts), -1)
+    return Outcome(len(drafts), int(torch.multinomial(bonus, 1, generator=generator)))
 
 
 def sparse(probs: torch.Tensor, limit: int = 64, floor: float = 0.0) -> dict[int, float]:
