@@ -99,3 +99,16 @@ def test_the_simulated_camera_is_described_close_to_the_ground_truth():
         lat = -dx * math.sin(pose[2]) + dy * math.cos(pose[2])
         assert seen[name].bearing == pytest.approx(math.degrees(math.atan2(lat, fwd)), abs=4)
         assert seen[name].distance == pytest.approx(math.hypot(fwd, lat), rel=0.25)
+
+
+def test_a_red_ball_seen_through_jpeg_is_still_a_ball():
+    # JPEG puts a red object's edge pixels just below hue 180 and its body just above 0: red is one
+    # band on both sides of the wrap, or the ball's outline is cut up and its shape lost.
+    scene_mod = pytest.importorskip("speculative_vlm.go2.scene")
+    render = pytest.importorskip("speculative_vlm.go2.render")
+    ball = scene_mod.SceneObject("the red ball", "ball", (220, 30, 30), 1.2, 0.1, 0.18)
+    scene = scene_mod.Scene(objects=(ball,))
+    jpeg = render.encode_jpeg(render.render_bgr(scene, 0.0, 0.0, 0.0))
+    frame = cv2.resize(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), (320, 240),
+                       interpolation=cv2.INTER_AREA)
+    assert [b.name for b in detect_blobs(frame)] == ["red ball"]

@@ -172,10 +172,15 @@ def detect_blobs(bgr: np.ndarray, camera: CameraModel = CameraModel()) -> list[B
     min_area = max(int(camera.min_area_frac * width * height), 4)
     kernel = np.ones((3, 3), np.uint8)
     blobs: list[Blob] = []
+    bands: dict[str, np.ndarray] = {}
     lower = 0
     for upper, name in _HUES:
-        band = coloured & (hue >= lower) & (hue < upper)
+        # Red wraps around the hue circle: both of its ends make one band, or a red object's
+        # pixels on either side of 0 would be cut apart and its shape lost.
+        in_band = coloured & (hue >= lower) & (hue < upper)
+        bands[name] = bands[name] | in_band if name in bands else in_band
         lower = upper
+    for name, band in bands.items():
         if not band.any():
             continue
         mask = cv2.morphologyEx(band.astype(np.uint8) * 255, cv2.MORPH_OPEN, kernel)
