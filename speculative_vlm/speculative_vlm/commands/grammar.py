@@ -19,7 +19,7 @@ import math
 import threading
 from collections.abc import Sequence
 
-from speculative_vlm.commands.schema import DEFAULT_LIMITS, FIELDS, Action, Limits
+from speculative_vlm.commands.schema import DEFAULT_LIMITS, FIELDS, Action, Limits, LocomotionCommand
 
 #: Names accepted by ``GenerationSettings.grammar``.
 GRAMMAR_NAMES = ("command",)
@@ -61,6 +61,20 @@ def command_ebnf(limits: Limits = DEFAULT_LIMITS) -> str:
     for key, (lo, hi) in ranges.items():
         lines.append(f"{key}_value ::= " + _alternatives(_one_decimal_values(lo, hi)))
     return "\n".join(lines) + "\n"
+
+
+def command_text(command: LocomotionCommand) -> str:
+    """The text the command grammar writes for ``command``: fixed key order, no spaces, one decimal.
+
+    Numbers are rounded to one decimal (what a constrained model can say); a value outside the
+    grammar's limits stays outside, so the grammar (and :func:`parse_command`) would refuse it.
+    """
+
+    def number(value: float) -> str:
+        return f"{round(value, 1) + 0.0:.1f}"  # + 0.0 turns -0.0 into 0.0, as the grammar writes it
+
+    values = [json.dumps(command.action.value)] + [number(getattr(command, k)) for k in FIELDS[1:]]
+    return "{" + ",".join(f'"{k}":{v}' for k, v in zip(FIELDS, values, strict=True)) + "}"
 
 
 def grammar_source(name: str, limits: Limits = DEFAULT_LIMITS) -> str:
