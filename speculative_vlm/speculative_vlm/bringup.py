@@ -7,12 +7,15 @@ real life run as separate processes: the simulated Go2 (``speculative-vlm-sim-go
 cloud verifier (``speculative-vlm-cloud``). With an ``instruction`` the bringup sends it as an
 ``Instruct`` goal, prints every step and a summary, and exits (0 only when the model said the task
 is done, :data:`GOAL_NOT_ACHIEVED` when the goal ended otherwise); without one it runs until Ctrl-C.
+At the end of an instruction it also writes a top-down PNG of the robot's path (from ``odom``), the
+simulated scene's objects and the object the instruction names, and prints where it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import signal
 import subprocess
@@ -53,6 +56,7 @@ class BringupConfig:
     instruction: str = ""
     max_steps: int = 0
     sections: dict = field(default_factory=dict)
+    plot: str | None = None  # top-down PNG of the run; None = a new file under runs_dir(), "" = none
 
     def params(self, section: str) -> dict:
         return dict((self.sections.get(section) or {}).get("ros__parameters") or {})
@@ -184,17 +188,35 @@ def run_bringup(config: BringupConfig) -> int:
 
 
 def _target_object(config: BringupConfig, instruction: str):
-    """The scene object the instruction names (for the summary), or None."""
+    """The simulated scene and the object the instruction names (for the summary), or None for each.
+
+    A config without the simulated Go2 has no scene file: the world is whatever the robot sees.
+    """
     from speculative_vlm.go2.scene import load_scene
 
+    if not config.sim_go2:
+        return None, None
     try:
         scene = load_scene(None if config.sim_scene in ("", "default") else config.sim_scene)
     except Exception:  # the summary is a courtesy; a scene problem is reported by the sim itself
         return None, None
-    for obj in scene.objects:
-        if obj.name.removeprefix("the ") in instruction:
-            return scene, obj
-    return scene, None
+    return scene, scene.named_in(instruction)
+
+
+def runs_dir() -> Path:
+    """Where ``up`` writes its plots unless told (``$SPECULATIVE_VLM_RUNS``, default ~/.cache/speculative_vlm/runs)."""
+    return Path(os.environ.get("SPECULATIVE_VLM_RUNS", Path.home() / ".cache/speculative_vlm/runs"))
+
+
+def write_topdown(config: BringupConfig, path: list[tuple[float, float]], title: str,
+                  end_yaw: float | None = None) -> Path:
+    """The run's top-down PNG: ``path`` (odometry positions), the scene's objects, the named goal."""
+    from speculative_vlm.evaluation.plots import save_topdown_png
+
+    scene, goal = _target_object(config, config.instruction)
+    out = Path(config.plot) if config.plot else runs_dir() / f"up-{time.strftime('%Y%m%d-%H%M%S')}-topdown.png"
+    return save_topdown_png(out, path, scene.objects if scene else (), goal, room=scene.room if scene else None,
+                            title=title, end_yaw=end_yaw)
 
 
 def follow_instruction(executor, config: BringupConfig) -> int:
@@ -210,9 +232,13 @@ def follow_instruction(executor, config: BringupConfig) -> int:
     client_node = Node("bringup_client")
     executor.add_node(client_node)
     pose: dict[str, float] = {}
+    path: list[tuple[float, float]] = []  # every odometry position, for the top-down plot
 
     def on_odom(msg: Odometry) -> None:
         pose["x"], pose["y"] = msg.pose.pose.position.x, msg.pose.pose.position.y
+        q = msg.pose.pose.orientation
+        pose["yaw"] = math.atan2(2 * (q.w * q.z + q.x * q.y), 1 - 2 * (q.y * q.y + q.z * q.z))
+        path.append((pose["x"], pose["y"]))
 
     client_node.create_subscription(Odometry, "odom", on_odom, 10)
     client = ActionClient(client_node, Instruct, "instruct")
@@ -275,6 +301,12 @@ def follow_instruction(executor, config: BringupConfig) -> int:
             if start:
                 line += f" (started {scene.distance_to(target.name, start['x'], start['y']):.2f} m away)"
         print(line, flush=True)
+    if config.plot != "" and path:
+        try:
+            plot = write_topdown(config, list(path), f"{config.instruction!r}: {outcome}", pose.get("yaw"))
+            print(f"  top-down plot: {plot.resolve()}", flush=True)
+        except Exception as exc:  # the run is over and reported; a plot problem must not hide that
+            print(f"  top-down plot not written: {exc}", flush=True)
     executor.remove_node(client_node)
     client.destroy()
     client_node.destroy_node()
@@ -285,6 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (e.g. speculative_vlm/config/sim.yaml)")
     parser.add_argument("--instruction", help="override the config's instruction ('' = serve only)")
     parser.add_argument("--max-steps", type=int, help="override the config's step limit")
+    parser.add_argument("--plot", help="top-down PNG of the run (default: a new file under "
+                        "$SPECULATIVE_VLM_RUNS or ~/.cache/speculative_vlm/runs; '' = none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
         config.instruction = args.instruction
     if args.max_steps is not None:
         config.max_steps = args.max_steps
+    config.plot = args.plot
     return run_bringup(config)
 
 

@@ -50,4 +50,4 @@ def test_an_invalid_block_fails_its_own_session_only():
         assert good.next_verdict(timeout=30).kind is VerdictKind.FINAL
         with pytest.raises(Refused) as err:
             bad.next_verdict(timeout=30)
-        assert err.value.code == "bad_token"
+        assert err.value.code == "invalid_argument" and "draft.tokens[0]" in err.value.reason

@@ -37,8 +37,9 @@ def test_walk_to_the_red_ball_brings_the_robot_nearer_and_prints_a_summary(tmp_p
         config[node]["ros__parameters"]["dds_domain_id"] = go2_domain_id()
     path = tmp_path / "sim.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.run([sys.executable, "-m", "speculative_vlm.bringup", str(path)], capture_output=True,
-                          text=True, timeout=900, env=os.environ.copy())
+    plot = tmp_path / "plots" / "topdown.png"
+    proc = subprocess.run([sys.executable, "-m", "speculative_vlm.bringup", str(path), "--plot", str(plot)],
+                          capture_output=True, text=True, timeout=900, env=os.environ.copy())
     out = proc.stdout + proc.stderr
     assert proc.returncode in (0, GOAL_NOT_ACHIEVED), out[-3000:]
     steps = re.findall(r"^step (\d+): (\{.*\})  \[verified", out, re.M)
@@ -58,6 +59,7 @@ def test_walk_to_the_red_ball_brings_the_robot_nearer_and_prints_a_summary(tmp_p
     m = re.search(r"robot ended at .*?, ([\d.]+) m from the red ball \(started ([\d.]+) m away\)", out)
     assert m, out[-3000:]
     ended, started = float(m.group(1)), float(m.group(2))
+    assert f"  top-down plot: {plot.resolve()}" in out and plot.read_bytes()[:4] == b"\x89PNG", out[-3000:]
     # A 135M-parameter target steers poorly step by step (ANCHORS), but over the config's steps it
     # makes headway; what this checks is that verified commands reached the robot and moved it.
     assert ended < started, out[-3000:]

@@ -61,20 +61,13 @@ def check_open(request: SessionRequest, limits: Limits) -> None:
         check_image(request.image, limits)
 
 
-def check_draft(block: DraftBlock, limits: Limits, vocab_size: int | None) -> None:
+def check_draft(block: DraftBlock, limits: Limits) -> None:
+    """The server's size limit on a block; its fields are checked by ``decoding.admission``."""
     # An empty block is legal: it asks the target for the next token alone (the loop sends
     # one when a single token of budget is left).
     if len(block.tokens) > limits.max_draft_tokens:
         raise LimitExceeded("draft_too_long", f"round {block.round} has {len(block.tokens)} tokens, the limit is "
                             f"{limits.max_draft_tokens}")
-    if vocab_size is not None:
-        bad = [t for t in block.tokens + block.base_tail if t >= vocab_size]
-        if bad:
-            raise LimitExceeded("bad_token", f"round {block.round}: token ids {bad[:4]} are outside the "
-                                f"vocabulary of {vocab_size}")
-    if block.q is not None and len(block.q) != len(block.tokens):
-        raise LimitExceeded("bad_draft", f"round {block.round}: {len(block.q)} draft distributions for "
-                            f"{len(block.tokens)} tokens; send one per token or none")
 
 
 class RateLimiter:

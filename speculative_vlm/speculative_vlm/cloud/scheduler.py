@@ -8,8 +8,9 @@ verifies the batch in one ``engine.verify`` call. Each session has at most one b
 pass, so a session's pipelined blocks are verified in order, each after the previous
 one's final verdict: the engine then verifies it if its assumed prefix holds and drops it
 otherwise. Early verdicts go to their session's stream the moment the exit layer fires.
-A batch that fails is retried one block at a time, so one bad request fails only its own
-session.
+One bad block fails only its own session: the engine verifies a batch transactionally per
+item (an item that fails comes back as its exception, and every other item is exactly as
+if it had not been batched with it), so nothing is ever retried.
 """
 
 from __future__ import annotations
@@ -126,22 +127,12 @@ class BatchScheduler:
             self.metrics.queue_wait.observe(start - arrived)
         try:
             with self.engine_lock:
-                verdicts = self.engine.verify([(s.target, b) for s, b, _ in batch], on_early)
-            results: list[tuple[ServerSession, Verdict | Exception]] = list(
-                zip((s for s, _, _ in batch), verdicts, strict=True))
-        except Exception as exc:
-            if len(batch) == 1:
-                results = [(batch[0][0], exc)]
-            else:
-                log.warning("batched verification failed; retrying one block at a time",
-                            extra={"event": "batch_retry", "error": repr(exc), "batch": len(batch)})
-                results = []
-                for s, b, _ in batch:
-                    try:
-                        with self.engine_lock:
-                            results.append((s, self.engine.verify([(s.target, b)], on_early)[0]))
-                    except Exception as one_exc:
-                        results.append((s, one_exc))
+                outcomes: list[Verdict | Exception] = self.engine.verify(
+                    [(s.target, b) for s, b, _ in batch], on_early)
+        except Exception as exc:  # not one item's failure (those come back in their place): a bug
+            log.exception("verification pass failed", extra={"event": "verify_error", "batch": len(batch)})
+            outcomes = [exc] * len(batch)
+        results = list(zip((s for s, _, _ in batch), outcomes, strict=True))
         elapsed = time.monotonic() - start
         self.passes += 1
         self.largest_batch = max(self.largest_batch, len(batch))
@@ -156,6 +147,9 @@ class BatchScheduler:
                 code = result.code if isinstance(result, Refused) else "verify_failed"
                 reason = result.reason if isinstance(result, Refused) else \
                     f"verification failed ({result!r}); open a new session"
+                if not isinstance(result, Refused):
+                    log.warning("verification of one block failed", extra={
+                        "event": "verify_failed", "session": session.id, "error": repr(result)})
                 self._on_failed(session, code, reason)
                 continue
             if result.kind is VerdictKind.FINAL:

@@ -27,6 +27,7 @@ from speculative_vlm.cloud.limits import LimitExceeded, RateLimiter, check_draft
 from speculative_vlm.cloud.metrics import ServerMetrics
 from speculative_vlm.cloud.scheduler import BatchScheduler
 from speculative_vlm.cloud.sessions import ServerSession, SessionStore
+from speculative_vlm.decoding import admission
 from speculative_vlm.decoding.verifier import Refused
 from speculative_vlm.protocol import convert
 from speculative_vlm.protocol import verifier_pb2 as pb
@@ -151,8 +152,9 @@ class VerificationService:
                 raise LimitExceeded("too_many_sessions", f"client {session.client!r} already has "
                                     f"{self.config.limits.max_sessions_per_client} sessions open; close one")
             request = convert.open_from_pb(msg)
+            admission.check_request(request)  # every field in range before any work (InvalidArgument)
             check_open(request, self.config.limits)
-        except LimitExceeded as exc:
+        except (LimitExceeded, Refused) as exc:
             self._fail(session, exc.code, exc.reason)
             return
         start = time.monotonic()
@@ -222,12 +224,14 @@ class VerificationService:
         try:
             self.rate.take(session.client)
             block = convert.draft_from_pb(msg)
-            check_draft(block, self.config.limits, self.vocab_size)
-        except LimitExceeded as exc:
+            check_draft(block, self.config.limits)
+            if self.vocab_size is not None:  # every field in range before the block is queued
+                admission.check_block(block, self.vocab_size, session.target.request.settings)
+        except (LimitExceeded, Refused) as exc:
             self._fail(session, exc.code, exc.reason)
             return
         except ValueError as exc:  # ragged sparse q
-            self._fail(session, "bad_draft", f"round {msg.round}: {exc}")
+            self._fail(session, "invalid_argument", f"round {msg.round}: {exc}")
             return
         self.scheduler.submit(session, block)
 

@@ -19,7 +19,6 @@ from speculative_vlm.decoding.verifier import (
     SessionRequest,
     Verdict,
     Verifier,
-    VerifierError,
     VerifierSession,
     VerifierTimeout,
 )
@@ -107,31 +106,16 @@ class InProcessVerifier(Verifier):
                 shift = next(self._rr) % len(ready)
                 ready = (ready[shift:] + ready[:shift])[: self.engine.max_batch]
                 batch = [(s, s.pending.popleft()) for s in ready]
-            # A session's invalid block fails that session only, not the whole batch.
-            valid = []
-            for s, block in batch:
-                try:
-                    self.engine.check_block(s.target, block)
-                    valid.append((s, block))
-                except VerifierError as exc:
-                    s.verdicts.put(exc)
-            batch = valid
-            if not batch:
-                continue
             by_target = {id(s.target): s for s, _ in batch}
 
             def on_early(target: TargetSession, verdict: Verdict, by_target=by_target) -> None:
                 by_target[id(target)].verdicts.put(verdict)
 
+            # The engine isolates items: a bad block fails its own session only (its exception
+            # comes back in its place), never the batch.
             try:
-                verdicts = self.engine.verify([(s.target, b) for s, b in batch], on_early=on_early)
-            except VerifierError as exc:
-                for s, _ in batch:
-                    s.verdicts.put(exc)
-                continue
+                results = self.engine.verify([(s.target, b) for s, b in batch], on_early=on_early)
             except Exception as exc:  # a bug must reach the caller, not kill the worker silently
-                for s, _ in batch:
-                    s.verdicts.put(exc)
-                continue
-            for (s, _), verdict in zip(batch, verdicts, strict=True):
-                s.verdicts.put(verdict)
+                results = [exc] * len(batch)
+            for (s, _), result in zip(batch, results, strict=True):
+                s.verdicts.put(result)

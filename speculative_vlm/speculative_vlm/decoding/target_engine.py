@@ -13,11 +13,19 @@ verdict of every item from the exit head and calls ``on_early`` before the later
 run. The returned verdicts are decided by the final layer alone. A block whose assumed
 prefix (``base_length``/``base_tail``) is not the session's committed output is not
 verified: its verdict is DROPPED.
+
+``verify`` is transactional per item: each block is admitted (``decoding.admission``) before
+the pass, and each item's early verdict, verification rules and commit run apart from the
+others' and touch only its own session. An item that fails gets its exception in place of
+its verdict and its session is left as it was before the pass; every other item's verdict,
+output and cache are exactly what they would be had the failing item never been batched
+with it. Nothing is retried.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -26,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from speculative_vlm.decoding import rules
+from speculative_vlm.decoding import admission, rules
 from speculative_vlm.decoding.exits import ExitHeads, load_exit_heads
 from speculative_vlm.decoding.grammar import GrammarConstraint, apply_mask
 from speculative_vlm.decoding.models import KVState, ModelAdapter
@@ -41,6 +49,8 @@ from speculative_vlm.decoding.verifier import (
 )
 
 EarlyCallback = Callable[["TargetSession", Verdict], None]
+
+log = logging.getLogger("speculative_vlm.decoding.target_engine")
 
 
 def make_tracker(model: ModelAdapter, request: SessionRequest) -> OutputTracker:
@@ -87,7 +97,10 @@ class _Item:
     tokens: list[int]  # the block's tokens that are verified (trimmed to the budget)
     fed: int  # tokens fed this pass (uncached ids + block)
     masks: torch.Tensor | None  # grammar masks (k+1, V)
-    early_sent: bool = False
+    # The session as it was before this pass, restored when this item fails.
+    ids_before: int
+    out_before: int
+    rng_before: torch.Tensor | None  # sampling sessions' generator state
 
 
 class TargetEngine:
@@ -118,7 +131,8 @@ class TargetEngine:
 
     # ---- sessions ------------------------------------------------------------------------
     def open_session(self, request: SessionRequest) -> TargetSession:
-        """Encode and prefill the prompt; raises Refused (EmptyPrompt, PromptTooLong, ...)."""
+        """Encode and prefill the prompt; raises Refused (InvalidArgument, EmptyPrompt, PromptTooLong, ...)."""
+        admission.check_request(request, max_new_tokens=self.model.max_context)
         prompt = self.model.encode(request)
         out = make_tracker(self.model, request)
         with self._lock:
@@ -133,49 +147,66 @@ class TargetEngine:
     def close_session(self, sess: TargetSession) -> None:
         sess.closed = True
         self.sessions.pop(sess.session_id, None)
-        sess.kv.cache = None  # free the cache now, not when the last reference goes
+        with self._lock:  # a pass using this cache (batched with others) finishes first
+            sess.kv.cache = None  # free the cache now, not when the last reference goes
 
     # ---- verification --------------------------------------------------------------------
     def verify(
         self, items: list[tuple[TargetSession, DraftBlock]], on_early: EarlyCallback | None = None
-    ) -> list[Verdict]:
-        """Verify one block per session in one forward pass; FINAL or DROPPED verdicts, in order."""
+    ) -> list[Verdict | Exception]:
+        """Verify one block per session in one forward pass: a FINAL or DROPPED verdict per item, in order.
+
+        An item that fails has its exception in its place instead: SessionNotFound (closed
+        session), InvalidArgument (a field of the block out of range), Refused (finished
+        output), or whatever went wrong while deciding or committing its verdict. Its session
+        is left as before the pass, and no other item is affected (see the module docstring).
+        A failure of the forward pass itself fails every item of that pass, each left as before.
+        """
         if len({id(s) for s, _ in items}) != len(items):
             raise ValueError("verify() takes at most one block per session per pass")
         start = time.perf_counter()
-        verdicts: list[Verdict | None] = [None] * len(items)
+        results: list[Verdict | Exception | None] = [None] * len(items)
         live: list[tuple[int, _Item]] = []
         for i, (sess, block) in enumerate(items):
-            if not self.check_block(sess, block):
-                verdicts[i] = Verdict(block.round, VerdictKind.DROPPED)
+            try:
+                item = self._admit(sess, block)
+            except Exception as exc:  # this block's own refusal; the others go on
+                results[i] = exc
                 continue
-            tokens = list(block.tokens[: max(0, sess.out.room - 1)])
-            uncached = len(sess.kv.ids) - sess.kv.cached
-            masks = sess.out.grammar.masks_along(tokens) if sess.out.grammar is not None else None
-            live.append((i, _Item(sess, block, tokens, max(uncached, 1) + len(tokens), masks)))
+            if item is None:
+                results[i] = Verdict(block.round, VerdictKind.DROPPED)
+            else:
+                live.append((i, item))
         for chunk_start in range(0, len(live), self.max_batch):
             chunk = live[chunk_start : chunk_start + self.max_batch]
-            for (i, _), verdict in zip(chunk, self._verify_pass([it for _, it in chunk], on_early, start), strict=True):
-                verdicts[i] = verdict
-        return verdicts  # type: ignore[return-value]
+            for (i, _), result in zip(chunk, self._verify_pass([it for _, it in chunk], on_early, start), strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
 
-    def check_block(self, sess: TargetSession, block: DraftBlock) -> bool:
-        """Whether ``block`` would be verified (True) or DROPPED (False); raises when it is invalid.
+    def _admit(self, sess: TargetSession, block: DraftBlock) -> _Item | None:
+        """The item to verify for ``block``, None when it is DROPPED; raises when it is refused.
 
-        Raises SessionNotFound (closed session) or Refused (finished output, tokens outside
-        the vocabulary). ``verify`` calls it for every item; a batch scheduler can call it
-        first to keep one session's bad block from failing the whole batch.
+        Reads the session and changes nothing (the grammar is advanced and rolled back).
         """
         if sess.closed:
             raise SessionNotFound(f"session {sess.session_id} is closed; open a new one")
+        admission.check_block(block, self.model.vocab_size, sess.request.settings)
         if not self._prefix_holds(sess, block):
-            return False
+            return None
         if sess.done:
             raise Refused("session_done", f"session {sess.session_id} has finished its output; close it")
-        bad = [t for t in block.tokens if not 0 <= t < self.model.vocab_size]
-        if bad:
-            raise Refused("bad_token", f"draft tokens {bad[:3]} are outside the vocabulary of {self.model.vocab_size}")
-        return True
+        tokens = list(block.tokens[: max(0, sess.out.room - 1)])
+        # Nothing past the output's end is verified: a draft token after an EOS could otherwise be
+        # accepted and committed beyond the end (and past a grammar's end, where nothing is allowed).
+        for j, t in enumerate(tokens):
+            if t in self.model.eos_token_ids:
+                del tokens[j + 1 :]
+                break
+        masks = sess.out.grammar.masks_along(tokens) if sess.out.grammar is not None else None
+        uncached = len(sess.kv.ids) - sess.kv.cached
+        greedy = sess.request.settings.greedy
+        return _Item(sess, block, tokens, max(uncached, 1) + len(tokens), masks, ids_before=len(sess.kv.ids),
+                     out_before=len(sess.out.tokens), rng_before=None if greedy else sess.generator.get_state())
 
     def _prefix_holds(self, sess: TargetSession, block: DraftBlock) -> bool:
         out = sess.output
@@ -184,7 +215,7 @@ class TargetEngine:
         tail = list(block.base_tail)
         return not tail or (len(tail) <= len(out) and out[len(out) - len(tail) :] == tail)
 
-    def _verify_pass(self, items: list[_Item], on_early: EarlyCallback | None, start: float) -> list[Verdict]:
+    def _verify_pass(self, items: list[_Item], on_early: EarlyCallback | None, start: float) -> list[Verdict | Exception]:
         # Under a grammar only the tokens it allows can be chosen: the heads compute just those.
         narrow = None
         if all(it.masks is not None for it in items):
@@ -194,33 +225,76 @@ class TargetEngine:
 
             def at_exit(layer: int, hidden: torch.Tensor) -> None:
                 for row, it in enumerate(items):
-                    k = len(it.tokens)
-                    h = hidden[row, it.fed - k - 1 : it.fed]
-                    logits = self.exits.logits(layer, h, narrow)
-                    if it.masks is not None:
-                        logits = apply_mask(logits, it.masks)
-                    on_early(it.session, self._early_verdict(it, layer, logits))
+                    # An early verdict is a speculation signal only: one that cannot be made (or
+                    # delivered) costs its own item that signal, never the pass or another item.
+                    try:
+                        k = len(it.tokens)
+                        h = hidden[row, it.fed - k - 1 : it.fed]
+                        logits = self.exits.logits(layer, h, narrow)
+                        if it.masks is not None:
+                            logits = apply_mask(logits, it.masks)
+                        on_early(it.session, self._early_verdict(it, layer, logits))
+                    except Exception as exc:
+                        log.warning("no early verdict for session %s at layer %d: %r", it.session.session_id,
+                                    layer, exc)
 
             hooks = {layer: at_exit for layer in self.exits.layers}
         with self._lock:
             for it in items:
                 it.session.kv.append(it.tokens)
-            all_logits = self.model.forward([it.session.kv for it in items], hooks=hooks, head=narrow)
+            try:
+                all_logits = self.model.forward([it.session.kv for it in items], hooks=hooks, head=narrow)
+            except Exception as exc:  # the pass itself failed: none of it is kept
+                for it in items:
+                    self._rollback(it)
+                return [exc for _ in items]
             self.passes += 1
             self.largest_batch = max(self.largest_batch, len(items))
-        verdicts = []
+        elapsed = time.perf_counter() - start
+        results: list[Verdict | Exception] = []
         for it, logits in zip(items, all_logits, strict=True):
-            k = len(it.tokens)
-            logits = logits[-k - 1 :]
-            if it.masks is not None:
-                logits = apply_mask(logits, it.masks)
-            settings = it.session.request.settings
-            if settings.greedy:
-                outcome = rules.verify_greedy(logits, it.tokens)
-            else:
-                outcome = rules.verify_sampling(logits, it.tokens, it.block.q, settings, it.session.generator)
-            verdicts.append(self._commit(it, outcome, time.perf_counter() - start))
-        return verdicts
+            # Each item is decided and committed from its own logits rows, on its own session only.
+            try:
+                results.append(self._commit(it, self._decide(it, logits), elapsed))
+            except Exception as exc:
+                self._rollback(it)
+                results.append(exc)
+        return results
+
+    def _decide(self, it: _Item, logits: torch.Tensor) -> rules.Outcome:
+        k = len(it.tokens)
+        logits = logits[-k - 1 :]
+        if it.masks is not None:
+            logits = apply_mask(logits, it.masks)
+        settings = it.session.request.settings
+        if settings.greedy:
+            return rules.verify_greedy(logits, it.tokens)
+        return rules.verify_sampling(logits, it.tokens, it.block.q, settings, it.session.generator)
+
+    def _rollback(self, it: _Item) -> None:
+        """Leave ``it``'s session as it was before this pass (its ids, output, grammar, generator, cache).
+
+        Never raises: it runs while handling a failure, and must not turn one item's failure
+        into the pass's.
+        """
+        sess = it.session
+        try:
+            sess.out.truncate(it.out_before)
+            if it.rng_before is not None:
+                sess.generator.set_state(it.rng_before)
+            kv = sess.kv
+            del kv.ids[it.ids_before :]
+            if kv.cache is None:  # closed meanwhile: its cache is gone
+                return
+            kv.crop(it.ids_before)
+            # A forward that failed half-way may have grown some layers in place past what
+            # ``cached`` says; cut every layer back to it.
+            for layer in kv.cache.layers:
+                extra = layer.get_seq_length() - kv.cached
+                if extra > 0:
+                    layer.crop(-extra)
+        except Exception:
+            log.exception("could not restore session %s after its verification failed", sess.session_id)
 
     def _early_verdict(self, it: _Item, layer: int, logits: torch.Tensor) -> Verdict:
         # The exit's most likely outcome; confidence = the exit's probability of that whole
@@ -247,8 +321,7 @@ class TargetEngine:
 
     def _commit(self, it: _Item, outcome: rules.Outcome, elapsed: float) -> Verdict:
         sess = it.session
-        base = len(sess.kv.ids) - len(it.tokens)
-        sess.kv.truncate(base + outcome.accepted)
+        sess.kv.truncate(it.ids_before + outcome.accepted)
         sess.out.extend(it.tokens[: outcome.accepted])
         token = -1 if self._output_ends(it, outcome.accepted) else outcome.token
         if token >= 0:

@@ -58,7 +58,9 @@ def generate_answers(engine: TargetEngine, prompts: list[str], settings: Generat
         live = [s for s in sessions if not s.done]
         if not live:
             break
-        engine.verify([(s, DraftBlock(step, len(s.output), (), ())) for s in live])
+        for result in engine.verify([(s, DraftBlock(step, len(s.output), (), ())) for s in live]):
+            if isinstance(result, Exception):
+                raise result
         step += 1
     out = [list(s.kv.ids) for s in sessions]
     for s in sessions:

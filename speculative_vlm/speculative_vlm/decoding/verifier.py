@@ -54,6 +54,10 @@ class ImageNotSupported(Refused):
     """An image was sent to a text-only model, or could not be decoded (``image_not_supported``, ``bad_image``)."""
 
 
+class InvalidArgument(Refused):
+    """A field of an Open or a Draft is out of range (code ``invalid_argument``); the reason names the field."""
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     temperature: float = 0.0  # 0 = greedy

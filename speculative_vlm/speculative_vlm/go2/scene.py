@@ -8,6 +8,7 @@ start pose, y left, metres). Other code (benchmarks, end-to-end tests) uses
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -58,6 +59,21 @@ class Scene:
         """Planar distance from (x, y) to the centre of the named object, metres."""
         obj = self.find(name)
         return math.hypot(obj.x - x, obj.y - y)
+
+    def named_in(self, text: str) -> SceneObject | None:
+        """The object ``text`` (an instruction) names, e.g. "walk to the red ball"; None if none does.
+
+        Names match as whole words, case-insensitively, with or without their leading "the"; when
+        several match ("ball" and "red ball") the longest name wins.
+        """
+        said = f" {_words(text)} "
+        named = [(len(name), obj) for obj in self.objects
+                 if (name := _words(obj.name.lower().removeprefix("the "))) and f" {name} " in said]
+        return max(named, key=lambda n: n[0])[1] if named else None
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 def _float(entry: dict, key: str, where: str, default: float | None = None) -> float:

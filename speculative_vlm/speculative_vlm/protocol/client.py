@@ -24,6 +24,7 @@ from speculative_vlm.decoding.verifier import (
     DraftBlock,
     EmptyPrompt,
     ImageNotSupported,
+    InvalidArgument,
     LinkLost,
     PromptTooLong,
     Refused,
@@ -48,6 +49,7 @@ _TYPED_REFUSALS: dict[str, type[Refused]] = {
     "prompt_too_long": PromptTooLong,
     "image_not_supported": ImageNotSupported,
     "bad_image": ImageNotSupported,
+    "invalid_argument": InvalidArgument,
 }
 
 

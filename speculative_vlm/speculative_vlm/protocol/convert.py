@@ -33,9 +33,10 @@ def settings_from_pb(msg: pb.GenerationSettings) -> GenerationSettings:
     return GenerationSettings(
         temperature=float(msg.temperature),
         top_k=int(msg.top_k),
-        # proto3 has no "unset": 0 would mean "keep nothing", which no caller means.
-        top_p=float(msg.top_p) if msg.top_p > 0 else 1.0,
-        max_new_tokens=int(msg.max_new_tokens) if msg.max_new_tokens > 0 else GenerationSettings.max_new_tokens,
+        # proto3 has no "unset": 0 would mean "keep nothing", which no caller means. Any other
+        # value (negative, nan) is passed on as sent, for admission to refuse.
+        top_p=float(msg.top_p) if msg.top_p != 0 else 1.0,
+        max_new_tokens=int(msg.max_new_tokens) if msg.max_new_tokens != 0 else GenerationSettings.max_new_tokens,
         grammar=msg.grammar,
         seed=int(msg.seed),
     )
@@ -77,6 +78,11 @@ def draft_to_pb(block: DraftBlock) -> pb.ClientMessage:
 
 
 def draft_from_pb(msg: pb.Draft) -> DraftBlock:
+    """The engine's block; raises ValueError naming the field when a distribution is ragged."""
+    for i, d in enumerate(msg.q):
+        if len(d.token_ids) != len(d.probs):
+            raise ValueError(f"draft.q[{i}] has {len(d.token_ids)} token_ids and {len(d.probs)} probs; "
+                             "send one probability per token id")
     q = tuple(dict(zip((int(i) for i in d.token_ids), (float(p) for p in d.probs), strict=True))
               for d in msg.q) or None
     return DraftBlock(
