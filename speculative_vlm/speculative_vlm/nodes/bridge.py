@@ -13,7 +13,6 @@ import sys
 import threading
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
@@ -30,6 +29,7 @@ from speculative_vlm.decoding.verifier import (
     VerifierSession,
     VerifierTimeout,
 )
+from speculative_vlm.nodes.parameters import float_range, on_parameters_set, start_only
 from speculative_vlm.nodes.ros_verifier import SPEC_QOS
 from speculative_vlm.nodes.spec_messages import error_msg, msg_to_block, verdict_to_msg
 from speculative_vlm.nodes.spin import spin_node
@@ -68,20 +68,14 @@ def grpc_verifier_from_parameters(node: Node) -> Verifier:
 class BridgeNode(Node):
     def __init__(self, verifier: Verifier | None = None, **kwargs):
         super().__init__("bridge", **kwargs)
-        self.declare_parameter("cloud_address", "127.0.0.1:50561",
-                               ParameterDescriptor(description="host:port of the cloud verifier"))
-        self.declare_parameter("auth_token_env", "", ParameterDescriptor(
-            description="name of the environment variable holding the bearer token ('' = none)"))
-        self.declare_parameter("auth_token_file", "", ParameterDescriptor(
-            description="file holding the bearer token, used when auth_token_env is ''"))
-        self.declare_parameter("tls_ca", "", ParameterDescriptor(
-            description="CA certificate (PEM) to verify the verifier's TLS certificate; '' = plaintext"))
-        self.declare_parameter("deadline_s", 5.0, ParameterDescriptor(
-            description="deadline for a verdict before the link counts as lost, s",
-            floating_point_range=[FloatingPointRange(from_value=0.1, to_value=120.0)]))
-        self.declare_parameter("open_timeout_s", 30.0, ParameterDescriptor(
-            description="how long opening a session (prompt prefill on the target) may take, s",
-            floating_point_range=[FloatingPointRange(from_value=0.5, to_value=600.0)]))
+        d = self.declare_parameter
+        d("cloud_address", "127.0.0.1:50561", start_only("host:port of the cloud verifier"))
+        d("auth_token_env", "", start_only("name of the environment variable holding the bearer token ('' = none)"))
+        d("auth_token_file", "", start_only("file holding the bearer token, used when auth_token_env is ''"))
+        d("tls_ca", "", start_only("CA certificate (PEM) to verify the verifier's TLS certificate; '' = plaintext"))
+        d("deadline_s", 5.0, float_range(0.1, 120.0, "deadline for a verdict before the link counts as lost, s"))
+        d("open_timeout_s", 30.0, float_range(
+            0.5, 600.0, "how long opening a session (prompt prefill on the target) may take, s"))
         self._verifier = verifier if verifier is not None else grpc_verifier_from_parameters(self)
         self._sessions: dict[str, VerifierSession] = {}
         self._lock = threading.Lock()
@@ -98,6 +92,13 @@ class BridgeNode(Node):
         if add_listener is not None:
             add_listener(lambda state, _reason="": self._set_link(getattr(state, "name", str(state))))
         self._set_link(self._link)
+        on_parameters_set(self, self._on_parameters_set)
+
+    def _on_parameters_set(self, values: dict[str, object]) -> None:
+        # The gRPC client reads its timeouts on every call: hand it the new ones.
+        for name, attribute in (("deadline_s", "verdict_timeout_s"), ("open_timeout_s", "open_timeout_s")):
+            if name in values and hasattr(self._verifier, attribute):
+                setattr(self._verifier, attribute, values[name])
 
     # -- link state ---------------------------------------------------------------------------
     def _set_link(self, state: str) -> None:

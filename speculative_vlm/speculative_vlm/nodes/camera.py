@@ -23,7 +23,6 @@ import time
 import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
@@ -32,6 +31,13 @@ from std_msgs.msg import Header
 from speculative_vlm.go2.dds import MAX_DOMAIN_ID
 from speculative_vlm.go2.sdk_backend import VideoBackend, code_name
 from speculative_vlm.nodes.image_conversion import ImageConversionError, image_to_numpy, numpy_to_image
+from speculative_vlm.nodes.parameters import (
+    float_range,
+    int_range,
+    on_parameters_set,
+    set_timer_period,
+    start_only,
+)
 from speculative_vlm.nodes.spin import spin_node
 
 SOURCES = ("go2_video", "topic", "file")
@@ -39,16 +45,6 @@ SOURCES = ("go2_video", "topic", "file")
 
 class CameraSourceError(RuntimeError):
     """The configured source cannot deliver frames; the message says what to fix."""
-
-
-def _float_param(lo: float, hi: float, text: str) -> ParameterDescriptor:
-    return ParameterDescriptor(
-        description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
-    )
-
-
-def _int_param(lo: int, hi: int, text: str) -> ParameterDescriptor:
-    return ParameterDescriptor(description=text, integer_range=[IntegerRange(from_value=lo, to_value=hi, step=1)])
 
 
 def _to_bgr(array: np.ndarray, encoding: str) -> np.ndarray:
@@ -73,19 +69,19 @@ class CameraNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("camera", **kwargs)
         d = self.declare_parameter
-        d("source", "go2_video", ParameterDescriptor(description=f"Frame source, one of {SOURCES}"))
-        d("rate_hz", 10.0, _float_param(0.1, 60.0, "Published frame rate, Hz"))
-        d("width", 0, _int_param(0, 8192, "Output width in pixels; 0 keeps the source's"))
-        d("height", 0, _int_param(0, 8192, "Output height in pixels; 0 keeps the source's"))
-        d("hfov_deg", 90.0, _float_param(10.0, 170.0, "Horizontal field of view, for CameraInfo intrinsics"))
-        d("frame_id", "front_camera", ParameterDescriptor(description="frame_id of published images"))
-        d("input_topic", "image_in", ParameterDescriptor(description="Image topic read when source is 'topic'"))
-        d("video_path", "", ParameterDescriptor(description="File, /dev/videoN or device index when source is 'file'"))
-        d("loop_video", True, ParameterDescriptor(description="Restart a video file at its end"))
-        d("network_interface", "lo", ParameterDescriptor(description="DDS interface for go2_video ('lo' for the sim)"))
-        d("dds_domain_id", 0, _int_param(0, MAX_DOMAIN_ID, "DDS domain of the Go2 (the robot uses 0)"))
-        d("sdk_timeout_s", 1.0, _float_param(0.05, 10.0, "Timeout of one GetImageSample request, s"))
-        d("diagnostics_period_s", 1.0, _float_param(0.1, 10.0, "Period of /diagnostics messages, s"))
+        d("source", "go2_video", start_only(f"Frame source, one of {SOURCES}"))
+        d("rate_hz", 10.0, float_range(0.1, 60.0, "Published frame rate, Hz"))
+        d("width", 0, int_range(0, 8192, "Output width in pixels; 0 keeps the source's"))
+        d("height", 0, int_range(0, 8192, "Output height in pixels; 0 keeps the source's"))
+        d("hfov_deg", 90.0, float_range(10.0, 170.0, "Horizontal field of view, for CameraInfo intrinsics"))
+        d("frame_id", "front_camera", start_only("frame_id of published images"))
+        d("input_topic", "image_in", start_only("Image topic read when source is 'topic'"))
+        d("video_path", "", start_only("File, /dev/videoN or device index when source is 'file'"))
+        d("loop_video", True, start_only("Restart a video file at its end"))
+        d("network_interface", "lo", start_only("DDS interface for go2_video ('lo' for the sim)"))
+        d("dds_domain_id", 0, int_range(0, MAX_DOMAIN_ID, "DDS domain of the Go2 (the robot uses 0)", read_only=True))
+        d("sdk_timeout_s", 1.0, float_range(0.05, 10.0, "Timeout of one GetImageSample request, s", read_only=True))
+        d("diagnostics_period_s", 1.0, float_range(0.1, 10.0, "Period of /diagnostics messages, s"))
 
         self._source = self.get_parameter("source").value
         if self._source not in SOURCES:
@@ -100,12 +96,18 @@ class CameraNode(Node):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_topic_frame = 0.0
-        self.create_timer(self.get_parameter("diagnostics_period_s").value, self._publish_diagnostics)
+        self._diag_timer = self.create_timer(self.get_parameter("diagnostics_period_s").value, self._publish_diagnostics)
+        # rate_hz, size and field of view are read on every frame; the diagnostics timer is told.
+        on_parameters_set(self, self._on_parameters_set)
         if self._source == "topic":
             self.create_subscription(Image, self.get_parameter("input_topic").value, self._on_image, qos_profile_sensor_data)
         else:
             self._thread = threading.Thread(target=self._grab_loop, name="camera_grab", daemon=True)
             self._thread.start()
+
+    def _on_parameters_set(self, values: dict[str, object]) -> None:
+        if "diagnostics_period_s" in values:
+            set_timer_period(self._diag_timer, values["diagnostics_period_s"])
 
     # ---- sources ------------------------------------------------------------------
     def _grab_loop(self) -> None:
@@ -115,13 +117,13 @@ class CameraNode(Node):
             self._last_error = str(exc)
             self.get_logger().error(f"camera source {self._source!r} failed: {exc}")
             return
-        period = 1.0 / self.get_parameter("rate_hz").value
         next_t = time.monotonic()
         while not self._stop.is_set():
             frame = grab()
             if frame is not None:
                 self._publish(frame, self.get_clock().now().to_msg())
-            next_t = max(next_t + period, time.monotonic())
+            # Read every frame, so that a rate set at run time applies at once.
+            next_t = max(next_t + 1.0 / self.get_parameter("rate_hz").value, time.monotonic())
             self._stop.wait(max(0.0, next_t - time.monotonic()))
 
     def _open_go2(self):

@@ -58,6 +58,7 @@ from speculative_vlm.decoding.verifier import (
     VerifierError,
 )
 from speculative_vlm.nodes.image_conversion import image_to_numpy
+from speculative_vlm.nodes.parameters import on_parameters_set
 from speculative_vlm.nodes.ros_verifier import RosVerifier
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.action import Instruct
@@ -114,8 +115,9 @@ def _float(lo: float, hi: float, text: str) -> ParameterDescriptor:
     return ParameterDescriptor(description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi)])
 
 
-def _int(lo: int, hi: int, text: str) -> ParameterDescriptor:
-    return ParameterDescriptor(description=text, integer_range=[IntegerRange(from_value=lo, to_value=hi, step=1)])
+def _int(lo: int, hi: int, text: str, read_only: bool = False) -> ParameterDescriptor:
+    return ParameterDescriptor(description=text, read_only=read_only,
+                               integer_range=[IntegerRange(from_value=lo, to_value=hi, step=1)])
 
 
 def stats_msg(result: GenerationResult, session_id: str = "") -> DecodingStats:
@@ -151,13 +153,13 @@ class DrafterNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("drafter", **kwargs)
         d = self.declare_parameter
-        d("draft_model", "command-draft", ParameterDescriptor(
+        d("draft_model", "command-draft", ParameterDescriptor(read_only=True,
             description="draft model: a folder or a model-store name (the shipped draft is 'command-draft')"))
-        d("perception", "scene_text", ParameterDescriptor(
+        d("perception", "scene_text", ParameterDescriptor(read_only=True,
             description=f"how a frame reaches the models, one of {PERCEPTIONS}: scene_text describes coloured "
             "objects in words (text-only target), image sends the JPEG (VLM target)"))
         d("system_prompt", "", ParameterDescriptor(description="system message; '' = the built-in command prompt"))
-        d("grammar", "command", ParameterDescriptor(description="output grammar: 'command' or '' (none)"))
+        d("grammar", "command", ParameterDescriptor(read_only=True, description="output grammar: 'command' or '' (none)"))
         d("draft_length", 4, _int(0, 16, "tokens per draft block (the start value when adaptive)"))
         d("adaptive_draft_length", True, ParameterDescriptor(
             description="adapt the draft length per round from acceptance, draft, verify and round-trip time"))
@@ -168,14 +170,14 @@ class DrafterNode(Node):
         d("temperature", 0.0, _float(0.0, 2.0, "sampling temperature; 0 = greedy"))
         d("seed", 0, _int(0, 2**31 - 1, "sampling seed"))
         d("max_steps", 6, _int(1, 1000, "default step limit of a goal (the goal's max_steps wins when > 0)"))
-        d("on_link_lost", "stop", ParameterDescriptor(
+        d("on_link_lost", "stop", ParameterDescriptor(read_only=True,
             description=f"when the cloud link is lost mid-step, one of {LINK_POLICIES}: stop the robot and end "
             "the goal, or finish the step on the draft alone (unverified)"))
-        d("execute_unverified", False, ParameterDescriptor(
+        d("execute_unverified", False, ParameterDescriptor(read_only=True,
             description="execute a command the target never verified (draft_only fallback); off by default"))
         d("torch_threads", 0, _int(0, 256, "CPU threads for the draft model; 0 = torch's default (all cores). "
-          "On a machine shared with the verifier, 1 avoids the two oversubscribing the cores"))
-        d("image_topic", "camera/image_raw", ParameterDescriptor(description="camera image topic"))
+          "On a machine shared with the verifier, 1 avoids the two oversubscribing the cores", read_only=True))
+        d("image_topic", "camera/image_raw", ParameterDescriptor(read_only=True, description="camera image topic"))
         d("frame_timeout_s", 5.0, _float(0.1, 60.0, "how long a step waits for a camera frame, s"))
         d("verdict_timeout_s", 10.0, _float(0.1, 600.0, "how long to wait for a verdict before the link counts as lost"))
         d("open_timeout_s", 30.0, _float(0.5, 600.0, "how long opening a session (prompt prefill on the target) may take, s"))
@@ -217,6 +219,8 @@ class DrafterNode(Node):
 
         self._verifier = RosVerifier(self, service_timeout_s=self.get_parameter("open_timeout_s").value)
         self._decoder: SpeculativeDecoder | None = None
+        self._decoder_lock = threading.Lock()
+        on_parameters_set(self, self._on_parameters_set)
         self._load_error: str = ""
         self._loaded = threading.Event()
         # Loading the draft takes a moment: off the constructor, goals wait for it.
@@ -236,19 +240,43 @@ class DrafterNode(Node):
 
                 torch.set_num_threads(p("torch_threads").value)
             draft = load_model(p("draft_model").value)
-            length = p("draft_length").value
-            policy = AdaptiveLength(initial=max(1, length)) if p("adaptive_draft_length").value else FixedLength(length)
-            self._decoder = SpeculativeDecoder(
-                draft, self._verifier, policy=policy, preempt=p("preemptive").value,
-                pipeline=p("pipelining").value, early_threshold=p("early_confidence").value,
-                verdict_timeout_s=p("verdict_timeout_s").value,
-            )
+            with self._decoder_lock:  # a parameter set meanwhile waits, then applies to this decoder
+                self._decoder = SpeculativeDecoder(
+                    draft, self._verifier, policy=self._draft_policy(), preempt=p("preemptive").value,
+                    pipeline=p("pipelining").value, early_threshold=p("early_confidence").value,
+                    verdict_timeout_s=p("verdict_timeout_s").value,
+                )
             self.get_logger().info(f"draft model {p('draft_model').value!r} loaded")
         except Exception as exc:  # reported on every goal and in diagnostics
             self._load_error = f"cannot load draft model {p('draft_model').value!r}: {exc}"
             self.get_logger().error(self._load_error)
         finally:
             self._loaded.set()
+
+    def _draft_policy(self) -> AdaptiveLength | FixedLength:
+        length = self.get_parameter("draft_length").value
+        return AdaptiveLength(initial=max(1, length)) if self.get_parameter("adaptive_draft_length").value \
+            else FixedLength(length)
+
+    def _on_parameters_set(self, values: dict[str, object]) -> None:
+        """Decoding settings set at run time apply from the decoder's next round (it reads them per round);
+        the sampling settings, step limit and timeouts of a step are read when a step starts."""
+        if "open_timeout_s" in values:
+            self._verifier.service_timeout_s = values["open_timeout_s"]
+        p = self.get_parameter
+        with self._decoder_lock:
+            decoder = self._decoder
+            if decoder is None:
+                return  # _load reads every parameter when it builds the decoder
+            if "early_confidence" in values:
+                decoder.early_threshold = values["early_confidence"]
+            if "verdict_timeout_s" in values:
+                decoder.verdict_timeout_s = values["verdict_timeout_s"]
+            if "preemptive" in values or "pipelining" in values:
+                decoder.preempt = p("preemptive").value
+                decoder.pipeline = p("pipelining").value and decoder.preempt
+            if "draft_length" in values or "adaptive_draft_length" in values:
+                decoder.policy = self._draft_policy()
 
     # -- inputs -----------------------------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:

@@ -26,7 +26,6 @@ import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image
@@ -34,6 +33,7 @@ from std_msgs.msg import String
 from visualization_msgs.msg import Marker
 
 from speculative_vlm.nodes.image_conversion import ImageConversionError, image_to_numpy, numpy_to_image
+from speculative_vlm.nodes.parameters import float_range, on_parameters_set, set_timer_period, start_only
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import DecodingStats, LocomotionCommand
 
@@ -54,12 +54,6 @@ TO_BGR = {
     "8UC1": cv2.COLOR_GRAY2BGR,
 }
 GREEN, RED, WHITE, YELLOW = (60, 220, 60), (40, 40, 230), (255, 255, 255), (0, 220, 255)
-
-
-def _float_param(lo: float, hi: float, text: str) -> ParameterDescriptor:
-    return ParameterDescriptor(
-        description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
-    )
 
 
 def to_bgr(msg: Image) -> np.ndarray:
@@ -150,18 +144,18 @@ class MonitorNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("monitor", **kwargs)
         d = self.declare_parameter
-        d("image_topic", "camera/image_raw", ParameterDescriptor(description="Camera image to annotate"))
-        d("text_topic", "drafter/text", ParameterDescriptor(description="Verified model text (std_msgs/String)"))
-        d("command_topic", "motion/command", ParameterDescriptor(description="LocomotionCommand to draw"))
-        d("stats_topic", "drafter/stats", ParameterDescriptor(description="DecodingStats of the current session"))
-        d("odom_topic", "odom", ParameterDescriptor(description="Odometry that places the velocity marker"))
-        d("base_frame", "base_link", ParameterDescriptor(description="Marker frame until odometry arrives"))
-        d("max_rate_hz", 15.0, _float_param(0.5, 60.0, "Most annotated images per second"))
-        d("arrow_max_speed", 1.0, _float_param(0.05, 5.0, "Speed, m/s, drawn as the longest image arrow"))
-        d("arrow_max_yaw_rate", 1.5, _float_param(0.05, 5.0, "Yaw rate, rad/s, drawn as the strongest bend"))
-        d("marker_scale", 1.0, _float_param(0.01, 10.0, "Marker length per m/s of commanded speed, m"))
-        d("stale_after_s", 2.0, _float_param(0.1, 60.0, "Camera or odometry older than this is reported WARN"))
-        d("diagnostics_period_s", 1.0, _float_param(0.1, 10.0, "Period of /diagnostics messages, s"))
+        d("image_topic", "camera/image_raw", start_only("Camera image to annotate"))
+        d("text_topic", "drafter/text", start_only("Verified model text (std_msgs/String)"))
+        d("command_topic", "motion/command", start_only("LocomotionCommand to draw"))
+        d("stats_topic", "drafter/stats", start_only("DecodingStats of the current session"))
+        d("odom_topic", "odom", start_only("Odometry that places the velocity marker"))
+        d("base_frame", "base_link", start_only("Marker frame until odometry arrives"))
+        d("max_rate_hz", 15.0, float_range(0.5, 60.0, "Most annotated images per second"))
+        d("arrow_max_speed", 1.0, float_range(0.05, 5.0, "Speed, m/s, drawn as the longest image arrow"))
+        d("arrow_max_yaw_rate", 1.5, float_range(0.05, 5.0, "Yaw rate, rad/s, drawn as the strongest bend"))
+        d("marker_scale", 1.0, float_range(0.01, 10.0, "Marker length per m/s of commanded speed, m"))
+        d("stale_after_s", 2.0, float_range(0.1, 60.0, "Camera or odometry older than this is reported WARN"))
+        d("diagnostics_period_s", 1.0, float_range(0.1, 10.0, "Period of /diagnostics messages, s"))
 
         p = self.get_parameter
         self._command: LocomotionCommand | None = None
@@ -184,7 +178,13 @@ class MonitorNode(Node):
         self.create_subscription(LocomotionCommand, p("command_topic").value, self._on_command, 10)
         self.create_subscription(DecodingStats, p("stats_topic").value, self._on_stats, 10)
         self.create_subscription(Odometry, p("odom_topic").value, self._on_odom, 10)
-        self.create_timer(p("diagnostics_period_s").value, self._publish_diagnostics)
+        self._diag_timer = self.create_timer(p("diagnostics_period_s").value, self._publish_diagnostics)
+        # The drawing and staleness parameters are read on use; the diagnostics timer is told.
+        on_parameters_set(self, self._on_parameters_set)
+
+    def _on_parameters_set(self, values: dict[str, object]) -> None:
+        if "diagnostics_period_s" in values:
+            set_timer_period(self._diag_timer, values["diagnostics_period_s"])
 
     def _seen(self, what: str) -> None:
         self._last_seen[what] = time.monotonic()

@@ -41,9 +41,7 @@ from dataclasses import dataclass
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Twist
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
@@ -51,6 +49,13 @@ from std_srvs.srv import Trigger
 from speculative_vlm.go2.dds import MAX_DOMAIN_ID, DdsDomainError
 from speculative_vlm.go2.motion_rules import SPORT_REQUESTS, MotionLimits
 from speculative_vlm.go2.sdk_backend import RobotState, SportBackend, code_name
+from speculative_vlm.nodes.parameters import (
+    float_range,
+    int_range,
+    on_parameters_set,
+    set_timer_period,
+    start_only,
+)
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import LocomotionCommand
 
@@ -78,12 +83,6 @@ ESTOP_QOS = (
 )
 
 
-def _float_param(lo: float, hi: float, text: str) -> ParameterDescriptor:
-    return ParameterDescriptor(
-        description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
-    )
-
-
 @dataclass
 class _Velocity:
     """A velocity being streamed to the robot as Move."""
@@ -101,31 +100,31 @@ class MotionNode(LifecycleNode):
     def __init__(self, **kwargs) -> None:
         super().__init__("motion", **kwargs)
         d = self.declare_parameter
-        d("network_interface", "lo", ParameterDescriptor(
-            description="Network interface for the Go2's DDS traffic: 'lo' for the simulated Go2, "
+        d("network_interface", "lo", start_only(
+            "Network interface for the Go2's DDS traffic: 'lo' for the simulated Go2, "
             "the NIC wired to the robot (e.g. eth0, enp3s0) for a real one"))
-        d("dds_domain_id", 0, ParameterDescriptor(
-            description="DDS domain of the robot (the Go2 uses 0)",
-            integer_range=[IntegerRange(from_value=0, to_value=MAX_DOMAIN_ID, step=1)]))
-        d("sdk_timeout_s", 0.5, _float_param(0.05, 5.0, "Timeout of one SDK request (reply wait, send wait)"))
-        d("move_rate_hz", 25.0, _float_param(5.0, 50.0, "Rate at which Move is re-sent while moving (Go2 needs 20-30 Hz)"))
-        d("stale_timeout_s", 0.5, _float_param(0.05, 5.0, "cmd_vel older than this (steady clock) stops the robot"))
-        d("max_vx", 1.0, _float_param(0.0, 3.0, "Largest forward velocity sent to the robot, m/s"))
-        d("min_vx", -0.5, _float_param(-3.0, 0.0, "Most negative (backward) velocity sent to the robot, m/s"))
-        d("max_vy", 0.5, _float_param(0.0, 1.5, "Largest lateral speed (either side) sent to the robot, m/s"))
-        d("max_vyaw", 1.5, _float_param(0.0, 4.0, "Largest yaw rate (either way) sent to the robot, rad/s"))
-        d("max_duration_s", 5.0, _float_param(0.1, 60.0, "Longest a single LocomotionCommand MOVE may run, s"))
-        d("state_timeout_s", 0.5, _float_param(0.05, 10.0, "rt/sportmodestate older than this means the robot is lost"))
-        d("diagnostics_period_s", 1.0, _float_param(0.1, 10.0, "Period of /diagnostics messages, s"))
-        d("odom_frame", "odom", ParameterDescriptor(description="frame_id of published odometry"))
-        d("base_frame", "base_link", ParameterDescriptor(description="child_frame_id of published odometry"))
-        d("require_verified", True, ParameterDescriptor(
-            description="Refuse LocomotionCommands that move the robot unless the target model verified "
-            "their text (STOP is always accepted; cmd_vel, a teleoperation input, is not affected)"))
-        d("publish_tf", True, ParameterDescriptor(
-            description="Also publish odom -> base_link on /tf (needs tf2_msgs, part of every ROS 2 install)"))
-        d("autostart", False, ParameterDescriptor(
-            description="Configure and activate right after start (for bringups without a lifecycle manager)"))
+        d("dds_domain_id", 0, int_range(0, MAX_DOMAIN_ID, "DDS domain of the robot (the Go2 uses 0)", read_only=True))
+        d("sdk_timeout_s", 0.5, float_range(0.05, 5.0, "Timeout of one SDK request (reply wait, send wait)",
+                                            read_only=True))
+        d("move_rate_hz", 25.0, float_range(5.0, 50.0, "Rate at which Move is re-sent while moving (Go2 needs 20-30 Hz)"))
+        d("stale_timeout_s", 0.5, float_range(0.05, 5.0, "cmd_vel older than this (steady clock) stops the robot"))
+        d("max_vx", 1.0, float_range(0.0, 3.0, "Largest forward velocity sent to the robot, m/s"))
+        d("min_vx", -0.5, float_range(-3.0, 0.0, "Most negative (backward) velocity sent to the robot, m/s"))
+        d("max_vy", 0.5, float_range(0.0, 1.5, "Largest lateral speed (either side) sent to the robot, m/s"))
+        d("max_vyaw", 1.5, float_range(0.0, 4.0, "Largest yaw rate (either way) sent to the robot, rad/s"))
+        d("max_duration_s", 5.0, float_range(0.1, 60.0, "Longest a single LocomotionCommand MOVE may run, s"))
+        d("state_timeout_s", 0.5, float_range(0.05, 10.0, "rt/sportmodestate older than this means the robot is lost"))
+        d("diagnostics_period_s", 1.0, float_range(0.1, 10.0, "Period of /diagnostics messages, s"))
+        d("odom_frame", "odom", start_only("frame_id of published odometry"))
+        d("base_frame", "base_link", start_only("child_frame_id of published odometry"))
+        d("require_verified", True, start_only(
+            "Refuse LocomotionCommands that move the robot unless the target model verified "
+            "their text (STOP is always accepted; cmd_vel, a teleoperation input, is not affected). "
+            "A safety policy: fixed at start, never a parameter set away on a running robot"))
+        d("publish_tf", True, start_only(
+            "Also publish odom -> base_link on tf (needs tf2_msgs, part of every ROS 2 install)"))
+        d("autostart", False, start_only(
+            "Configure and activate right after start (for bringups without a lifecycle manager)"))
 
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -145,25 +144,22 @@ class MotionNode(LifecycleNode):
         self._last_codes: dict[str, int] = {}
         self._error_counts: dict[str, int] = {}
         self._move_times: deque[float] = deque(maxlen=200)
+        # What configure creates and cleanup destroys. Not named _services/_timers: those are
+        # rclpy.Node's own lists, and replacing them dropped the node's parameter services.
         self._subs: list = []
-        self._services: list = []
-        self._timers: list = []
+        self._estop_services: list = []
+        self._diag_timer = None
         self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = None
         self._tf_pub = None
         self._autostart_timer = None
-        self.add_on_set_parameters_callback(self._check_parameter_change)
+        # Limits, rates and timeouts are read where they are used; the diagnostics timer is told.
+        on_parameters_set(self, self._on_parameters_set)
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.01, self._autostart)
 
-    def _check_parameter_change(self, params: list[Parameter]) -> SetParametersResult:
-        # The robot connection is made in configure: changing it later would silently do nothing.
-        fixed = sorted(p.name for p in params if p.name in _CONNECTION_PARAMETERS)
-        if fixed and self.lifecycle_state != "unconfigured":
-            return SetParametersResult(
-                successful=False,
-                reason=f"{fixed} take effect at configure; clean the node up (lifecycle cleanup) first",
-            )
-        return SetParametersResult(successful=True)
+    def _on_parameters_set(self, values: dict[str, object]) -> None:
+        if "diagnostics_period_s" in values:
+            set_timer_period(self._diag_timer, values["diagnostics_period_s"])
 
     # ---- lifecycle ----------------------------------------------------------------
     @property
@@ -201,11 +197,11 @@ class MotionNode(LifecycleNode):
             self.create_subscription(Bool, "motion/estop", self._on_estop_topic, qos, event_callbacks=quiet)
             for qos in ESTOP_QOS
         ]
-        self._services = [
+        self._estop_services = [
             self.create_service(Trigger, "motion/engage_estop", self._on_engage_srv),
             self.create_service(Trigger, "motion/release_estop", self._on_release_srv),
         ]
-        self._timers = [self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)]
+        self._diag_timer = self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
         self._estop_pub.publish(Bool(data=self._estop))
         self._set_idle(True)
         self.get_logger().info(
@@ -251,18 +247,18 @@ class MotionNode(LifecycleNode):
         self._set_idle(True)
 
     def _release_interfaces(self) -> None:
-        for timer in self._timers:
-            self.destroy_timer(timer)
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
         for sub in self._subs:
             self.destroy_subscription(sub)
-        for srv in self._services:
+        for srv in self._estop_services:
             self.destroy_service(srv)
         pubs = (self._odom_pub, self._idle_pub, self._active_pub, self._estop_pub, self._diag_pub, self._tf_pub)
         self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = self._tf_pub = None
         for pub in pubs:
             if pub is not None:
                 self.destroy_publisher(pub)
-        self._timers, self._subs, self._services = [], [], []
+        self._subs, self._estop_services, self._diag_timer = [], [], None
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -529,8 +525,6 @@ class MotionNode(LifecycleNode):
         array.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(array)
 
-
-_CONNECTION_PARAMETERS = ("network_interface", "dds_domain_id", "sdk_timeout_s", "diagnostics_period_s")
 
 _ACTION_METHODS = {
     "StopMove": "stop_move",

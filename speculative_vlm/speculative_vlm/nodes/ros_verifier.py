@@ -80,7 +80,7 @@ class RosVerifier(Verifier):
 
     def __init__(self, node: Node, service_timeout_s: float = 10.0):
         self._node = node
-        self._timeout = service_timeout_s
+        self.service_timeout_s = service_timeout_s  # for opening a session; may be changed at run time
         group = ReentrantCallbackGroup()
         self._draft_pub = node.create_publisher(DraftBlockMsg, "spec/draft", SPEC_QOS)
         self._sub = node.create_subscription(VerdictMsg, "spec/verdict", self._on_verdict, SPEC_QOS,
@@ -125,7 +125,7 @@ class RosVerifier(Verifier):
             top_k=int(s.top_k), top_p=float(s.top_p), max_new_tokens=int(s.max_new_tokens),
             grammar=s.grammar, seed=int(s.seed),
         )
-        response = self._call(self._open_client, req, self._timeout)
+        response = self._call(self._open_client, req, self.service_timeout_s)
         if not response.success:
             code, _, reason = response.reason.partition(": ")
             raise error_from(code, reason or response.reason)
