@@ -112,3 +112,14 @@ def test_a_red_ball_seen_through_jpeg_is_still_a_ball():
     frame = cv2.resize(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), (320, 240),
                        interpolation=cv2.INTER_AREA)
     assert [b.name for b in detect_blobs(frame)] == ["red ball"]
+
+
+def test_a_small_distant_cone_is_still_a_cone():
+    # A cone 4 m away is a few pixels tall and blurred round by JPEG; its narrow top gives it away.
+    scene_mod = pytest.importorskip("speculative_vlm.go2.scene")
+    render = pytest.importorskip("speculative_vlm.go2.render")
+    cone = scene_mod.SceneObject("the blue cone", "cone", (30, 60, 220), 4.0, 0.3, 0.17)
+    jpeg = render.encode_jpeg(render.render_bgr(scene_mod.Scene(objects=(cone,)), 0.0, 0.0, 0.0))
+    frame = cv2.resize(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), (320, 240),
+                       interpolation=cv2.INTER_AREA)
+    assert [b.name for b in detect_blobs(frame)] == ["blue cone"]

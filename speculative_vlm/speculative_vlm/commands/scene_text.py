@@ -150,6 +150,11 @@ def _shape_of(mask: np.ndarray, area: int, w: int, h: int) -> str:
     # A filled square is fairly circular too (pi/4), so test the fill of the box first.
     if fill > 0.85:
         return "box"
+    # A cone stands on its base: its top third is far narrower than its bottom third, which
+    # still holds for a cone a few pixels tall, where blur makes its outline look round.
+    third = max(h // 3, 1)
+    if h >= 6 and mask[:third].sum() < 0.55 * mask[-third:].sum():
+        return "cone"
     if circularity > 0.75 and 0.75 < w / max(h, 1) < 1.33:
         return "ball"
     if len(cv2.approxPolyDP(contour, 0.06 * perimeter, True)) == 3:
