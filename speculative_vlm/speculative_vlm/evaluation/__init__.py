@@ -1,0 +1,11 @@
+"""Closed-loop evaluation in the simulated Go2: does the robot do what it is told?
+
+Episodes (:mod:`.episodes`) are random scenes and instructions from families of tasks
+(:mod:`.families`), drawn from a train-like or a held-out split (:mod:`.splits`) whose colour/shape
+combinations, scene layouts and phrasings never meet. A policy (:mod:`.policies`: the scripted
+expert of :mod:`.expert`, or a model through the project's real decoding) answers each step with a
+command; :mod:`.runner` carries it through the grammar, the parser, the motion node's limits and
+the simulated Go2's dynamics (:mod:`.world`); :mod:`.success` judges the episode by its family's
+rule; :mod:`.report` writes the markdown report, the per-step CSV and the trajectory plots.
+``speculative-vlm eval`` (:mod:`.run`) ties it together.
+"""
