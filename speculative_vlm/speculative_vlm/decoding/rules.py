@@ -54,16 +54,20 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
     return ~torch.isneginf(logits).all(dim=-1)
 
 
-def _draft_distribution(q: dict[int, float] | None, token: int, like: torch.Tensor, position: int) -> torch.Tensor:
-    """The draft's dense q for one position (one-hot on ``token`` when absent); fails closed on bad entries."""
+def _check_draft_distributions(q: Sequence[dict[int, float]], vocab_size: int) -> None:
+    """Raise InvalidProbability unless every entry has an id in the vocabulary and a probability in [0, 1]."""
+    for position, dist in enumerate(q):
+        for t, v in (dist or {}).items():
+            if not (isinstance(t, int) and 0 <= t < vocab_size) or not 0.0 <= v <= 1.0:
+                raise InvalidProbability(f"draft distribution {position} has entry {t!r}: {v!r}; ids must be in "
+                                         f"[0, {vocab_size}) and probabilities finite numbers in [0, 1]")
+
+
+def _draft_distribution(q: dict[int, float] | None, token: int, like: torch.Tensor) -> torch.Tensor:
+    """The draft's dense q for one position (checked), one-hot on ``token`` when it left ``token`` out."""
     q_vec = torch.zeros_like(like)
     if q:
-        ids, values = list(q.keys()), list(q.values())
-        for t, v in zip(ids, values, strict=True):
-            if not (isinstance(t, int) and 0 <= t < like.shape[-1]) or not 0.0 <= v <= 1.0:
-                raise InvalidProbability(f"draft distribution {position} has entry {t!r}: {v!r}; ids must be in "
-                                         f"[0, {like.shape[-1]}) and probabilities finite numbers in [0, 1]")
-        q_vec[torch.tensor(ids, dtype=torch.long)] = torch.tensor(values, dtype=like.dtype)
+        q_vec[torch.tensor(list(q.keys()), dtype=torch.long)] = torch.tensor(list(q.values()), dtype=like.dtype)
     if not float(q_vec[token]) > 0.0:  # the draft left its own token out: a greedy (one-hot) draft
         q_vec.zero_()
         q_vec[token] = 1.0
@@ -120,8 +124,10 @@ def verify_sampling(
     stays lossless for it. Fails closed: a ``q`` entry or a target probability that is not a
     finite number in [0, 1] raises InvalidProbability before anything is accepted.
     """
-    if q is not None and len(q) < len(drafts):
-        raise InvalidProbability(f"{len(q)} draft distributions for {len(drafts)} drafted tokens")
+    if q is not None:
+        if len(q) < len(drafts):
+            raise InvalidProbability(f"{len(q)} draft distributions for {len(drafts)} drafted tokens")
+        _check_draft_distributions(q, logits.shape[-1])
     allows = _check_logits(logits)
     probs = warp(logits, settings)
     # Rows that allow nothing are nan after the softmax: they are all zero (nothing can be chosen).
@@ -130,7 +136,7 @@ def verify_sampling(
         raise InvalidProbability("the target's distribution is not finite; check temperature, top_k and top_p")
     for i, x in enumerate(drafts):
         p = probs[i]
-        q_vec = _draft_distribution(q[i] if q is not None else None, x, p, i)
+        q_vec = _draft_distribution(q[i] if q is not None else None, x, p)
         ratio = acceptance_probability(float(p[x]), float(q_vec[x]))
         u = float(torch.rand((), generator=generator))
         if u < ratio:

@@ -99,6 +99,7 @@ class _Item:
     masks: torch.Tensor | None  # grammar masks (k+1, V)
     # The session as it was before this pass, restored when this item fails.
     ids_before: int
+    cached_before: int
     out_before: int
     rng_before: torch.Tensor | None  # sampling sessions' generator state
 
@@ -206,7 +207,8 @@ class TargetEngine:
         uncached = len(sess.kv.ids) - sess.kv.cached
         greedy = sess.request.settings.greedy
         return _Item(sess, block, tokens, max(uncached, 1) + len(tokens), masks, ids_before=len(sess.kv.ids),
-                     out_before=len(sess.out.tokens), rng_before=None if greedy else sess.generator.get_state())
+                     cached_before=sess.kv.cached, out_before=len(sess.out.tokens),
+                     rng_before=None if greedy else sess.generator.get_state())
 
     def _prefix_holds(self, sess: TargetSession, block: DraftBlock) -> bool:
         out = sess.output
@@ -286,7 +288,7 @@ class TargetEngine:
             del kv.ids[it.ids_before :]
             if kv.cache is None:  # closed meanwhile: its cache is gone
                 return
-            kv.crop(it.ids_before)
+            kv.crop(it.cached_before)
             # A forward that failed half-way may have grown some layers in place past what
             # ``cached`` says; cut every layer back to it.
             for layer in kv.cache.layers:
