@@ -35,6 +35,7 @@ setup(
             "speculative-vlm-bridge = speculative_vlm.nodes.bridge:main",
             "speculative-vlm-drafter = speculative_vlm.nodes.drafter:main",
             "speculative-vlm-monitor = speculative_vlm.nodes.monitor:main",
+            "speculative-vlm-foxglove = speculative_vlm.nodes.foxglove_view:main",
             "speculative-vlm-sim-go2 = speculative_vlm.go2.sim:main",
             "speculative-vlm-cloud = speculative_vlm.cloud.server:main",
         ],

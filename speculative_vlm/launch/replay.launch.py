@@ -20,7 +20,7 @@ from speculative_vlm.launch_graph import PACKAGE, flag, replay_launch
 
 DEFAULT_PARAMS = os.path.join(get_package_share_directory(PACKAGE), "config", "sim.yaml")
 FORWARDED = ("namespace", "use_sim_time", "params_file", "log_level", "autostart", "use_respawn",
-             "cloud_address", "nodes")
+             "cloud_address", "nodes", "foxglove")
 
 
 def _player(context):
@@ -53,6 +53,8 @@ def generate_launch_description() -> LaunchDescription:
                               description="host:port of the verifier; empty keeps the params file's"),
         DeclareLaunchArgument("nodes", default_value="drafter,bridge,motion,monitor",
                               description="Nodes to start: the bag stands in for the camera"),
+        DeclareLaunchArgument("foxglove", default_value="",
+                              description="Start the Foxglove WebSocket view (true/false); empty keeps the params file's"),
         OpaqueFunction(function=_player),
         IncludeLaunchDescription(
             PythonLaunchDescriptionSource(PathJoinSubstitution([ThisLaunchFileDir(), "sim.launch.py"])),

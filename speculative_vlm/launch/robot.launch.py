@@ -1,4 +1,4 @@
-"""The speculative_vlm node graph on a robot: camera, drafter, bridge, motion, monitor.
+"""The speculative_vlm node graph on a robot: camera, drafter, bridge, motion, monitor (and the Foxglove view).
 
     ros2 launch speculative_vlm robot.launch.py cloud_address:=verifier.example.org:50561
     ros2 launch speculative_vlm robot.launch.py namespace:=go2_a log_level:=debug use_respawn:=true
@@ -7,7 +7,8 @@ Reads the same YAML as `speculative-vlm up` (config/robot.yaml by default): the 
 in its `bringup` section are started, each an executable of this package
 (`speculative-vlm-<node>` in lib/speculative_vlm), with its own section of the file rewritten
 for `namespace` (`/**` sections reach every node) and handed over as `-p` rules, so no
-temporary parameter file is written. The motion node is a lifecycle node; with
+temporary parameter file is written. The Foxglove view starts when the file's `foxglove`
+section says `enabled: true` (or `foxglove:=true`). The motion node is a lifecycle node; with
 `autostart` false (the robot default) an operator activates it (`ros2 lifecycle set motion
 configure`, then `activate`) once the robot is clear. sim.launch.py and replay.launch.py
 include this file. The decisions are made in speculative_vlm.launch_graph, tested without ROS 2
@@ -36,7 +37,7 @@ def _graph(context):
     for plan in node_launches(
         arg("params_file"), namespace=arg("namespace"), use_sim_time=flag(arg("use_sim_time")),
         log_level=arg("log_level"), autostart=optional_flag(arg("autostart")), cloud_address=arg("cloud_address"),
-        nodes=only,
+        nodes=only, foxglove=optional_flag(arg("foxglove")),
     ):
         node_type = LifecycleNode if plan.lifecycle else Node
         actions.append(node_type(
@@ -65,5 +66,7 @@ def generate_launch_description() -> LaunchDescription:
                               description="host:port of the cloud verifier; empty keeps the params file's"),
         DeclareLaunchArgument("nodes", default_value="",
                               description="Comma-separated nodes to start; empty starts the params file's bringup list"),
+        DeclareLaunchArgument("foxglove", default_value="",
+                              description="Start the Foxglove WebSocket view (true/false); empty keeps the params file's"),
         OpaqueFunction(function=_graph),
     ])

@@ -5,8 +5,8 @@
 
 Reads config/sim.yaml (or params_file): its `bringup` section says whether to start the
 simulated Go2 (`sim_go2`, scene `sim_scene`) and a local verifier (`local_cloud`, which reads
-the file's `cloud_server` section itself: no copy is written); the nodes come
-from robot.launch.py with the same file. These are the peers
+the file's `cloud_server` section itself: no copy is written); the nodes (and the Foxglove
+view, on in sim.yaml) come from robot.launch.py with the same file. These are the peers
 `speculative-vlm up` starts, each run here as an executable of this package
 (`speculative-vlm-sim-go2`, `speculative-vlm-cloud` in lib/speculative_vlm).
 """
@@ -23,7 +23,7 @@ from speculative_vlm.launch_graph import PACKAGE, flag, peer_launches
 
 DEFAULT_PARAMS = os.path.join(get_package_share_directory(PACKAGE), "config", "sim.yaml")
 FORWARDED = ("namespace", "use_sim_time", "params_file", "log_level", "autostart", "use_respawn",
-             "cloud_address", "nodes")
+             "cloud_address", "nodes", "foxglove")
 
 
 def _peers(context):
@@ -52,6 +52,8 @@ def generate_launch_description() -> LaunchDescription:
                               description="host:port of the verifier; empty keeps the params file's"),
         DeclareLaunchArgument("nodes", default_value="",
                               description="Comma-separated nodes to start; empty starts the params file's bringup list"),
+        DeclareLaunchArgument("foxglove", default_value="",
+                              description="Start the Foxglove WebSocket view (true/false); empty keeps the params file's"),
         OpaqueFunction(function=_peers),
         IncludeLaunchDescription(
             PythonLaunchDescriptionSource(PathJoinSubstitution([ThisLaunchFileDir(), "robot.launch.py"])),

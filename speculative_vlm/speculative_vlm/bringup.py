@@ -164,6 +164,11 @@ def run_bringup(config: BringupConfig) -> int:
         for name in config.nodes:
             nodes.append(node_class(name)())
             executor.add_node(nodes[-1])
+        from speculative_vlm.nodes.foxglove_view import start_for_bringup
+
+        if (view := start_for_bringup(config.sections)) is not None:  # the config's `foxglove` section
+            nodes.append(view)
+            executor.add_node(view)
         spinner.start()
         print(f"nodes up: {', '.join(config.nodes)}", flush=True)
         if config.instruction:

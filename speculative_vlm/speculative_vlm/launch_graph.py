@@ -36,9 +36,10 @@ NODE_EXECUTABLES = {
     "bridge": "speculative-vlm-bridge",
     "motion": "speculative-vlm-motion",
     "monitor": "speculative-vlm-monitor",
+    "foxglove": "speculative-vlm-foxglove",
 }
 LIFECYCLE_NODES = ("motion",)
-# The nodes a bringup list may name.
+# The nodes a bringup list may name; the Foxglove view is started by its own `enabled` switch.
 GRAPH_NODES = ("camera", "drafter", "bridge", "motion", "monitor")
 SIM_GO2_EXECUTABLE = "speculative-vlm-sim-go2"
 CLOUD_EXECUTABLE = "speculative-vlm-cloud"
@@ -107,11 +108,11 @@ def scene_of(document: Mapping[str, Any]) -> str:
 
 def node_launches(params_file: str | Path, *, namespace: str = "", use_sim_time: bool = False,
                   log_level: str = "info", autostart: bool | None = None, cloud_address: str = "",
-                  nodes: list[str] | None = None) -> list[NodeLaunch]:
+                  nodes: list[str] | None = None, foxglove: bool | None = None) -> list[NodeLaunch]:
     """The nodes to start and the arguments of each.
 
-    ``nodes`` empty or None starts the file's ``bringup.nodes`` list; ``autostart`` None and an
-    empty ``cloud_address`` keep the file's values.
+    ``nodes`` empty or None starts the file's ``bringup.nodes`` list; ``autostart``,
+    ``foxglove`` and an empty ``cloud_address`` keep the file's values.
     """
     if log_level.lower() not in LOG_LEVELS:
         raise LaunchConfigError(f"log_level {log_level!r} is not one of {list(LOG_LEVELS)}")
@@ -120,6 +121,9 @@ def node_launches(params_file: str | Path, *, namespace: str = "", use_sim_time:
     unknown = [n for n in names if n not in GRAPH_NODES]
     if unknown:
         raise LaunchConfigError(f"{params_file} or nodes:= names unknown nodes {unknown}; known: {list(GRAPH_NODES)}")
+    view = _section(document, "foxglove")
+    if (bool(view.get("enabled", False)) if foxglove is None else foxglove) and "foxglove" not in names:
+        names.append("foxglove")
     namespace = normalize_namespace(namespace)
     sections = rewrite_for_namespace(document, namespace)
     launches = []
@@ -130,6 +134,9 @@ def node_launches(params_file: str | Path, *, namespace: str = "", use_sim_time:
             params["cloud_address"] = cloud_address
         if name == "motion" and autostart is not None:
             params["autostart"] = autostart
+        if name == "foxglove":
+            params.pop("enabled", None)  # the switch is the launch's, not a node parameter
+            params.setdefault("scene", scene_of(document))
         launches.append(NodeLaunch(
             name=name, executable=NODE_EXECUTABLES[name], namespace=namespace, lifecycle=name in LIFECYCLE_NODES,
             parameters=params, ros_arguments=["--log-level", log_level.lower(), *parameter_arguments(params)],

@@ -236,7 +236,7 @@ def test_replay_does_not_start_the_camera_it_replaces():
 # ---- what they start (speculative_vlm.launch_graph) -------------------------------------------
 
 def test_the_nodes_started_are_the_files_bringup_list_each_its_own_executable():
-    plans = node_launches(CONFIG_DIR / "sim.yaml")
+    plans = node_launches(CONFIG_DIR / "sim.yaml", foxglove=False)
     assert [p.name for p in plans] == sim_yaml()["bringup"]["ros__parameters"]["nodes"]
     assert all(p.executable == NODE_EXECUTABLES[p.name] for p in plans)
     assert [p.name for p in plans if p.lifecycle] == ["motion"]
@@ -244,14 +244,18 @@ def test_the_nodes_started_are_the_files_bringup_list_each_its_own_executable():
 
 def test_a_namespaced_node_receives_its_section_of_the_file_through_its_ros_arguments():
     document = sim_yaml()
-    for plan in node_launches(CONFIG_DIR / "sim.yaml", namespace="go2_a", log_level="debug"):
+    plans = node_launches(CONFIG_DIR / "sim.yaml", namespace="go2_a", log_level="debug")
+    for plan in plans:
         assert plan.namespace == "/go2_a"
         assert plan.ros_arguments[:2] == ["--log-level", "debug"]
+        section = {k: v for k, v in document[plan.name]["ros__parameters"].items() if k != "enabled"}
+        assert section.items() <= plan.parameters.items(), plan.name
         with ros_node(plan.name, plan.namespace, plan.ros_arguments) as node:
-            for key, value in document[plan.name]["ros__parameters"].items():
+            for key, value in plan.parameters.items():
                 got = node.get_parameter(key).value
                 assert (list(got) if isinstance(value, list) else got) == value, f"{plan.name}.{key}"
             assert node.get_parameter("use_sim_time").value is False
+    assert {p.name for p in plans} == set(document["bringup"]["ros__parameters"]["nodes"]) | {"foxglove"}
 
 
 def test_wildcard_sections_of_the_params_file_reach_every_launched_node(tmp_path):
@@ -273,8 +277,21 @@ def test_launch_arguments_override_the_file_only_when_given():
     assert all(params["use_sim_time"] is True for params in given.values())
 
 
+def test_the_foxglove_view_starts_where_the_file_enables_it_with_the_sim_scene():
+    sim = {p.name: p for p in node_launches(CONFIG_DIR / "sim.yaml")}
+    view = sim["foxglove"]
+    assert view.executable == "speculative-vlm-foxglove" and not view.lifecycle
+    assert view.parameters["port"] == 8765 and view.parameters["host"] == "127.0.0.1"
+    assert view.parameters["scene"] == "default" and "enabled" not in view.parameters  # the launch's switch
+    assert "foxglove" not in {p.name for p in node_launches(CONFIG_DIR / "robot.yaml")}
+    on_robot = {p.name: p for p in node_launches(CONFIG_DIR / "robot.yaml", foxglove=True)}
+    assert on_robot["foxglove"].parameters["scene"] == ""  # no simulated Go2, no scene to draw
+    assert "foxglove" not in {p.name for p in node_launches(CONFIG_DIR / "sim.yaml", foxglove=False)}
+
+
 def test_nodes_argument_picks_a_subset_and_unknown_names_are_refused():
-    assert [p.name for p in node_launches(CONFIG_DIR / "sim.yaml", nodes=["drafter", "bridge"])] == ["drafter", "bridge"]
+    picked = node_launches(CONFIG_DIR / "sim.yaml", nodes=["drafter", "bridge"], foxglove=False)
+    assert [p.name for p in picked] == ["drafter", "bridge"]
     with pytest.raises(LaunchConfigError, match="rviz"):
         node_launches(CONFIG_DIR / "sim.yaml", nodes=["rviz"])
 
