@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "netem": ("speculative_vlm.cloud.netem", "run a loopback proxy adding delay, jitter, bandwidth limit"),
     "bench-cloud-batching": ("speculative_vlm.cloud.batch_bench", "tokens/s of N robots, batched vs unbatched"),
     "bench": ("speculative_vlm.benchmark.run", "every method side by side; writes bench/results (--quick: seconds)"),
+    "eval": ("speculative_vlm.evaluation.run", "closed-loop episodes in the simulated Go2; writes eval/results"),
 }
 
 

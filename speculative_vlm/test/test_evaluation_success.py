@@ -122,3 +122,27 @@ def test_must_not_act_means_no_motion_whatever_the_ending():
     assert not outcome(refuse, max_offset=0.1)[0]
     assert not outcome(refuse, turned_deg=10)[0]
     assert not outcome(refuse, mode=Mode.SIT)[0]
+
+
+def move(vx=0.0, vy=0.0, vyaw=0.0) -> LocomotionCommand:
+    return LocomotionCommand(Action.MOVE, vx, vy, vyaw, 1.0)
+
+
+def test_direction_correctness_needs_the_same_action_and_signs():
+    from speculative_vlm.evaluation.single_step import direction_correct
+
+    assert direction_correct(move(vyaw=0.8), move(vyaw=0.3), Family.TURN)
+    assert not direction_correct(move(vyaw=0.8), move(vyaw=-0.8), Family.TURN)
+    assert not direction_correct(move(vyaw=0.8), move(vx=0.5, vyaw=0.8), Family.TURN)  # walked while turning
+    assert not direction_correct(move(vx=-0.3), move(vx=0.5), Family.WALK)
+    assert not direction_correct(LocomotionCommand(Action.SIT), LocomotionCommand(Action.STAND_DOWN), Family.POSTURE)
+    assert direction_correct(LocomotionCommand(Action.DONE), LocomotionCommand(Action.DONE), Family.GO_TO)
+    assert not direction_correct(move(vx=0.5), None, Family.GO_TO)
+
+
+def test_turning_while_walking_towards_the_object_counts_as_right_for_go_to_only():
+    from speculative_vlm.evaluation.single_step import direction_correct
+
+    assert direction_correct(move(vyaw=0.7), move(vx=0.4, vyaw=0.7), Family.GO_TO)
+    assert not direction_correct(move(vyaw=0.7), move(vx=0.4, vyaw=0.7), Family.FACE)
+    assert not direction_correct(move(vyaw=0.7), move(vx=-0.3, vyaw=0.7), Family.GO_TO)

@@ -118,9 +118,10 @@ def run_episode(
                 command = parse_command(reply.text)
             except CommandError:
                 command = None
-            executed = None
+            executed, run = None, command
             if command is not None and command.action != Action.DONE:
-                executed = world.execute(execute(obs, command) if execute else command)
+                run = execute(obs, command) if execute else command
+                executed = world.execute(run)
             record = StepRecord(step, pose, mode, obs.scene_text, obs.progress, reply.text, command, executed,
                                 world.pose(), world.mode(), reply.seconds, reply.tokens, reply.acceptance)
             result.steps.append(record)
@@ -133,7 +134,7 @@ def run_episode(
             if command.action == Action.DONE:
                 result.ended = "done"
                 break
-            last = command.action.value
+            last = run.action.value  # the prompt's "last command" is what the robot last did
     result.path = list(world.path)
     result.final, result.final_mode = world.pose(), world.mode()
     p = world.progress
