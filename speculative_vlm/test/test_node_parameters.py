@@ -29,7 +29,8 @@ pytestmark = pytest.mark.ros
 # interfaces, frames, TLS and token sources, and the safety policies.
 READ_ONLY = {
     "camera": {"source", "frame_id", "input_topic", "video_path", "loop_video", "network_interface",
-               "dds_domain_id", "sdk_timeout_s"},
+               "dds_domain_id", "sdk_timeout_s", "base_frame", "mount_x", "mount_y", "mount_z", "mount_roll",
+               "mount_pitch", "mount_yaw"},
     "motion": {"network_interface", "dds_domain_id", "sdk_timeout_s", "odom_frame", "base_frame",
                "require_verified", "publish_tf", "autostart"},
     "bridge": {"cloud_address", "auth_token_env", "auth_token_file", "tls_ca"},

@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 import threading
 
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
-from std_msgs.msg import String
+from std_msgs.msg import Header, String
 
 from speculative_vlm.decoding.verifier import (
     GenerationSettings,
@@ -100,6 +101,10 @@ class BridgeNode(Node):
             if name in values and hasattr(self._verifier, attribute):
                 setattr(self._verifier, attribute, values[name])
 
+    def _now(self) -> Time:
+        """This node's clock: every verdict is stamped with it when the bridge publishes it."""
+        return self.get_clock().now().to_msg()
+
     # -- link state ---------------------------------------------------------------------------
     def _set_link(self, state: str) -> None:
         self._link = state
@@ -109,7 +114,7 @@ class BridgeNode(Node):
             with self._lock:
                 sessions = list(self._sessions)
             for sid in sessions:
-                self._verdict_pub.publish(error_msg(sid, "LINK_LOST", "the cloud verifier link is lost"))
+                self._verdict_pub.publish(error_msg(sid, "LINK_LOST", "the cloud verifier link is lost", stamp=self._now()))
 
     def _publish_diagnostics(self) -> None:
         level = {"CONNECTED": DiagnosticStatus.OK, "DEGRADED": DiagnosticStatus.WARN}.get(
@@ -121,7 +126,7 @@ class BridgeNode(Node):
                 "cloud_address").value, message=self._link,
             values=[KeyValue(key="sessions", value=str(n))],
         )
-        self._diag_pub.publish(DiagnosticArray(header=_header(self), status=[status]))
+        self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self._now()), status=[status]))
 
     # -- sessions -------------------------------------------------------------------------------
     def _on_open(self, req: OpenSession.Request, res: OpenSession.Response) -> OpenSession.Response:
@@ -158,12 +163,13 @@ class BridgeNode(Node):
             session = self._sessions.get(msg.session_id)
         if session is None:
             self._verdict_pub.publish(error_msg(
-                msg.session_id, "SESSION_NOT_FOUND", f"no open session {msg.session_id!r}; open one first"))
+                msg.session_id, "SESSION_NOT_FOUND", f"no open session {msg.session_id!r}; open one first",
+                stamp=self._now()))
             return
         try:
             session.submit(msg_to_block(msg))
         except VerifierError as exc:
-            self._verdict_pub.publish(error_msg(msg.session_id, error_code(exc), str(exc)))
+            self._verdict_pub.publish(error_msg(msg.session_id, error_code(exc), str(exc), stamp=self._now()))
 
     def _pump(self, session: VerifierSession) -> None:
         """Forward the session's verdicts to spec/verdict until it is closed or fails."""
@@ -177,11 +183,11 @@ class BridgeNode(Node):
             except VerifierTimeout:
                 continue  # idle between rounds; the client enforces its own deadline per block
             except VerifierError as exc:
-                self._verdict_pub.publish(error_msg(sid, error_code(exc), str(exc)))
+                self._verdict_pub.publish(error_msg(sid, error_code(exc), str(exc), stamp=self._now()))
                 with self._lock:
                     self._sessions.pop(sid, None)
                 return
-            self._verdict_pub.publish(verdict_to_msg(sid, verdict))
+            self._verdict_pub.publish(verdict_to_msg(sid, verdict, stamp=self._now()))
 
     def destroy_node(self) -> None:
         with self._lock:
@@ -195,12 +201,6 @@ class BridgeNode(Node):
         if close is not None:
             close()
         super().destroy_node()
-
-
-def _header(node: Node):
-    from std_msgs.msg import Header
-
-    return Header(stamp=node.get_clock().now().to_msg())
 
 
 def main(args: list[str] | None = None) -> int:

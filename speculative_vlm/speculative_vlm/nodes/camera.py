@@ -8,7 +8,9 @@ Sources (parameter ``source``):
 - ``file``: a video file or a device (``video_path``: a path, ``/dev/videoN`` or an index)
   through OpenCV.
 Publishes ``camera/image_raw`` (bgr8) and ``camera/camera_info`` with sensor-data QoS, and
-``/diagnostics`` (frames published, frames that could not be decoded, last error).
+``/diagnostics`` (frames published, frames that could not be decoded, last error), and once, on
+``tf_static`` (where tf2_msgs is installed), where the camera is mounted: ``base_frame ->
+frame_id`` from the ``mount_*`` parameters (see :mod:`speculative_vlm.nodes.frames`).
 Frames that cannot be decoded are counted and skipped, never published.
 Grabbing runs on its own thread: a slow camera never blocks the executor.
 """
@@ -23,6 +25,7 @@ import time
 import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import TransformStamped
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
@@ -30,6 +33,7 @@ from std_msgs.msg import Header
 
 from speculative_vlm.go2.dds import MAX_DOMAIN_ID
 from speculative_vlm.go2.sdk_backend import VideoBackend, code_name
+from speculative_vlm.nodes.frames import TF_STATIC_QOS, TF_STATIC_TOPIC, TFMessage, camera_mount_transform
 from speculative_vlm.nodes.image_conversion import ImageConversionError, image_to_numpy, numpy_to_image
 from speculative_vlm.nodes.parameters import (
     float_range,
@@ -74,7 +78,17 @@ class CameraNode(Node):
         d("width", 0, int_range(0, 8192, "Output width in pixels; 0 keeps the source's"))
         d("height", 0, int_range(0, 8192, "Output height in pixels; 0 keeps the source's"))
         d("hfov_deg", 90.0, float_range(10.0, 170.0, "Horizontal field of view, for CameraInfo intrinsics"))
-        d("frame_id", "front_camera", start_only("frame_id of published images"))
+        d("frame_id", "front_camera", start_only(
+            "frame_id of published images: the camera's optical frame (z forward, x right, y down), "
+            "published on tf_static as a child of base_frame"))
+        d("base_frame", "base_link", start_only("The robot frame the camera is mounted on"))
+        # The Go2's front camera sits at the front of the head, looking ahead (measure yours).
+        for axis, value in (("x", 0.3), ("y", 0.0), ("z", 0.05)):
+            d(f"mount_{axis}", value, float_range(-2.0, 2.0, f"Camera position in base_frame, {axis}, m", read_only=True))
+        for angle in ("roll", "pitch", "yaw"):
+            d(f"mount_{angle}", 0.0, float_range(
+                -math.pi, math.pi, f"Camera viewing direction in base_frame, {angle}, rad (0: straight ahead; "
+                "positive pitch looks down)", read_only=True))
         d("input_topic", "image_in", start_only("Image topic read when source is 'topic'"))
         d("video_path", "", start_only("File, /dev/videoN or device index when source is 'file'"))
         d("loop_video", True, start_only("Restart a video file at its end"))
@@ -89,6 +103,9 @@ class CameraNode(Node):
         self._image_pub = self.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
         self._info_pub = self.create_publisher(CameraInfo, "camera/camera_info", qos_profile_sensor_data)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        if TFMessage is not None:  # every ROS 2 install; not among the PyPI wheels
+            self._tf_static_pub = self.create_publisher(TFMessage, TF_STATIC_TOPIC, TF_STATIC_QOS)
+            self._tf_static_pub.publish(TFMessage(transforms=[self.mount_transform()]))
         self.published = 0
         self.undecodable = 0
         self.source_errors = 0
@@ -104,6 +121,15 @@ class CameraNode(Node):
         else:
             self._thread = threading.Thread(target=self._grab_loop, name="camera_grab", daemon=True)
             self._thread.start()
+
+    def mount_transform(self) -> TransformStamped:
+        """``base_frame -> frame_id`` from the mounting parameters (published once, on tf_static)."""
+        p = self.get_parameter
+        return camera_mount_transform(
+            p("base_frame").value, p("frame_id").value,
+            tuple(p(f"mount_{a}").value for a in "xyz"), tuple(p(f"mount_{a}").value for a in ("roll", "pitch", "yaw")),
+            self.get_clock().now().to_msg(),
+        )
 
     def _on_parameters_set(self, values: dict[str, object]) -> None:
         if "diagnostics_period_s" in values:

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
@@ -40,7 +41,7 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image
-from std_msgs.msg import Bool, String
+from std_msgs.msg import Bool, Header, String
 
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
 from speculative_vlm.commands.scene_text import describe_image
@@ -120,9 +121,11 @@ def _int(lo: int, hi: int, text: str, read_only: bool = False) -> ParameterDescr
                                integer_range=[IntegerRange(from_value=lo, to_value=hi, step=1)])
 
 
-def stats_msg(result: GenerationResult, session_id: str = "") -> DecodingStats:
+def stats_msg(result: GenerationResult, session_id: str = "", stamp: Time | None = None) -> DecodingStats:
+    """The DecodingStats of one step; ``stamp`` (the drafter's clock) places it on a bag's timeline."""
     s = result.summary()
     return DecodingStats(
+        header=Header(stamp=stamp or Time()),
         session_id=session_id, rounds=s["rounds"], drafted=s["drafted"], accepted=s["accepted"],
         generated=s["tokens"], forced=sum(r.forced for r in result.rounds) + result.prompt_forced,
         target_passes=result.target_passes, early_hits=s["early_hits"], early_misses=s["early_misses"],
@@ -466,7 +469,7 @@ class DrafterNode(Node):
                              Outcome.REFUSED) from exc
         msg = to_msg(command, verified=gen.verified, text=gen.text, stamp=self.get_clock().now().to_msg())
         self._text_pub.publish(String(data=gen.text))
-        stats = stats_msg(gen)
+        stats = stats_msg(gen, stamp=self.get_clock().now().to_msg())
         self._stats_pub.publish(stats)
         feedback.text, feedback.command, feedback.stats = gen.text, msg, stats
         handle.publish_feedback(feedback)

@@ -24,9 +24,11 @@ Interfaces (relative names, so a namespace applies):
   services    motion/engage_estop, motion/release_estop (std_srvs/Trigger)
 How a client knows a command finished: publish it with a fresh header stamp, wait for
 ``motion/active_command`` with that stamp, then for ``motion/idle`` == True.
-TF: the odom -> base_link transform goes on ``/tf`` (tf2_msgs/TFMessage) when tf2_msgs is
-installed, as on every ROS 2 install; it is not on PyPI, so where the PyPI wheels stand in for ROS
-the pose is on ``odom`` only (``publish_tf`` turns it off anywhere).
+TF: the odom -> base_link transform goes on ``tf`` (relative, so remappable and namespaced;
+tf2_msgs/TFMessage) when tf2_msgs is installed, as on every ROS 2 install; it is not on PyPI, so
+where the PyPI wheels stand in for ROS the pose is on ``odom`` only (``publish_tf`` turns it off
+anywhere). Odometry carries the covariances of ``pose_covariance_diagonal`` and
+``twist_covariance_diagonal``, so a fusion node (robot_localization) can weigh it.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Twist
 from nav_msgs.msg import Odometry
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
@@ -49,6 +54,7 @@ from std_srvs.srv import Trigger
 from speculative_vlm.go2.dds import MAX_DOMAIN_ID, DdsDomainError
 from speculative_vlm.go2.motion_rules import SPORT_REQUESTS, MotionLimits
 from speculative_vlm.go2.sdk_backend import RobotState, SportBackend, code_name
+from speculative_vlm.nodes.frames import TF_TOPIC, TFMessage, odom_transform
 from speculative_vlm.nodes.parameters import (
     float_range,
     int_range,
@@ -64,12 +70,6 @@ try:  # rclpy >= 7 (Iron)
 except ImportError:  # pragma: no cover - Humble
     from rclpy.qos_event import SubscriptionEventCallbacks
 
-try:  # part of every ROS 2 install, but not among the PyPI wheels
-    from geometry_msgs.msg import TransformStamped
-    from tf2_msgs.msg import TFMessage
-except ImportError:
-    TFMessage = None
-
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 # The e-stop must hear every publisher, and a subscription only matches publishers whose QoS
 # offers at least what it requests: transient local (an e-stop latched before this node
@@ -81,6 +81,43 @@ ESTOP_QOS = (
     QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE),
     QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE),
 )
+
+
+# Defaults of pose/twist_covariance_diagonal (x, y, z, roll, pitch, yaw): rough figures for leg
+# odometry with an IMU, to be tuned for a robot; never zero, which a filter reads as certainty.
+POSE_VARIANCES = (0.01, 0.01, 0.01, 0.001, 0.001, 0.01)
+TWIST_VARIANCES = (0.01, 0.01, 0.01, 0.005, 0.005, 0.01)
+
+
+def odometry_from_state(state: RobotState, stamp, odom_frame: str, base_frame: str,
+                        pose_variances: Sequence[float], twist_variances: Sequence[float]) -> Odometry:
+    """Odometry of one rt/sportmodestate: pose in ``odom_frame``, body-frame twist, diagonal covariances."""
+    msg = Odometry(child_frame_id=base_frame)
+    msg.header.stamp, msg.header.frame_id = stamp, odom_frame
+    msg.pose.pose.position.x, msg.pose.pose.position.y, msg.pose.pose.position.z = state.x, state.y, state.z
+    q = msg.pose.pose.orientation
+    q.w, q.x, q.y, q.z = state.quaternion_wxyz
+    msg.twist.twist.linear.x, msg.twist.twist.linear.y = state.vx_body, state.vy_body
+    msg.twist.twist.angular.z = state.yaw_rate
+    msg.pose.covariance = _diagonal(pose_variances)
+    msg.twist.covariance = _diagonal(twist_variances)
+    return msg
+
+
+def _covariance_problem(name: str, values) -> str | None:
+    if name not in ("pose_covariance_diagonal", "twist_covariance_diagonal"):
+        return None
+    values = list(values)
+    if len(values) != 6 or not all(isinstance(v, float) and math.isfinite(v) and v >= 0.0 for v in values):
+        return f"{name} needs 6 finite variances >= 0 (x, y, z, roll, pitch, yaw), got {values}"
+    return None
+
+
+def _diagonal(variances: Sequence[float]) -> list[float]:
+    matrix = [0.0] * 36
+    for i, v in enumerate(variances):
+        matrix[7 * i] = float(v)
+    return matrix
 
 
 @dataclass
@@ -123,6 +160,11 @@ class MotionNode(LifecycleNode):
             "A safety policy: fixed at start, never a parameter set away on a running robot"))
         d("publish_tf", True, start_only(
             "Also publish odom -> base_link on tf (needs tf2_msgs, part of every ROS 2 install)"))
+        d("pose_covariance_diagonal", list(POSE_VARIANCES), ParameterDescriptor(
+            description="Variances of the odometry pose (x, y, z m^2; roll, pitch, yaw rad^2): the Go2's "
+            "leg odometry drifts in position and yaw, its IMU holds roll and pitch"))
+        d("twist_covariance_diagonal", list(TWIST_VARIANCES), ParameterDescriptor(
+            description="Variances of the odometry twist (vx, vy, vz (m/s)^2; roll, pitch, yaw rate (rad/s)^2)"))
         d("autostart", False, start_only(
             "Configure and activate right after start (for bringups without a lifecycle manager)"))
 
@@ -152,10 +194,22 @@ class MotionNode(LifecycleNode):
         self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = None
         self._tf_pub = None
         self._autostart_timer = None
+        for name in ("pose_covariance_diagonal", "twist_covariance_diagonal"):
+            problem = _covariance_problem(name, self.get_parameter(name).value)
+            if problem:
+                raise ValueError(problem)
+        self.add_on_set_parameters_callback(self._check_parameters)
         # Limits, rates and timeouts are read where they are used; the diagnostics timer is told.
         on_parameters_set(self, self._on_parameters_set)
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.01, self._autostart)
+
+    def _check_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        for param in params:
+            problem = _covariance_problem(param.name, param.value)
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
+        return SetParametersResult(successful=True)
 
     def _on_parameters_set(self, values: dict[str, object]) -> None:
         if "diagnostics_period_s" in values:
@@ -182,7 +236,7 @@ class MotionNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._odom_pub = self.create_lifecycle_publisher(Odometry, "odom", 10)
         if TFMessage is not None and self.get_parameter("publish_tf").value:
-            self._tf_pub = self.create_lifecycle_publisher(TFMessage, "/tf", 10)
+            self._tf_pub = self.create_lifecycle_publisher(TFMessage, TF_TOPIC, 10)
         self._idle_pub = self.create_publisher(Bool, "motion/idle", LATCHED)
         self._active_pub = self.create_publisher(LocomotionCommand, "motion/active_command", LATCHED)
         self._estop_pub = self.create_publisher(Bool, "motion/estop_engaged", LATCHED)
@@ -456,23 +510,15 @@ class MotionNode(LifecycleNode):
         pub = self._odom_pub
         if not self._active or pub is None:
             return
-        msg = Odometry()
-        msg.header.stamp = self.get_clock().now().to_msg()
-        msg.header.frame_id = self.get_parameter("odom_frame").value
-        msg.child_frame_id = self.get_parameter("base_frame").value
-        msg.pose.pose.position.x, msg.pose.pose.position.y, msg.pose.pose.position.z = s.x, s.y, s.z
-        q = msg.pose.pose.orientation
-        q.w, q.x, q.y, q.z = s.quaternion_wxyz
-        msg.twist.twist.linear.x, msg.twist.twist.linear.y = s.vx_body, s.vy_body
-        msg.twist.twist.angular.z = s.yaw_rate
+        p = self.get_parameter
+        msg = odometry_from_state(
+            s, self.get_clock().now().to_msg(), p("odom_frame").value, p("base_frame").value,
+            p("pose_covariance_diagonal").value, p("twist_covariance_diagonal").value,
+        )
         try:
             pub.publish(msg)
             if self._tf_pub is not None:
-                tf = TransformStamped(header=msg.header, child_frame_id=msg.child_frame_id)
-                p, t = msg.pose.pose.position, tf.transform.translation
-                t.x, t.y, t.z = p.x, p.y, p.z
-                tf.transform.rotation = msg.pose.pose.orientation
-                self._tf_pub.publish(TFMessage(transforms=[tf]))
+                self._tf_pub.publish(TFMessage(transforms=[odom_transform(msg)]))
         except Exception:  # publisher destroyed between the check and the call during cleanup
             pass
 

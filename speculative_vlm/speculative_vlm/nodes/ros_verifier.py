@@ -55,7 +55,7 @@ class RosVerifierSession(VerifierSession):
     def submit(self, block: DraftBlock) -> None:
         if self._closed:
             raise SessionNotFound(f"session {self.session_id} is closed; open a new one")
-        self._owner._draft_pub.publish(block_to_msg(self.session_id, block))
+        self._owner._draft_pub.publish(block_to_msg(self.session_id, block, stamp=self._owner.now()))
 
     def next_verdict(self, timeout: float | None = None) -> Verdict:
         try:
@@ -89,6 +89,10 @@ class RosVerifier(Verifier):
         self._close_client = node.create_client(CloseSession, "spec/close", callback_group=group)
         self._sessions: dict[str, RosVerifierSession] = {}
         self._lock = threading.Lock()
+
+    def now(self):
+        """The owning node's clock, which stamps every DraftBlock."""
+        return self._node.get_clock().now().to_msg()
 
     def _on_verdict(self, msg: VerdictMsg) -> None:
         with self._lock:

@@ -1,6 +1,14 @@
-"""Conversion between the engine's dataclasses (decoding.verifier) and the spec/* ROS messages."""
+"""Conversion between the engine's dataclasses (decoding.verifier) and the spec/* ROS messages.
+
+Every message built here carries a header stamp from the clock of the node that sends it (the
+drafter's for a DraftBlock, the bridge's for a Verdict), so a bag shows the exchange on one
+timeline and a round's hop latency is its verdict's stamp minus its block's.
+"""
 
 from __future__ import annotations
+
+from builtin_interfaces.msg import Time
+from std_msgs.msg import Header
 
 from speculative_vlm.decoding.verifier import DraftBlock, Verdict, VerdictKind
 from speculative_vlm_msgs.msg import DraftBlock as DraftBlockMsg
@@ -11,9 +19,9 @@ _KIND_TO_MSG = {VerdictKind.EARLY: VerdictMsg.EARLY, VerdictKind.FINAL: VerdictM
 _MSG_TO_KIND = {v: k for k, v in _KIND_TO_MSG.items()}
 
 
-def block_to_msg(session_id: str, block: DraftBlock) -> DraftBlockMsg:
+def block_to_msg(session_id: str, block: DraftBlock, *, stamp: Time) -> DraftBlockMsg:
     msg = DraftBlockMsg(
-        session_id=session_id, round=block.round, base_length=block.base_length,
+        header=Header(stamp=stamp), session_id=session_id, round=block.round, base_length=block.base_length,
         base_tail=list(block.base_tail), tokens=list(block.tokens), preemptive=block.preemptive,
     )
     if block.q is not None:
@@ -38,16 +46,16 @@ def msg_to_block(msg: DraftBlockMsg) -> DraftBlock:
     )
 
 
-def verdict_to_msg(session_id: str, verdict: Verdict) -> VerdictMsg:
+def verdict_to_msg(session_id: str, verdict: Verdict, *, stamp: Time) -> VerdictMsg:
     return VerdictMsg(
-        session_id=session_id, round=verdict.round, kind=_KIND_TO_MSG[verdict.kind],
+        header=Header(stamp=stamp), session_id=session_id, round=verdict.round, kind=_KIND_TO_MSG[verdict.kind],
         accepted=verdict.accepted, token=verdict.token, confidence=float(verdict.confidence),
         exit_layer=verdict.exit_layer, eos=verdict.eos, verify_time_s=float(verdict.verify_time_s),
     )
 
 
-def error_msg(session_id: str, code: str, reason: str) -> VerdictMsg:
-    return VerdictMsg(session_id=session_id, kind=VerdictMsg.ERROR, token=-1, exit_layer=-1,
+def error_msg(session_id: str, code: str, reason: str, *, stamp: Time) -> VerdictMsg:
+    return VerdictMsg(header=Header(stamp=stamp), session_id=session_id, kind=VerdictMsg.ERROR, token=-1, exit_layer=-1,
                       code=code, reason=reason)
 
 
