@@ -236,3 +236,12 @@ def test_the_wire_passes_negative_and_nan_settings_on_for_admission_to_refuse():
     assert settings.top_p == -0.5 and settings.max_new_tokens == -4 and math.isnan(settings.temperature)
     unset = convert.settings_from_pb(pb.GenerationSettings())
     assert unset.top_p == 1.0 and unset.max_new_tokens == GenerationSettings.max_new_tokens
+
+
+def test_a_draft_on_an_autoregressive_session_is_refused_not_left_waiting(server, verifier):
+    # Queued, it would never be verified, and a session with a queued block never expires.
+    session = verifier.open_autoregressive(SessionRequest("walk to the red ball", settings=SETTINGS))
+    session.submit(DraftBlock(0, 0, (), (1, 2)))
+    with pytest.raises(InvalidArgument, match="AUTOREGRESSIVE"):
+        while True:
+            session.next_token(timeout=10)

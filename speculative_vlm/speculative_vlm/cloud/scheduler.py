@@ -59,9 +59,19 @@ class BatchScheduler:
             self._cond.notify_all()
 
     def submit(self, session: ServerSession, block: DraftBlock) -> None:
+        """Queue ``block`` for verification; a session that verifies no drafts is refused instead.
+
+        An AUTOREGRESSIVE session is never registered: its drafts would wait forever (and a
+        session with pending blocks never expires).
+        """
         with self._cond:
-            session.pending.append((block, time.monotonic()))
-            self._cond.notify_all()
+            active = session in self._active
+            if active:
+                session.pending.append((block, time.monotonic()))
+                self._cond.notify_all()
+        if not active and not session.closed:
+            self._on_failed(session, "invalid_argument", "draft: this session verifies no drafts (it was opened "
+                            "AUTOREGRESSIVE, the cloud generates alone); open a SPECULATIVE session to send drafts")
 
     def stop(self) -> None:
         with self._cond:
