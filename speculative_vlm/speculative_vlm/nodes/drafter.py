@@ -22,19 +22,22 @@ step is finished on the draft alone, marked unverified, and executed only if
 the multi-threaded executor, so the node keeps serving topics and cancel requests meanwhile.
 
 Interfaces: action ``instruct`` (speculative_vlm_msgs/Instruct); subscribes the camera image,
-``motion/active_command``, ``motion/idle`` and ``bridge/link``; publishes ``motion/command``,
+``motion/active_command``, ``motion/idle``, ``bridge/link`` and ``odom`` (the prompt's progress line);
+publishes ``motion/command``,
 ``drafter/text`` (verified text), ``drafter/prompt`` (the user message of each step),
 ``drafter/stats`` (DecodingStats) and ``/diagnostics``.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
 
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
@@ -43,10 +46,10 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from sensor_msgs.msg import Image
 from std_msgs.msg import Bool, Header, String
 
-from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
-from speculative_vlm.commands.scene_text import describe_image
+from speculative_vlm.commands.prompts import SYSTEM_PROMPT, Progress, user_message
+from speculative_vlm.commands.scene_text import Pose, describe_image
 from speculative_vlm.commands.schema import CommandError, parse_command
-from speculative_vlm.commands.to_msg import to_msg
+from speculative_vlm.commands.to_msg import from_msg, to_msg
 from speculative_vlm.decoding.loop import Cancelled, GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import load_model
 from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
@@ -185,6 +188,9 @@ class DrafterNode(Node):
         d("verdict_timeout_s", 10.0, _float(0.1, 600.0, "how long to wait for a verdict before the link counts as lost"))
         d("open_timeout_s", 30.0, _float(0.5, 600.0, "how long opening a session (prompt prefill on the target) may take, s"))
         d("motion_timeout_s", 3.0, _float(0.5, 60.0, "slack beyond a command's duration to see it finish, s"))
+        d("progress_line", True, ParameterDescriptor(
+            description="tell the model on every step how far the robot has moved and turned since the instruction "
+            "(odometry from 'odom') and what its last command was, as the closed-loop evaluation does"))
         for name in ("perception", "on_link_lost"):
             allowed = PERCEPTIONS if name == "perception" else LINK_POLICIES
             if self.get_parameter(name).value not in allowed:
@@ -206,6 +212,10 @@ class DrafterNode(Node):
         self._runs: dict[bytes, _GoalRun] = {}  # accepted goals whose execute callback has not started
         self._steps_done = 0
         self._last_error = ""
+        self._odom_lock = threading.Lock()
+        self._pose: Pose | None = None  # latest odometry
+        self._progress: Progress | None = None  # odometry since the running goal's instruction
+        self._last_action = ""  # the running goal's last executed action
 
         self._cmd_pub = self.create_publisher(LocomotionCommand, "motion/command", 10)
         self._text_pub = self.create_publisher(String, "drafter/text", 10)
@@ -218,6 +228,7 @@ class DrafterNode(Node):
                                  callback_group=self._group)
         self.create_subscription(Bool, "motion/idle", self._on_idle, LATCHED, callback_group=self._group)
         self.create_subscription(String, "bridge/link", self._on_link, LATCHED, callback_group=self._group)
+        self.create_subscription(Odometry, "odom", self._on_odom, 10, callback_group=self._group)
         self.create_timer(1.0, self._publish_diagnostics)
 
         self._verifier = RosVerifier(self, service_timeout_s=self.get_parameter("open_timeout_s").value)
@@ -302,6 +313,28 @@ class DrafterNode(Node):
         self._link = msg.data
 
     # -- the action -------------------------------------------------------------------------------
+    def _on_odom(self, msg: Odometry) -> None:
+        q = msg.pose.pose.orientation
+        pose = Pose(msg.pose.pose.position.x, msg.pose.pose.position.y,
+                    math.atan2(2 * (q.w * q.z + q.x * q.y), 1 - 2 * (q.y * q.y + q.z * q.z)))
+        with self._odom_lock:
+            self._pose = pose
+            if self._progress is not None:
+                self._progress.update(pose)  # every message, so turns are unwrapped
+
+    def _start_progress(self) -> None:
+        with self._odom_lock:
+            self._progress = Progress(self._pose) if self._pose is not None else None
+            self._last_action = ""
+        if self._progress is None and self.get_parameter("progress_line").value:
+            self.get_logger().warning("no odometry on 'odom' yet: the prompts of this goal carry no progress line")
+
+    def _progress_text(self) -> str:
+        if not self.get_parameter("progress_line").value:
+            return ""
+        with self._odom_lock:
+            return self._progress.text(self._last_action) if self._progress is not None else ""
+
     def _on_goal(self, goal: Instruct.Goal) -> GoalResponse:
         if not goal.instruction.strip():
             self.get_logger().warning("refused a goal with an empty instruction")
@@ -377,6 +410,7 @@ class DrafterNode(Node):
                 return interrupted()
         if self._decoder is None:
             return finish(Outcome.FAILED, self._load_error)
+        self._start_progress()
         for step in range(1, max_steps + 1):
             if run.should_stop():
                 return interrupted()
@@ -399,6 +433,8 @@ class DrafterNode(Node):
             result.commands.append(command)
             if not self._execute_command(run, command):
                 return interrupted()
+            with self._odom_lock:
+                self._last_action = from_msg(command).action.value
             self._steps_done += 1
         return finish(Outcome.STEP_LIMIT, f"step limit of {max_steps} commands reached before the model said done")
 
@@ -418,8 +454,9 @@ class DrafterNode(Node):
                 frame = self._frame
         return frame
 
-    def request_for(self, instruction: str, frame: Image) -> SessionRequest:
-        """The session request of one step: the prompt from the frame, settings from parameters."""
+    def request_for(self, instruction: str, frame: Image, progress: str = "") -> SessionRequest:
+        """The session request of one step: the prompt from the frame (and the progress line), settings
+        from parameters."""
         p = self.get_parameter
         bgr = _bgr(frame)
         image = None
@@ -435,13 +472,14 @@ class DrafterNode(Node):
             temperature=p("temperature").value, max_new_tokens=p("max_new_tokens").value,
             grammar=p("grammar").value, seed=p("seed").value,
         )
-        return SessionRequest(prompt=user_message(instruction, scene), system=p("system_prompt").value or SYSTEM_PROMPT,
+        return SessionRequest(prompt=user_message(instruction, scene, progress),
+                              system=p("system_prompt").value or SYSTEM_PROMPT,
                               image=image, settings=settings)
 
     def _step(self, run: _GoalRun, instruction: str, step: int) -> tuple[LocomotionCommand, GenerationResult]:
         """One step: decode a command for the latest frame. Raises Cancelled when the goal must stop."""
         handle = run.handle
-        request = self.request_for(instruction, self._latest_frame(run))
+        request = self.request_for(instruction, self._latest_frame(run), self._progress_text())
         self._prompt_pub.publish(String(data=request.prompt))
         feedback = Instruct.Feedback(step=step)
 
@@ -507,7 +545,7 @@ class DrafterNode(Node):
             level, message = DiagnosticStatus.WARN, "loading the draft model"
         else:
             level, message = DiagnosticStatus.OK, "busy" if self._busy else "ready"
-        status = DiagnosticStatus(level=level, name="speculative_vlm/drafter", message=message,
+        status = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: drafting", message=message,
                                   hardware_id=self.get_parameter("draft_model").value,
                                   values=[KeyValue(key="link", value=self._link),
                                           KeyValue(key="steps_done", value=str(self._steps_done)),
