@@ -92,7 +92,7 @@ def test_a_corrupt_jpeg_is_skipped_and_counted(ros):
                 int({kv.key: kv.value for kv in s.values}["undecodable"]) > 0
                 for a in rig.diagnostics
                 for s in a.status
-                if s.name == "camera: frames"
+                if s.name == f"{rig.ns}/camera: frames"
             ),
             3.0,
         ), "undecodable frames not reported in diagnostics"

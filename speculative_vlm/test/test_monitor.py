@@ -138,7 +138,7 @@ def test_diagnostics_warn_when_the_camera_stops(node):
 
     arrays = collect(node, DiagnosticArray, "/diagnostics", 10, camera_stale)
     status = next(s for a in arrays for s in a.status if s.level == DiagnosticStatus.WARN)
-    assert status.name == "monitor: inputs"
+    assert status.name == "/mon/monitor: inputs"
     assert {"image age s", "command age s", "odom age s"} <= {kv.key for kv in status.values}
 
 

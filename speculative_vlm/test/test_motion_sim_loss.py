@@ -40,7 +40,7 @@ def test_killing_the_robot_mid_motion_is_reported_in_diagnostics_and_the_node_ke
     connection: list[DiagnosticStatus] = []
 
     def on_diag(array: DiagnosticArray) -> None:
-        connection.extend(s for s in array.status if s.name == "motion: Go2 connection" and s.hardware_id.endswith(f"domain{domain}"))
+        connection.extend(s for s in array.status if s.name == f"{ns}/motion: Go2 connection" and s.hardware_id.endswith(f"domain{domain}"))
 
     probe.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
     command = probe.create_publisher(LocomotionCommand, "motion/command", 10)

@@ -80,7 +80,7 @@ class BridgeNode(Node):
         self._verifier = verifier if verifier is not None else grpc_verifier_from_parameters(self)
         self._sessions: dict[str, VerifierSession] = {}
         self._lock = threading.Lock()
-        self._link = "CONNECTED"
+        self._link, self._link_reason = "CONNECTED", ""
         group = ReentrantCallbackGroup()
         self._verdict_pub = self.create_publisher(VerdictMsg, "spec/verdict", SPEC_QOS)
         self._link_pub = self.create_publisher(String, "bridge/link", LATCHED)
@@ -91,8 +91,8 @@ class BridgeNode(Node):
         self.create_timer(1.0, self._publish_diagnostics)
         add_listener = getattr(self._verifier, "add_link_listener", None)
         if add_listener is not None:
-            add_listener(lambda state, _reason="": self._set_link(getattr(state, "name", str(state))))
-        self._set_link(self._link)
+            add_listener(lambda state, reason="": self._set_link(getattr(state, "name", str(state)), reason))
+        self._set_link(self._link, "")
         on_parameters_set(self, self._on_parameters_set)
 
     def _on_parameters_set(self, values: dict[str, object]) -> None:
@@ -106,9 +106,17 @@ class BridgeNode(Node):
         return self.get_clock().now().to_msg()
 
     # -- link state ---------------------------------------------------------------------------
-    def _set_link(self, state: str) -> None:
-        self._link = state
+    def _set_link(self, state: str, reason: str) -> None:
+        previous, self._link, self._link_reason = self._link, state, reason
         self._link_pub.publish(String(data=state))
+        # The reason goes to /rosout (and the diagnostics), where an operator looks for it.
+        if state == "LOST":
+            self.get_logger().error(f"cloud verifier link LOST ({self.get_parameter('cloud_address').value}): "
+                                    f"{reason or 'no reason given'}; the drafter stops the robot")
+        elif state == "DEGRADED":
+            self.get_logger().warning(f"cloud verifier link DEGRADED: {reason or 'no reason given'}")
+        elif state != previous or reason:
+            self.get_logger().info(f"cloud verifier link {state}" + (f": {reason}" if reason else ""))
         if state == "LOST":
             # Every open session is gone with the link: tell each drafter at once.
             with self._lock:
@@ -122,8 +130,9 @@ class BridgeNode(Node):
         with self._lock:
             n = len(self._sessions)
         status = DiagnosticStatus(
-            level=level, name="speculative_vlm/bridge: cloud link", hardware_id=self.get_parameter(
-                "cloud_address").value, message=self._link,
+            level=level, name=f"{self.get_fully_qualified_name()}: cloud link",
+            hardware_id=self.get_parameter("cloud_address").value,
+            message=f"{self._link}: {self._link_reason}" if self._link_reason else self._link,
             values=[KeyValue(key="sessions", value=str(n))],
         )
         self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self._now()), status=[status]))
@@ -183,6 +192,7 @@ class BridgeNode(Node):
             except VerifierTimeout:
                 continue  # idle between rounds; the client enforces its own deadline per block
             except VerifierError as exc:
+                self.get_logger().error(f"session {sid} ended by the verifier ({error_code(exc)}): {exc}")
                 self._verdict_pub.publish(error_msg(sid, error_code(exc), str(exc), stamp=self._now()))
                 with self._lock:
                     self._sessions.pop(sid, None)

@@ -233,7 +233,8 @@ class CameraNode(Node):
         return info
 
     def _publish_diagnostics(self) -> None:
-        status = DiagnosticStatus(name="camera: frames", hardware_id=f"camera:{self._source}")
+        # Named after this node, so two namespaced robots' cameras are told apart.
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: frames", hardware_id=f"camera:{self._source}")
         if self.published == 0:
             status.level = DiagnosticStatus.ERROR if self._last_error else DiagnosticStatus.WARN
             status.message = self._last_error or "no frame yet"

@@ -276,7 +276,7 @@ class MonitorNode(Node):
                    KeyValue(key="undrawable images", value=str(self.undrawable)),
                    KeyValue(key="last error", value=self._last_error)]
         status = DiagnosticStatus(
-            name=f"{self.get_name()}: inputs", hardware_id=self.get_fully_qualified_name(), values=values,
+            name=f"{self.get_fully_qualified_name()}: inputs", hardware_id=self.get_fully_qualified_name(), values=values,
             level=DiagnosticStatus.WARN if stale else DiagnosticStatus.OK,
             message=f"no recent {', '.join(stale)}" if stale else "inputs fresh",
         )

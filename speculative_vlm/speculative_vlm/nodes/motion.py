@@ -528,8 +528,9 @@ class MotionNode(LifecycleNode):
         hw = f"go2:{p['network_interface']}/domain{p['dds_domain_id']}"
         backend = self._backend
         state = backend.latest_state() if backend is not None else None
+        me = self.get_fully_qualified_name()  # two namespaced robots' statuses never collide
 
-        conn = DiagnosticStatus(name="motion: Go2 connection", hardware_id=hw)
+        conn = DiagnosticStatus(name=f"{me}: Go2 connection", hardware_id=hw)
         if state is None:
             conn.level, conn.message = DiagnosticStatus.ERROR, "no rt/sportmodestate received yet: robot off, wrong interface or domain"
             age = math.inf
@@ -545,7 +546,7 @@ class MotionNode(LifecycleNode):
             KeyValue(key="states_received", value=str(backend.states_received if backend else 0)),
         ]
 
-        cmd = DiagnosticStatus(name="motion: commands", hardware_id=hw)
+        cmd = DiagnosticStatus(name=f"{me}: commands", hardware_id=hw)
         last_age = now - self._last_command_time if self._last_command_time is not None else math.inf
         recent = [t for t in self._move_times if now - t <= 1.0]
         cmd.level = DiagnosticStatus.WARN if self._estop else DiagnosticStatus.OK
@@ -558,7 +559,7 @@ class MotionNode(LifecycleNode):
             KeyValue(key="unverified_refused", value=str(self._unverified_refused)),
         ]
 
-        sdk = DiagnosticStatus(name="motion: SDK return codes", hardware_id=hw)
+        sdk = DiagnosticStatus(name=f"{me}: SDK return codes", hardware_id=hw)
         failing = {k: c for k, c in self._last_codes.items() if c != 0}
         sdk.level = DiagnosticStatus.ERROR if failing else DiagnosticStatus.OK
         sdk.message = (
