@@ -245,3 +245,17 @@ def test_a_draft_on_an_autoregressive_session_is_refused_not_left_waiting(server
     with pytest.raises(InvalidArgument, match="AUTOREGRESSIVE"):
         while True:
             session.next_token(timeout=10)
+
+
+def test_draft_tokens_past_the_end_of_the_output_are_never_verified():
+    # Make the target's own first choice the end of output: a block that goes on past it
+    # would otherwise have its later tokens accepted and committed beyond the end.
+    model = tiny_causal_lm(layers=2, seed=4)
+    engine = TargetEngine(model)
+    request = SessionRequest("walk to the red ball", settings=GenerationSettings(max_new_tokens=8))
+    answer = list(engine.generate(engine.open_session(request), max_new_tokens=3))
+    model.eos_token_ids = (answer[0],)
+    session = engine.open_session(request)
+    verdict = engine.verify([(session, DraftBlock(0, 0, (), tuple(answer)))])[0]
+    assert (verdict.kind, verdict.accepted, verdict.token, verdict.eos) == (VerdictKind.FINAL, 1, -1, True)
+    assert session.output == answer[:1]

@@ -210,6 +210,35 @@ def test_a_forward_pass_that_fails_fails_its_items_and_leaves_each_as_before(mod
     assert all(v.kind is VerdictKind.FINAL for v in again)
 
 
+def test_closing_a_session_during_a_pass_waits_for_it_and_its_batch_mates_get_their_verdicts(
+        models, expected, monkeypatch):
+    engine = TargetEngine(models[0], max_batch=8)
+    stay, leave = (engine.open_session(SessionRequest(p, settings=GREEDY)) for p in PROMPTS[:2])
+    in_pass, release = threading.Event(), threading.Event()
+    forward = engine.model.forward
+
+    def slow_forward(states, **kwargs):
+        in_pass.set()
+        release.wait(timeout=10)
+        return forward(states, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", slow_forward)
+    results: list = []
+    verifying = threading.Thread(target=lambda: results.extend(engine.verify(
+        [(stay, _block(stay, expected[PROMPTS[0]], 0)), (leave, _block(leave, expected[PROMPTS[1]], 0))])))
+    verifying.start()
+    assert in_pass.wait(timeout=10)
+    closing = threading.Thread(target=engine.close_session, args=(leave,))
+    closing.start()
+    closing.join(timeout=0.3)
+    assert closing.is_alive() and leave.kv.cache is not None, "the cache was freed under a running pass"
+    release.set()
+    verifying.join(timeout=10)
+    closing.join(timeout=10)
+    assert isinstance(results[0], Verdict) and results[0].kind is VerdictKind.FINAL
+    assert leave.kv.cache is None
+
+
 # ---- through the gRPC server, four healthy robots at a time ---------------------------------
 
 HEALTHY, INTRUDER = "healthy-robots-token-000000000000", "intruder-robot-token-11111111111"

@@ -3,6 +3,7 @@
 Modules, one job each:
 
 - ``verifier``: the contract between the loop and any verifier (requests, blocks, verdicts, errors)
+- ``admission``: every field of a request and a block checked before any work (fail closed)
 - ``models``: Hugging Face adapters (causal LM, Idefics3-style VLM), KV cache per sequence,
   rollback by cropping, batched forward with layer hooks; ``load_model(name_or_path)``
 - ``exits``: early-exit heads (shared norm + LM head, or trained adapters from a checkpoint)
