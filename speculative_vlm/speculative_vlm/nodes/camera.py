@@ -7,7 +7,11 @@ Sources (parameter ``source``):
   ``rate_hz`` and resized;
 - ``file``: a video file or a device (``video_path``: a path, ``/dev/videoN`` or an index)
   through OpenCV.
-Publishes ``camera/image_raw`` (bgr8) and ``camera/camera_info`` with sensor-data QoS, and
+Publishes ``camera/image_raw`` (bgr8), ``camera/camera_info`` and ``camera/image_raw/compressed``
+(sensor_msgs/CompressedImage, "jpeg", the image_transport name Foxglove and rqt read) with
+sensor-data QoS. The Go2's video service already delivers JPEG: when the frame is published at
+its own size those bytes pass through unchanged; a resized frame, or one from another source,
+is encoded here (``jpeg_quality``), and only while someone subscribes. Also publishes
 ``/diagnostics`` (frames published, frames that could not be decoded, last error), and once, on
 ``tf_static`` (where tf2_msgs is installed), where the camera is mounted: ``base_frame ->
 frame_id`` from the ``mount_*`` parameters (see :mod:`speculative_vlm.nodes.frames`).
@@ -28,7 +32,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TransformStamped
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 
 from speculative_vlm.go2.dds import MAX_DOMAIN_ID
@@ -77,6 +81,8 @@ class CameraNode(Node):
         d("rate_hz", 10.0, float_range(0.1, 60.0, "Published frame rate, Hz"))
         d("width", 0, int_range(0, 8192, "Output width in pixels; 0 keeps the source's"))
         d("height", 0, int_range(0, 8192, "Output height in pixels; 0 keeps the source's"))
+        d("jpeg_quality", 90, int_range(1, 100, "JPEG quality of camera/image_raw/compressed when a frame is "
+                                        "encoded here (the Go2's own JPEG passes through unchanged)"))
         d("hfov_deg", 90.0, float_range(10.0, 170.0, "Horizontal field of view, for CameraInfo intrinsics"))
         d("frame_id", "front_camera", start_only(
             "frame_id of published images: the camera's optical frame (z forward, x right, y down), "
@@ -102,6 +108,8 @@ class CameraNode(Node):
             raise CameraSourceError(f"source {self._source!r} is not one of {SOURCES}")
         self._image_pub = self.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
         self._info_pub = self.create_publisher(CameraInfo, "camera/camera_info", qos_profile_sensor_data)
+        self._compressed_pub = self.create_publisher(
+            CompressedImage, "camera/image_raw/compressed", qos_profile_sensor_data)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         if TFMessage is not None:  # every ROS 2 install; not among the PyPI wheels
             self._tf_static_pub = self.create_publisher(TFMessage, TF_STATIC_TOPIC, TF_STATIC_QOS)
@@ -145,9 +153,10 @@ class CameraNode(Node):
             return
         next_t = time.monotonic()
         while not self._stop.is_set():
-            frame = grab()
-            if frame is not None:
-                self._publish(frame, self.get_clock().now().to_msg())
+            grabbed = grab()
+            if grabbed is not None:
+                frame, jpeg = grabbed
+                self._publish(frame, self.get_clock().now().to_msg(), jpeg)
             # Read every frame, so that a rate set at run time applies at once.
             next_t = max(next_t + 1.0 / self.get_parameter("rate_hz").value, time.monotonic())
             self._stop.wait(max(0.0, next_t - time.monotonic()))
@@ -159,13 +168,14 @@ class CameraNode(Node):
             self.get_parameter("sdk_timeout_s").value,
         )
 
-        def grab() -> np.ndarray | None:
+        def grab() -> tuple[np.ndarray, bytes] | None:
             code, jpeg = video.get_jpeg()
             if code != 0:
                 self.source_errors += 1
                 self._last_error = f"GetImageSample -> {code} ({code_name(code)})"
                 return None
-            return self._decode(jpeg)
+            frame = self._decode(jpeg)
+            return None if frame is None else (frame, bytes(jpeg))
 
         return grab
 
@@ -178,7 +188,7 @@ class CameraNode(Node):
             raise CameraSourceError(f"OpenCV cannot open {path!r}; check the path or device permissions")
         loop = self.get_parameter("loop_video").value
 
-        def grab() -> np.ndarray | None:
+        def grab() -> tuple[np.ndarray, None] | None:
             ok, frame = capture.read()
             if not ok and loop and not path.isdigit() and not path.startswith("/dev/"):
                 capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
@@ -187,7 +197,7 @@ class CameraNode(Node):
                 self.undecodable += 1
                 self._last_error = f"no frame from {path!r}"
                 return None
-            return frame
+            return frame, None
 
         return grab
 
@@ -213,14 +223,32 @@ class CameraNode(Node):
         self._publish(frame, msg.header.stamp)
 
     # ---- outputs ------------------------------------------------------------------
-    def _publish(self, frame: np.ndarray, stamp) -> None:
+    def _publish(self, frame: np.ndarray, stamp, jpeg: bytes | None = None) -> None:
+        """Publish one frame; ``jpeg`` is the source's own encoding of it (Go2 video), if any."""
         w, h = self.get_parameter("width").value, self.get_parameter("height").value
         if w and h and (frame.shape[1], frame.shape[0]) != (w, h):
             frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
+            jpeg = None  # no longer this frame's encoding
         header = Header(stamp=stamp, frame_id=self.get_parameter("frame_id").value)
         self._image_pub.publish(numpy_to_image(frame, "bgr8", header))
         self._info_pub.publish(self._camera_info(header, frame.shape[1], frame.shape[0]))
+        if self._compressed_pub.get_subscription_count() > 0:  # encoding costs CPU: only for a listener
+            try:
+                self._compressed_pub.publish(self._compressed(frame, header, jpeg))
+            except ImageConversionError as exc:  # the raw image is out; report, do not stop grabbing
+                self._last_error = str(exc)
         self.published += 1
+
+    def _compressed(self, frame: np.ndarray, header: Header, jpeg: bytes | None) -> CompressedImage:
+        """The frame as JPEG: the robot's bytes as they came when the frame is unchanged, else encoded."""
+        if jpeg is None:
+            ok, encoded = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.get_parameter("jpeg_quality").value])
+            if not ok:
+                raise ImageConversionError(f"OpenCV could not encode a {frame.shape} frame as JPEG")
+            jpeg = encoded.tobytes()
+        msg = CompressedImage(header=header, format="jpeg")
+        msg.data = jpeg  # assigned, not passed to the constructor, which copies byte by byte
+        return msg
 
     def _camera_info(self, header: Header, width: int, height: int) -> CameraInfo:
         f = (width / 2.0) / math.tan(math.radians(self.get_parameter("hfov_deg").value) / 2.0)
