@@ -167,11 +167,18 @@ def _markdown(results, single, numbers, meta, plots, graph) -> str:
     if graph:
         lines.append("## Through the ROS graph")
         lines.append("")
-        lines.append("| episode | family | instruction | in-process | graph | steps (in-process / graph) | same |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("Each episode ran again as `speculative-vlm up` runs the robot: the simulated Go2 and a local "
+                     "verifier as separate processes, the camera, motion, bridge and drafter nodes over real DDS, "
+                     "the instruction as an `Instruct` goal; judged by the same rule from the simulator's own state. "
+                     "*Same* means the same verdict and the same command text at every step.")
+        lines.append("")
+        lines.append("| episode | family | instruction | in-process | graph | steps (in-process / graph) | end poses apart "
+                     "| same |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for g in graph:
+            gap = f"{g['end_gap_m']} m" if g["end_gap_m"] != "-" else "-"
             lines.append(f"| {g['episode']} | {g['family']} | {g['instruction']} | {g['inprocess']} | {g['graph']} | "
-                         f"{g['inprocess_steps']} / {g['graph_steps']} | {'yes' if g['same'] else 'no'} |")
+                         f"{g['inprocess_steps']} / {g['graph_steps']} | {gap} | {'yes' if g['same'] else 'no'} |")
         lines.append("")
     lines.append("## Trajectories")
     lines.append("")

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     descriptions: dict[str, str] = {}
     states = None
     last_model = None
+    ran: dict[str, list] = {}  # spec -> the episodes it ran (--quick caps a model's steps)
     try:
         for spec in specs:
             policy = make_policy(spec, config, args.draft_length, names.get(spec, ""))
@@ -125,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             policy_episodes = episodes
             if args.quick and isinstance(policy, ModelPolicy):  # tiny random models never say done
                 policy_episodes = [replace(e, max_steps=min(e.max_steps, QUICK_MODEL_STEPS)) for e in episodes]
+            ran[spec] = policy_episodes
             for episode in policy_episodes:
                 r = run_episode(episode, policy, config)
                 rs.append(r)
@@ -143,9 +145,13 @@ def run(args: argparse.Namespace) -> int:
             from speculative_vlm.evaluation.graph import run_graph_episodes
 
             spec = last_model or "expert"
-            held = [e for e in episodes if e.split == HELDOUT and e.instruction.strip()][: args.graph]
-            name = names.get(spec, spec) if spec != "expert" else "expert"
-            graph_rows = run_graph_episodes(held, spec, args.config, results.get(name, []), names.get(spec, ""))
+            held = [e for e in ran.get(spec, episodes) if e.split == HELDOUT and e.instruction.strip()][: args.graph]
+            _progress(f"graph: {len(held)} held-out episodes of {names.get(spec, spec)} through the ROS graph")
+            graph_rows = run_graph_episodes(held, spec, args.config, results.get(names.get(spec, spec), []),
+                                            names.get(spec, ""))
+            for row in graph_rows:
+                _progress(f"  {row['episode']} in-process {row['inprocess']}; graph {row['graph']}; "
+                          f"same: {row['same']} ({row['wall_s']} s)")
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "minutes": round((time.monotonic() - t0) / 60, 1),
