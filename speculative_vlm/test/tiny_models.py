@@ -170,3 +170,20 @@ def jpeg(color=(200, 30, 30), size=(48, 40)) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def slow_down(adapter: ModelAdapter, seconds_per_token: float) -> ModelAdapter:
+    """Make every forward pass of ``adapter`` take ``seconds_per_token`` per token fed, as a big model would.
+
+    The resource tests need passes whose cost grows with the tokens fed (a long prefill
+    must be long) without a big model's CPU time; the sleep releases the GIL like a real
+    forward pass does. The outputs are unchanged.
+    """
+    import time
+
+    def pause(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        time.sleep(seconds_per_token * hidden.shape[0] * hidden.shape[1])
+
+    adapter.decoder_layers[0].register_forward_pre_hook(pause, with_kwargs=True)
+    return adapter

@@ -1,7 +1,8 @@
 """Bearer-token authentication: tokens come from a file or an environment variable, never code.
 
 Each token names a client; the name is what per-client limits (sessions, request rate)
-count against and what the logs show. Tokens are compared in constant time.
+count against and what the logs show. Tokens are compared in constant time, and failed
+attempts are throttled per peer address (:class:`AuthThrottle`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Iterable
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -77,3 +82,77 @@ class TokenAuthenticator:
         if name is None:
             raise Unauthenticated("unknown token; ask the operator for one")
         return name
+
+
+class AuthThrottled(Exception):
+    """The peer address failed authentication too often; it is locked out for a while."""
+
+
+@dataclass
+class _Peer:
+    failures: deque[float] = field(default_factory=deque)
+    locked_until: float = 0.0
+    lockouts: int = 0
+    last: float = 0.0
+
+
+class AuthThrottle:
+    """Failed authentications per peer address, with lockouts that double.
+
+    After ``max_failures`` failures within ``window_s`` the address is locked out for
+    ``lockout_s``; each further lockout doubles it, up to ``max_lockout_s``. While locked
+    out, every stream from the address is refused before its token is looked at, so
+    the answer says nothing about whether a guess was right (and costs no comparison).
+    The price: a robot behind the same address as an attacker is locked out with it, as
+    with any per-address lockout. A successful authentication does not reset the count.
+    At most ``max_peers`` addresses are remembered (the least recently failing are
+    forgotten first), so a flood from many addresses cannot grow the table without bound.
+    """
+
+    def __init__(self, max_failures: int = 5, window_s: float = 60.0, lockout_s: float = 10.0,
+                 max_lockout_s: float = 600.0, max_peers: int = 10000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.lockout_s = lockout_s
+        self.max_lockout_s = max_lockout_s
+        self.max_peers = max_peers
+        self._clock = clock
+        self._peers: OrderedDict[str, _Peer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, peer: str) -> None:
+        """Raise AuthThrottled while ``peer`` is locked out."""
+        now = self._clock()
+        with self._lock:
+            state = self._peers.get(peer)
+            if state is not None and now < state.locked_until:
+                raise AuthThrottled(
+                    f"{self.max_failures} failed authentications from {peer} within {self.window_s:g} s; "
+                    f"locked out for another {state.locked_until - now:.1f} s (lockout {state.lockouts}, each "
+                    "twice as long as the last); check the robot's token before retrying")
+
+    def failed(self, peer: str) -> None:
+        """Count one failed authentication from ``peer`` (and lock it out on the last one allowed)."""
+        now = self._clock()
+        with self._lock:
+            state = self._peers.pop(peer, None) or _Peer()
+            self._peers[peer] = state  # most recent last
+            # Lockouts are forgotten once the address has been quiet for the longest lockout.
+            if state.lockouts and now - state.last > self.max_lockout_s:
+                state.lockouts = 0
+            state.last = now
+            while state.failures and now - state.failures[0] > self.window_s:
+                state.failures.popleft()
+            state.failures.append(now)
+            if len(state.failures) >= self.max_failures:
+                state.failures.clear()
+                state.lockouts += 1
+                state.locked_until = now + min(self.max_lockout_s, self.lockout_s * 2 ** (state.lockouts - 1))
+            while len(self._peers) > self.max_peers:
+                self._peers.popitem(last=False)
+
+    def locked_out(self, peer: str) -> bool:
+        with self._lock:
+            state = self._peers.get(peer)
+            return state is not None and self._clock() < state.locked_until

@@ -18,18 +18,37 @@ class ConfigError(ValueError):
     """The server configuration is unusable; the message names the field and the fix."""
 
 
+# RPC slots kept free of sessions, so a refusal (and a health check) can still be answered.
+RESERVED_RPC_SLOTS = 4
+
+
 @dataclass(frozen=True)
 class Limits:
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC receive limit; larger messages are refused
     max_image_bytes: int = 2 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
-    max_prompt_chars: int = 8000
-    max_system_chars: int = 8000
+    # The prompt's length in tokens after the chat template (system + user message) and the
+    # image: what the prefill costs. The character limits only bound the tokenizer's work.
+    max_prompt_tokens: int = 2048
+    max_prompt_chars: int = 32000
+    max_system_chars: int = 32000
     max_draft_tokens: int = 32
     max_new_tokens: int = 1024
+    # Streams, whether or not they have opened a session yet: each holds one of the gRPC
+    # server's RPC slots, so the total stays below them (refusals and health checks need some).
+    max_sessions: int = 48
     max_sessions_per_client: int = 8
+    # Keys/values of every session's prompt + max_new_tokens + a block, reserved at Open; a
+    # client may hold its share of it (max_sessions_per_client / max_sessions).
+    kv_budget_mb: float = 4096.0
     requests_per_second: float = 500.0  # per client; Open and Draft both count
     burst: int = 100
+    # Failed authentications per peer address: after auth_max_failures within auth_window_s the
+    # address is locked out for auth_lockout_s, doubling with each further lockout up to the max.
+    auth_max_failures: int = 5
+    auth_window_s: float = 60.0
+    auth_lockout_s: float = 10.0
+    auth_max_lockout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,10 @@ class ServerConfig:
     metrics_port: int | None = None  # None = off, 0 = pick a free port
     metrics_bind: str = "127.0.0.1"
     session_idle_s: float = 60.0
+    open_timeout_s: float = 5.0  # a stream must send Open within this (or session_idle_s, if shorter)
+    # Prompts are prefilled this many tokens at a time, and other sessions' verification passes
+    # run between chunks: a long prompt delays them by one chunk at most.
+    prefill_chunk_tokens: int = 256
     workers: int = 64  # gRPC handler threads; each open stream holds one
     torch_threads: int | None = None
     log_level: str = "INFO"
@@ -71,7 +94,30 @@ class ServerConfig:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if ":" not in self.bind:
             raise ConfigError(f"bind must be host:port, got {self.bind!r}")
+        if self.open_timeout_s <= 0 or self.session_idle_s <= 0:
+            raise ConfigError("open_timeout_s and session_idle_s must be > 0 s")
+        if self.prefill_chunk_tokens < 1:
+            raise ConfigError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
+        limits = self.limits
+        if limits.max_prompt_tokens < 1 or limits.kv_budget_mb <= 0:
+            raise ConfigError("limits.max_prompt_tokens must be >= 1 and limits.kv_budget_mb > 0")
+        if not 1 <= limits.max_sessions_per_client <= limits.max_sessions:
+            raise ConfigError(f"limits.max_sessions_per_client ({limits.max_sessions_per_client}) must be between 1 "
+                              f"and limits.max_sessions ({limits.max_sessions})")
+        if limits.max_sessions > self.rpc_slots - RESERVED_RPC_SLOTS:
+            raise ConfigError(f"limits.max_sessions ({limits.max_sessions}) must leave {RESERVED_RPC_SLOTS} of the "
+                              f"{self.rpc_slots} RPC slots (workers - 2) free for refusals and health checks; lower "
+                              f"it to {self.rpc_slots - RESERVED_RPC_SLOTS} or raise workers")
+        if limits.auth_max_failures < 1 or min(limits.auth_window_s, limits.auth_lockout_s) <= 0 or \
+                limits.auth_max_lockout_s < limits.auth_lockout_s:
+            raise ConfigError("limits.auth_max_failures must be >= 1, auth_window_s and auth_lockout_s > 0, and "
+                              "auth_max_lockout_s >= auth_lockout_s")
         return self
+
+    @property
+    def rpc_slots(self) -> int:
+        """Streams the gRPC server runs at once; it refuses more with a bare RESOURCE_EXHAUSTED."""
+        return max(1, self.workers - 2)
 
     def replace(self, **changes: Any) -> ServerConfig:
         return dataclasses.replace(self, **changes)

@@ -46,6 +46,8 @@ def check_image(jpeg: bytes, limits: Limits) -> tuple[int, int]:
 
 
 def check_open(request: SessionRequest, limits: Limits) -> None:
+    """What can be checked of an Open before tokenizing it (the token limit comes after)."""
+    # A cheap bound on the tokenizer's work; the limit that matters is check_prompt_tokens'.
     if len(request.prompt) > limits.max_prompt_chars:
         raise LimitExceeded("prompt_too_long", f"prompt has {len(request.prompt)} characters, the limit is "
                             f"{limits.max_prompt_chars}; shorten it")
@@ -59,6 +61,13 @@ def check_open(request: SessionRequest, limits: Limits) -> None:
                             f"{limits.max_new_tokens}")
     if request.image is not None:
         check_image(request.image, limits)
+
+
+def check_prompt_tokens(tokens: int, limits: Limits) -> None:
+    """Refuse a prompt longer than the limit, counted in tokens after the chat template and the image."""
+    if tokens > limits.max_prompt_tokens:
+        raise LimitExceeded("prompt_too_long", f"the prompt is {tokens} tokens after the chat template (and image), "
+                            f"the limit is {limits.max_prompt_tokens}; shorten the instruction or the system message")
 
 
 def check_draft(block: DraftBlock, limits: Limits) -> None:
@@ -90,3 +99,54 @@ class RateLimiter:
                 raise LimitExceeded("rate_limited", f"client {client!r} exceeds {self._rate:g} requests/s; "
                                     "slow down and open a new session")
             self._buckets[client] = (level - 1.0, now)
+
+
+class KVBudget:
+    """The memory of all sessions' KV caches, reserved at Open and given back at close.
+
+    A session reserves ``bytes_per_token`` x (prompt tokens + max_new_tokens + one block):
+    the most its cache can hold. A session that would take the total over the budget, or
+    its client over the client's share of it (``client_share``: the client's share of the
+    sessions, so one client cannot take the memory everyone else needs), is refused with
+    ``kv_budget_exceeded``: a burst of long prompts cannot grow the server's memory past
+    what the operator allowed. (A batched pass briefly stacks the caches of its items on
+    top of this; that is bounded by max_batch sessions' worth.)
+    """
+
+    def __init__(self, budget_bytes: int, bytes_per_token: int, client_share: float = 1.0):
+        self.budget_bytes = int(budget_bytes)
+        self.bytes_per_token = int(bytes_per_token)
+        self.client_bytes = int(budget_bytes * min(1.0, client_share))
+        self._held: dict[str, tuple[str, int]] = {}  # holder: (client, bytes)
+        self._lock = threading.Lock()
+
+    def reserve(self, holder: str, client: str, tokens: int) -> int:
+        """Reserve the cache of ``tokens`` tokens for ``holder`` of ``client``; raises LimitExceeded."""
+        need = tokens * self.bytes_per_token
+        with self._lock:
+            used = sum(b for _, b in self._held.values())
+            mine = sum(b for c, b in self._held.values() if c == client)
+            if used + need > self.budget_bytes:
+                where = f"{_size(used)} of the server's {_size(self.budget_bytes)} are taken"
+            elif mine + need > self.client_bytes:
+                where = f"client {client!r} holds {_size(mine)} of its {_size(self.client_bytes)} share"
+            else:
+                self._held[holder] = (client, need)
+                return need
+        raise LimitExceeded("kv_budget_exceeded", (
+            f"this session's KV cache needs {_size(need)} ({tokens} tokens x {self.bytes_per_token} bytes) and "
+            f"{where}; close a session, retry later, or ask for fewer tokens (a shorter prompt, a smaller "
+            "max_new_tokens)"))
+
+    def release(self, holder: str) -> None:
+        with self._lock:
+            self._held.pop(holder, None)
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(b for _, b in self._held.values())
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} kB" if n >= 2**10 else f"{n} B"

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def build_engine(config: ServerConfig) -> Any:
     from speculative_vlm.decoding.target_engine import TargetEngine
 
     return TargetEngine(load_model(config.model), exit_layers=list(config.exit_layers), exit_heads=config.exit_heads,
-                        max_batch=config.max_batch)
+                        max_batch=config.max_batch, prefill_chunk_tokens=config.prefill_chunk_tokens)
 
 
 @dataclass
@@ -103,12 +104,15 @@ def serve(config: ServerConfig, engine: Any = None) -> ServerHandle:
 
         torch.set_num_threads(config.torch_threads)
     engine = engine if engine is not None else build_engine(config)
+    if hasattr(engine, "prefill_chunk_tokens"):  # the config decides, for an engine handed in too
+        engine.prefill_chunk_tokens = config.prefill_chunk_tokens
     metrics = ServerMetrics()
     service = VerificationService(config, engine, metrics, TokenAuthenticator(tokens) if tokens else None)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
         # Refuse new streams rather than queueing them behind busy threads.
-        maximum_concurrent_rpcs=max(1, config.workers - 2),
+        # limits.max_sessions stays below this (config.validate), so a refusal always gets a slot.
+        maximum_concurrent_rpcs=config.rpc_slots,
         options=[
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.max_send_message_length", 1024 * 1024),
@@ -161,9 +165,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-env", help="environment variable with name:token,... (default SPECULATIVE_VLM_TOKENS)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = pick one)")
     p.add_argument("--session-idle-s", type=float, help="expire sessions idle this long")
+    p.add_argument("--open-timeout-s", type=float, help="end streams that send no Open within this")
+    p.add_argument("--prefill-chunk-tokens", type=int, help="prompt tokens prefilled between verification passes")
     p.add_argument("--torch-threads", type=int, help="torch CPU threads")
     p.add_argument("--max-image-bytes", type=int, help="largest JPEG accepted")
-    p.add_argument("--max-sessions-per-client", type=int, help="open sessions per client")
+    p.add_argument("--max-sessions", type=int, help="streams on the server, opened or not (below workers - 2)")
+    p.add_argument("--max-sessions-per-client", type=int, help="streams per client, opened or not")
+    p.add_argument("--max-prompt-tokens", type=int, help="prompt tokens after the chat template and image")
+    p.add_argument("--kv-budget-mb", type=float, help="memory for all sessions' KV caches")
     p.add_argument("--requests-per-second", type=float, help="per-client request rate")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     return p
@@ -175,7 +184,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config = from_yaml(args.config, args.config_section) if args.config else ServerConfig()
     changes: dict[str, Any] = {}
     for name in ("model", "exit_heads", "max_batch", "max_wait_ms", "bind", "tls_cert", "tls_key", "allow_insecure",
-                 "tokens_file", "tokens_env", "metrics_port", "session_idle_s", "torch_threads", "log_level"):
+                 "tokens_file", "tokens_env", "metrics_port", "session_idle_s", "open_timeout_s",
+                 "prefill_chunk_tokens", "torch_threads", "log_level"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -183,8 +193,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         changes["exit_layers"] = tuple(int(x) for x in args.exit_layers.split(",") if x.strip())
     if args.no_auth:
         changes["require_auth"] = False
-    limit_changes = {name: getattr(args, name) for name in ("max_image_bytes", "max_sessions_per_client",
-                                                             "requests_per_second")
+    limit_changes = {name: getattr(args, name) for name in ("max_image_bytes", "max_sessions", "max_sessions_per_client",
+                                                             "max_prompt_tokens", "kv_budget_mb", "requests_per_second")
                      if getattr(args, name) is not None}
     if limit_changes:
         import dataclasses
@@ -207,11 +217,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error(str(exc), extra={"event": "refused_to_start"})
         return 2
     done = threading.Event()
+    signalled: list[float] = []
+
+    def on_signal(*_: object) -> None:
+        signalled.append(time.monotonic())
+        done.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, on_signal)
     done.wait()
     log.info("stopping", extra={"event": "stopping"})
+    # Prefills stop at their next chunk and every stream is ended with a reason: within a chunk.
     handle.stop(grace=2.0)
+    log.info("stopped", extra={"event": "stopped", "after_signal_s": round(time.monotonic() - signalled[0], 4)})
     return 0
 
 

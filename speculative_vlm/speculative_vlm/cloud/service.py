@@ -4,9 +4,18 @@ the batch scheduler.
 Each stream has two threads: the gRPC handler thread drains the session's outbox into the
 response stream, and a reader thread takes the client's messages (so an Early verdict can
 go out while the client is still sending). Every refusal is an ``Error`` message with a
-code and a reason on that stream only, after which the stream ends; other sessions are
-not affected. Garbage that does not parse as a ``ClientMessage`` is refused the same way,
+code and a reason on that stream only, after which the stream ends with the code's gRPC
+status (``protocol.errors``: UNAUTHENTICATED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...),
+the reason as its details and the code in its trailing metadata; other sessions are not
+affected. Garbage that does not parse as a ``ClientMessage`` is refused the same way,
 because the service installs its own request deserializer.
+
+Fair shares of the server: a stream counts against its client and the server's total from
+its first byte (before Open), must send Open within the open timeout, and a peer address
+that fails authentication too often is locked out. An Open is admitted by its length in
+tokens (after the chat template and the image) and by the KV-cache memory it reserves;
+its prefill then runs a chunk at a time in background turns on the model
+(``cloud.turns``), so other sessions' verification passes wait for one chunk at most.
 """
 
 from __future__ import annotations
@@ -21,15 +30,23 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from speculative_vlm.cloud.auth import TokenAuthenticator, Unauthenticated
+from speculative_vlm.cloud.auth import AuthThrottle, AuthThrottled, TokenAuthenticator, Unauthenticated
 from speculative_vlm.cloud.config import ServerConfig
-from speculative_vlm.cloud.limits import LimitExceeded, RateLimiter, check_draft, check_open
+from speculative_vlm.cloud.limits import (
+    KVBudget,
+    LimitExceeded,
+    RateLimiter,
+    check_draft,
+    check_open,
+    check_prompt_tokens,
+)
 from speculative_vlm.cloud.metrics import ServerMetrics
 from speculative_vlm.cloud.scheduler import BatchScheduler
-from speculative_vlm.cloud.sessions import ServerSession, SessionStore
+from speculative_vlm.cloud.sessions import ServerSession, SessionStore, Stage
+from speculative_vlm.cloud.turns import ModelTurns
 from speculative_vlm.decoding import admission
 from speculative_vlm.decoding.verifier import Refused
-from speculative_vlm.protocol import convert
+from speculative_vlm.protocol import convert, errors
 from speculative_vlm.protocol import verifier_pb2 as pb
 
 log = logging.getLogger("speculative_vlm.cloud.service")
@@ -62,12 +79,21 @@ class VerificationService:
         self.metrics = metrics
         self.auth = authenticator
         self.store = SessionStore(config.session_idle_s)
-        self.rate = RateLimiter(config.limits.requests_per_second, config.limits.burst)
-        self.engine_lock = threading.Lock()
+        limits = config.limits
+        self.rate = RateLimiter(limits.requests_per_second, limits.burst)
+        self.auth_throttle = AuthThrottle(limits.auth_max_failures, limits.auth_window_s, limits.auth_lockout_s,
+                                          limits.auth_max_lockout_s)
+        # The model's turns: the scheduler's passes (and closes, and autoregressive steps) are
+        # urgent, prefill chunks are background work between them.
+        self.engine_lock = ModelTurns(observe_wait=metrics.model_wait.observe)
         self.scheduler = BatchScheduler(engine, config.max_batch, config.max_wait_ms / 1000, metrics,
                                         self.engine_lock, on_failed=self._fail)
         model = getattr(engine, "model", None)
         self.vocab_size: int | None = getattr(model, "vocab_size", None)
+        self.kv_budget = KVBudget(int(limits.kv_budget_mb * 2**20), getattr(engine, "kv_bytes_per_token", 0),
+                                  client_share=limits.max_sessions_per_client / limits.max_sessions)
+        # A stream gets no more time to send Open than an open session gets to stay idle.
+        self.open_timeout_s = min(config.open_timeout_s, config.session_idle_s)
         self._stopped = threading.Event()
         self._janitor = threading.Thread(target=self._expire_idle, daemon=True, name="session-janitor")
         self._janitor.start()
@@ -84,32 +110,63 @@ class VerificationService:
     # -- the stream ----------------------------------------------------------------
     def session(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[pb.ServerMessage]:
         peer = context.peer()
+        # One robot, many ports: the host part is the peer's address.
+        address = peer.rsplit(":", 1)[0]
+        client = "?"
         try:
-            # Without authentication a client is its address (host part: one robot, many ports).
-            client = self.auth.client_for(context.invocation_metadata()) if self.auth else peer.rsplit(":", 1)[0]
-        except Unauthenticated as exc:
-            self._count_refusal("unauthenticated", str(exc), client="?", peer=peer)
-            yield convert.error("unauthenticated", str(exc))
+            client = self._authenticate(address, context)
+            session = ServerSession(client=client, peer=peer)
+            self.store.admit(session, self.config.limits.max_sessions, self.config.limits.max_sessions_per_client)
+        except LimitExceeded as exc:
+            self._count_refusal(exc.code, exc.reason, client=client, peer=peer)
+            yield convert.error(exc.code, exc.reason)
+            self._end_rpc(context, exc.code, exc.reason)
             return
-        session = ServerSession(client=client, peer=peer)
+        self.metrics.streams.inc()
         context.add_callback(lambda: self._cleanup(session))  # client cancelled or link died
         threading.Thread(target=self._read, args=(session, requests), daemon=True,
                          name=f"reader-{session.id}").start()
         try:
             while True:
+                timeout = None
+                if session.stage is Stage.CONNECTED:
+                    # A stream that never opens a session would hold an RPC slot: it gets seconds.
+                    timeout = max(0.0, session.started + self.open_timeout_s - time.monotonic())
                 try:
-                    # A stream that never opens a session would hold a handler thread forever.
-                    message = session.outbox.get(timeout=self.config.session_idle_s)
+                    message = session.outbox.get(timeout=timeout)
                 except queue.Empty:
-                    if session.target is None and self.store.get(session.id) is None:
-                        self._fail(session, "open_timeout", f"no Open within {self.config.session_idle_s:g} s; "
-                                   "send Open first")
+                    if session.stage is Stage.CONNECTED:
+                        self._fail(session, "open_timeout", f"no Open within {self.open_timeout_s:g} s of "
+                                   "connecting; send Open first")
                     continue
                 if message is None:
-                    return
+                    break
                 yield message
+            if session.refusal is not None:
+                self._end_rpc(context, *session.refusal)
         finally:
             self._cleanup(session)
+
+    def _authenticate(self, address: str, context: grpc.ServicerContext) -> str:
+        """The client name of a new stream; raises LimitExceeded (unauthenticated, auth_throttled)."""
+        if self.auth is None:
+            return address  # without authentication a client is its address
+        try:
+            self.auth_throttle.check(address)
+        except AuthThrottled as exc:
+            raise LimitExceeded("auth_throttled", str(exc)) from None
+        try:
+            return self.auth.client_for(context.invocation_metadata())
+        except Unauthenticated as exc:
+            self.auth_throttle.failed(address)
+            raise LimitExceeded("unauthenticated", str(exc)) from None
+
+    @staticmethod
+    def _end_rpc(context: grpc.ServicerContext, code: str, reason: str) -> None:
+        """End a refused stream with the code's gRPC status, the reason and the code (protocol.errors)."""
+        context.set_trailing_metadata(errors.trailing_metadata(code))
+        context.set_code(errors.status_for(code))
+        context.set_details(reason)
 
     def _read(self, session: ServerSession, requests: Iterator[Any]) -> None:
         try:
@@ -135,7 +192,7 @@ class VerificationService:
                 session.end()
 
     def _open(self, session: ServerSession, msg: pb.Open) -> None:
-        if session.target is not None:
+        if session.stage is not Stage.CONNECTED:
             self._fail(session, "already_open", f"session {session.id} is open; one Open per stream")
             return
         if msg.protocol_version != convert.PROTOCOL_VERSION:
@@ -148,33 +205,47 @@ class VerificationService:
             return
         try:
             self.rate.take(session.client)
-            if self.store.count_for(session.client) >= self.config.limits.max_sessions_per_client:
-                raise LimitExceeded("too_many_sessions", f"client {session.client!r} already has "
-                                    f"{self.config.limits.max_sessions_per_client} sessions open; close one")
             request = convert.open_from_pb(msg)
             admission.check_request(request)  # every field in range before any work (InvalidArgument)
             check_open(request, self.config.limits)
         except (LimitExceeded, Refused) as exc:
             self._fail(session, exc.code, exc.reason)
             return
+        session.stage = Stage.OPENING
         start = time.monotonic()
-        # Registered before the prefill so concurrent opens count against the client's limit.
-        self.store.add(session)
+        target = None
         try:
-            with self.engine_lock:
-                session.target = self.engine.open_session(request)
-        except Refused as exc:
-            self.store.remove(session)
+            pending = self.engine.begin_session(request)  # the prompt in tokens, as the model will see it
+            check_prompt_tokens(pending.prompt_tokens, self.config.limits)
+            self.kv_budget.reserve(session.id, session.client, pending.prompt_tokens
+                                   + request.settings.max_new_tokens + self.config.limits.max_draft_tokens + 1)
+            self.metrics.kv_reserved_bytes.set(self.kv_budget.used_bytes)
+            while not pending.done:
+                if session.closed:  # the client left or the server stops: within a chunk
+                    return
+                with self.engine_lock.background():
+                    self.engine.prefill_step(pending)
+            target = self.engine.finish_session(pending)
+        except (LimitExceeded, Refused) as exc:
             self._fail(session, exc.code, exc.reason)
             return
         except Exception as exc:
-            self.store.remove(session)
             log.exception("prefill failed", extra={"event": "open_failed", "session": session.id})
             self._fail(session, "open_failed", f"the target could not prefill this request ({exc!r})")
+            return
+        finally:
+            if target is None:  # not opened: whatever was reserved goes back (idempotent)
+                self._release(session)
+        if not session.attach(target):  # the stream ended as the prefill finished
+            with self.engine_lock:
+                self.engine.close_session(target)
+            self._release(session)
             return
         prefill = time.monotonic() - start
         if msg.mode == pb.SPECULATIVE:
             self.scheduler.register(session)
+            if session.closed:
+                self.scheduler.unregister(session)
         self.metrics.sessions_total.inc()
         self.metrics.sessions_open.inc()
         model = getattr(self.engine, "model", None)
@@ -186,7 +257,8 @@ class VerificationService:
             eos_token_ids=list(getattr(model, "eos_token_ids", ())))))
         log.info("session opened", extra={"event": "open", "session": session.id, "client": session.client,
                                           "peer": session.peer, "prefill_s": round(prefill, 4),
-                                          "prompt_chars": len(request.prompt), "image": request.image is not None,
+                                          "prompt_tokens": pending.prompt_tokens, "prefill_chunks": pending.steps,
+                                          "image": request.image is not None,
                                           "mode": pb.Mode.Name(msg.mode)})
         if msg.mode == pb.AUTOREGRESSIVE:
             threading.Thread(target=self._generate, args=(session,), daemon=True,
@@ -243,13 +315,19 @@ class VerificationService:
 
     def _fail(self, session: ServerSession, code: str, reason: str) -> None:
         self._count_refusal(code, reason, session.client, session.peer, session.id)
-        session.end(convert.error(code, reason))
+        session.refuse(code, reason)
         self._cleanup(session)
+
+    def _release(self, session: ServerSession) -> None:
+        self.kv_budget.release(session.id)
+        self.metrics.kv_reserved_bytes.set(self.kv_budget.used_bytes)
 
     def _cleanup(self, session: ServerSession) -> None:
         session.end()
+        self._release(session)
         if not self.store.remove(session):
             return
+        self.metrics.streams.dec()
         self.scheduler.unregister(session)
         if session.target is not None:
             self.metrics.sessions_open.dec()
@@ -271,4 +349,7 @@ class VerificationService:
         self._stopped.set()
         for session in self.store.all():
             self._fail(session, "server_shutdown", "the server is shutting down; reconnect and open a new session")
+        # Prefills stop at their next chunk; wait for the model's current chunk or pass to end.
+        with self.engine_lock:
+            pass
         self.scheduler.stop()

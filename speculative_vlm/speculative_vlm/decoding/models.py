@@ -158,38 +158,20 @@ class ModelAdapter:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     # ---- sequences -----------------------------------------------------------------------
-    @torch.inference_mode()
-    def start(self, prompt: Prompt) -> KVState:
+    def start(self, prompt: Prompt, chunk_tokens: int = 0) -> KVState:
         """Prefill all prompt ids but the last (it is fed with the first block).
 
         The part every prompt with the same system message shares (``prompt.shared`` ids:
         the system prompt and the chat template around it; robot commands share ~190 of
         ~230) is prefilled once and its keys/values reused. Nothing past it is ever reused,
         so an instruction sent twice costs the same both times. Prompts with images have no
-        shared part (``shared`` is 0).
+        shared part (``shared`` is 0). ``chunk_tokens`` > 0 runs the prefill that many ids
+        at a time (see :class:`Prefill`, which a server steps itself between other work).
         """
-        state = KVState(ids=list(prompt.ids), prompt_len=len(prompt.ids))
-        n = len(prompt.ids) - 1
-        if n <= 0:
-            return state
-        shared = min(prompt.shared, n)
-        reuse = 0
-        if shared >= self._prefix_cache.min_shared:
-            key = prompt.ids[:shared]
-            layers = self._prefix_cache.get(key)
-            if layers is None:
-                self.model(input_ids=torch.tensor([key]), past_key_values=state.cache, use_cache=True, logits_to_keep=1)
-                self._prefix_cache.put(key, state.cache)
-            else:
-                reuse = shared
-                state.cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers])
-            state.cached = shared
-        if state.cached < n:
-            ids = torch.tensor([prompt.ids[state.cached : n]])
-            self.model(input_ids=ids, past_key_values=state.cache, use_cache=True, logits_to_keep=1, **prompt.extra)
-            state.cached = n
-        self.prefill_reused += reuse
-        return state
+        prefill = Prefill(self, prompt, chunk_tokens)
+        while not prefill.done:
+            prefill.step()
+        return prefill.state
 
     @torch.inference_mode()
     def forward(
@@ -304,6 +286,66 @@ class ModelAdapter:
                 f"draft {self.name!r} and target {target.name!r} map {len(differing)} tokens differently "
                 f"(e.g. {differing[:3]}); pick a draft trained on the target's tokenizer"
             )
+
+
+class Prefill:
+    """One prompt's prefill, run a chunk of at most ``chunk_tokens`` ids per :meth:`step` (0 = no limit).
+
+    A server steps it between other sessions' verification passes, so that a long prompt
+    delays them by one chunk at most; :meth:`ModelAdapter.start` runs it to the end. The
+    shared part (``prompt.shared``) is one step when the prefix cache has it, and is
+    computed up to exactly its end otherwise, so it can be cached. With an image, the first
+    step runs through the last image token whatever the chunk size: the vision features
+    replace those tokens' embeddings in the one pass that carries the pixels.
+    """
+
+    def __init__(self, adapter: ModelAdapter, prompt: Prompt, chunk_tokens: int = 0):
+        self.adapter = adapter
+        self.prompt = prompt
+        self.chunk_tokens = max(0, int(chunk_tokens))
+        self.state = KVState(ids=list(prompt.ids), prompt_len=len(prompt.ids))
+        self.end = max(0, len(prompt.ids) - 1)
+        shared = min(prompt.shared, self.end)
+        self.shared = shared if shared >= adapter._prefix_cache.min_shared else 0
+        self.steps = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state.cached >= self.end
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Run the next chunk (no-op when done)."""
+        s, ids = self.state, self.prompt.ids
+        if self.done:
+            return
+        self.steps += 1
+        if s.cached == 0 and self.shared:
+            layers = self.adapter._prefix_cache.get(ids[: self.shared])
+            if layers is not None:
+                s.cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers])
+                s.cached = self.shared
+                self.adapter.prefill_reused += self.shared
+                return
+        stop = self.shared if s.cached < self.shared else self.end
+        if self.chunk_tokens:
+            stop = min(stop, s.cached + self.chunk_tokens)
+        extra = self.prompt.extra if s.cached == 0 else {}
+        if extra:
+            stop = max(stop, self._after_last_image_token())
+        self.adapter.model(input_ids=torch.tensor([ids[s.cached : stop]]), past_key_values=s.cache, use_cache=True,
+                           logits_to_keep=1, **extra)
+        s.cached = stop
+        if self.shared and stop == self.shared:
+            self.adapter._prefix_cache.put(ids[: self.shared], s.cache)
+
+    def _after_last_image_token(self) -> int:
+        image_token = getattr(self.adapter.model.config, "image_token_id", None)
+        ids = self.prompt.ids[: self.end]
+        if image_token is None:
+            return self.end  # where the image goes is unknown: the whole prompt in one pass
+        last = max((i for i, t in enumerate(ids) if t == image_token), default=-1)
+        return last + 1
 
 
 class PrefixCache:

@@ -37,7 +37,7 @@ import torch
 from speculative_vlm.decoding import admission, rules
 from speculative_vlm.decoding.exits import ExitHeads, load_exit_heads
 from speculative_vlm.decoding.grammar import GrammarConstraint, apply_mask
-from speculative_vlm.decoding.models import KVState, ModelAdapter
+from speculative_vlm.decoding.models import KVState, ModelAdapter, Prefill
 from speculative_vlm.decoding.sequence import OutputTracker
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
@@ -49,6 +49,10 @@ from speculative_vlm.decoding.verifier import (
 )
 
 EarlyCallback = Callable[["TargetSession", Verdict], None]
+
+# Prompt ids per prefill step. On SmolLM2-135M (fp32, one CPU thread) a chunk costs 0.4-0.8 s
+# (more the deeper into the prompt), about one verification pass of a few robots.
+DEFAULT_PREFILL_CHUNK = 256
 
 log = logging.getLogger("speculative_vlm.decoding.target_engine")
 
@@ -91,6 +95,27 @@ class TargetSession:
 
 
 @dataclass
+class SessionPrefill:
+    """A session being opened: its request encoded, its prompt prefilled a chunk per step."""
+
+    request: SessionRequest
+    out: OutputTracker
+    prefill: Prefill
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prefill.prompt.ids)
+
+    @property
+    def steps(self) -> int:
+        return self.prefill.steps
+
+    @property
+    def done(self) -> bool:
+        return self.prefill.done
+
+
+@dataclass
 class _Item:
     session: TargetSession
     block: DraftBlock
@@ -111,6 +136,7 @@ class TargetEngine:
         exit_layers=(),
         exit_heads: ExitHeads | str | os.PathLike | None = None,
         max_batch: int = 8,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.model = model
         if isinstance(exit_heads, ExitHeads):
@@ -122,6 +148,10 @@ class TargetEngine:
         self.max_batch = max(1, int(max_batch))
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # one forward pass at a time
+        self._encode_lock = threading.Lock()
+        # Prompts are prefilled this many ids per step (0 = at once); the server interleaves steps
+        # with verification passes. The same size everywhere keeps every side's prefill the same.
+        self.prefill_chunk_tokens = max(0, int(prefill_chunk_tokens))
         self.sessions: dict[str, TargetSession] = {}
         self.passes = 0  # forward passes run by verify()
         self.largest_batch = 0  # most blocks verified in one pass
@@ -133,17 +163,49 @@ class TargetEngine:
     # ---- sessions ------------------------------------------------------------------------
     def open_session(self, request: SessionRequest) -> TargetSession:
         """Encode and prefill the prompt; raises Refused (InvalidArgument, EmptyPrompt, PromptTooLong, ...)."""
+        pending = self.begin_session(request)
+        while not pending.done:
+            self.prefill_step(pending)
+        return self.finish_session(pending)
+
+    def begin_session(self, request: SessionRequest) -> SessionPrefill:
+        """Encode a request for a chunked prefill (no model work yet); raises Refused like open_session.
+
+        A server runs :meth:`prefill_step` until ``done``, between other sessions' passes,
+        then :meth:`finish_session`; ``prompt_tokens`` is the prompt's length as the model
+        sees it (chat template and image included), for the server's limits.
+        """
         admission.check_request(request, max_new_tokens=self.model.max_context)
-        prompt = self.model.encode(request)
-        out = make_tracker(self.model, request)
+        with self._encode_lock:  # the tokenizer and grammar compiler are shared by every stream thread
+            prompt = self.model.encode(request)
+            out = make_tracker(self.model, request)
+        return SessionPrefill(request, out, Prefill(self.model, prompt, self.prefill_chunk_tokens))
+
+    def prefill_step(self, pending: SessionPrefill) -> bool:
+        """Run one chunk of ``pending``'s prefill (at most ``prefill_chunk_tokens`` ids); True when done."""
         with self._lock:
-            kv = self.model.start(prompt)
+            pending.prefill.step()
+        return pending.done
+
+    def finish_session(self, pending: SessionPrefill) -> TargetSession:
+        """The open session of a finished prefill."""
+        if not pending.done:
+            raise ValueError("finish_session() before the prefill is done; run prefill_step() until it is")
+        kv, out, request = pending.prefill.state, pending.out, pending.request
         gen = torch.Generator().manual_seed(int(request.settings.seed))
         sess = TargetSession(f"t{next(self._ids)}", request, kv, out, gen)
         # Tokens the grammar forces before any choice are output at once, as the drafter does.
         kv.append(out.append_forced())
         self.sessions[sess.session_id] = sess
         return sess
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Memory of one token's keys and values in every layer (what a session's cache costs per token)."""
+        text = self.model.model.config.get_text_config(decoder=True)
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return 2 * text.num_hidden_layers * kv_heads * head_dim * self.model.dtype.itemsize
 
     def close_session(self, sess: TargetSession) -> None:
         sess.closed = True

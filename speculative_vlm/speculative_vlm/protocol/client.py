@@ -6,7 +6,9 @@ One ``GrpcVerifier`` holds one channel (HTTP/2 connection) to the cloud; each
 into a queue, so ``next_verdict`` honours its timeout whatever the network does. A broken
 stream ends the session with :class:`LinkLost` (sessions live in the server's memory: a
 new one must be opened, which ``open()`` retries with exponential back-off until its
-deadline). Refusals arrive as typed :class:`Refused` subclasses with the server's reason.
+deadline). Refusals arrive as typed :class:`Refused` subclasses with the server's reason,
+mapped from the server's error code (or, from servers and proxies that send only a status,
+from the gRPC status) through the one table in ``protocol.errors``.
 """
 
 from __future__ import annotations
@@ -22,13 +24,8 @@ import grpc
 
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
-    EmptyPrompt,
-    ImageNotSupported,
-    InvalidArgument,
     LinkLost,
-    PromptTooLong,
     Refused,
-    SessionNotFound,
     SessionRequest,
     Verdict,
     Verifier,
@@ -36,30 +33,12 @@ from speculative_vlm.decoding.verifier import (
     VerifierSession,
     VerifierTimeout,
 )
-from speculative_vlm.protocol import convert
+from speculative_vlm.protocol import convert, errors
 from speculative_vlm.protocol import verifier_pb2 as pb
 from speculative_vlm.protocol.link import LinkListener, LinkMonitor, LinkState
 
 METHOD = "/speculative_vlm.v1.Verification/Session"
 TOKEN_ENV = "SPECULATIVE_VLM_TOKEN"
-
-_SESSION_GONE = {"session_expired", "no_session"}
-_TYPED_REFUSALS: dict[str, type[Refused]] = {
-    "empty_prompt": EmptyPrompt,
-    "prompt_too_long": PromptTooLong,
-    "image_not_supported": ImageNotSupported,
-    "bad_image": ImageNotSupported,
-    "invalid_argument": InvalidArgument,
-}
-
-
-def error_to_exception(code: str, reason: str) -> VerifierError:
-    """The typed exception for a server Error message."""
-    if code in _SESSION_GONE:
-        return SessionNotFound(f"{code}: {reason}")
-    if code == "server_shutdown":  # the server is going away: to the robot, a lost link
-        return LinkLost(f"{code}: {reason}")
-    return _TYPED_REFUSALS.get(code, Refused)(code, reason)
 
 
 def read_token(token: str | None = None, token_file: str | None = None, env: str = TOKEN_ENV) -> str | None:
@@ -100,7 +79,8 @@ class GrpcSession(VerifierSession):
             for message in self._call:
                 kind = message.WhichOneof("kind")
                 if kind == "error":
-                    error = error_to_exception(message.error.code, message.error.reason)
+                    # The stream ends right after with the same code's gRPC status; either says it.
+                    error = errors.exception_for(message.error.code, message.error.reason)
                     self._fail(error, link_lost=isinstance(error, LinkLost))
                     return
                 self._events.put(message if kind in ("opened", "token") else convert.verdict_from_pb(message))
@@ -110,14 +90,12 @@ class GrpcSession(VerifierSession):
         except grpc.RpcError as exc:
             if self._closing:
                 return
-            code, details = exc.code(), exc.details() or ""
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                self._fail(Refused("resource_exhausted", details), link_lost=False)
-            elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                self._fail(Refused("unauthenticated", details), link_lost=False)
-            else:
-                self._fail(LinkLost(f"link to {self._verifier.address} lost ({code.name}: {details}); "
-                                    "open a new session when the link is back"), link_lost=True)
+            status, details = exc.code(), exc.details() or ""
+            error = errors.exception_for_status(status, details, errors.code_in(exc.trailing_metadata()))
+            if error is None:
+                error = LinkLost(f"link to {self._verifier.address} lost ({status.name}: {details}); "
+                                 "open a new session when the link is back")
+            self._fail(error, link_lost=isinstance(error, LinkLost))
 
     def _fail(self, error: VerifierError, link_lost: bool) -> None:
         if self._failure is None:

@@ -1,0 +1,134 @@
+"""The protocol's one table of errors: each code the verifier refuses with, the gRPC status
+that ends the refused stream, and the exception the robot-side client raises for it.
+
+The server ends every refused stream twice over: an in-band ``Error(code, reason)`` message
+(protocol v1 clients read it), then the gRPC status of the code's row, with the reason as
+the status details and the code in the trailing metadata under :data:`CODE_KEY`, so that
+proxies, load balancers and gRPC metrics see a refusal as one (UNAUTHENTICATED,
+RESOURCE_EXHAUSTED, ...) rather than as an OK stream. The client maps either back to the
+same typed exception through this table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from speculative_vlm.decoding.verifier import (
+    EmptyPrompt,
+    ImageNotSupported,
+    InvalidArgument,
+    LinkLost,
+    PromptTooLong,
+    Refused,
+    SessionNotFound,
+    VerifierError,
+)
+
+# Trailing-metadata key that carries the project's error code next to the gRPC status.
+CODE_KEY = "svlm-error-code"
+
+S = grpc.StatusCode
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    code: str  # the project's machine-readable code (Error.code on the wire)
+    status: grpc.StatusCode  # the gRPC status a stream refused with it ends with
+    exception: type[VerifierError]  # what the client raises
+    meaning: str
+
+
+ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in (
+    # Who is asking.
+    ErrorKind("unauthenticated", S.UNAUTHENTICATED, Refused, "no bearer token, or an unknown one"),
+    ErrorKind("auth_throttled", S.RESOURCE_EXHAUSTED, Refused,
+              "too many failed authentications from this address; locked out for a while"),
+    # What is asked: fix the request.
+    ErrorKind("invalid_argument", S.INVALID_ARGUMENT, InvalidArgument, "a field of Open or Draft is out of range"),
+    ErrorKind("malformed", S.INVALID_ARGUMENT, Refused, "bytes that are not a ClientMessage"),
+    ErrorKind("unsupported_version", S.INVALID_ARGUMENT, Refused, "a protocol version this server does not speak"),
+    ErrorKind("unsupported_mode", S.INVALID_ARGUMENT, Refused, "a session mode this server does not serve"),
+    ErrorKind("empty_prompt", S.INVALID_ARGUMENT, EmptyPrompt, "the prompt is empty"),
+    ErrorKind("prompt_too_long", S.INVALID_ARGUMENT, PromptTooLong,
+              "the prompt has more tokens than the server's limit or the model's context"),
+    ErrorKind("image_too_large", S.INVALID_ARGUMENT, Refused, "the image is over the byte or pixel limit"),
+    ErrorKind("bad_image", S.INVALID_ARGUMENT, ImageNotSupported, "the image does not decode as a JPEG"),
+    ErrorKind("image_not_supported", S.INVALID_ARGUMENT, ImageNotSupported, "an image for a text-only target"),
+    ErrorKind("unknown_grammar", S.INVALID_ARGUMENT, Refused, "a grammar name the server does not know"),
+    ErrorKind("too_many_tokens", S.INVALID_ARGUMENT, Refused, "max_new_tokens over the server's limit"),
+    ErrorKind("draft_too_long", S.INVALID_ARGUMENT, Refused, "more draft tokens in a block than the limit"),
+    ErrorKind("bad_token", S.INVALID_ARGUMENT, Refused, "token ids outside the target's vocabulary"),
+    ErrorKind("bad_draft", S.INVALID_ARGUMENT, Refused, "draft distributions that do not match the tokens"),
+    # The order of things on the stream.
+    ErrorKind("already_open", S.FAILED_PRECONDITION, Refused, "a second Open on one stream"),
+    ErrorKind("session_done", S.FAILED_PRECONDITION, Refused, "a Draft after the output ended"),
+    ErrorKind("no_session", S.NOT_FOUND, SessionNotFound, "a Draft before Open"),
+    ErrorKind("session_expired", S.NOT_FOUND, SessionNotFound, "the session was idle too long and was freed"),
+    ErrorKind("open_timeout", S.DEADLINE_EXCEEDED, Refused, "no Open within the server's open timeout"),
+    # How much is asked: retry later, or ask for less.
+    ErrorKind("rate_limited", S.RESOURCE_EXHAUSTED, Refused, "over the client's request rate"),
+    ErrorKind("too_many_sessions", S.RESOURCE_EXHAUSTED, Refused, "the client holds its share of sessions"),
+    ErrorKind("server_full", S.RESOURCE_EXHAUSTED, Refused, "the server holds its limit of sessions"),
+    ErrorKind("kv_budget_exceeded", S.RESOURCE_EXHAUSTED, Refused,
+              "the session's KV cache would not fit in the server's memory budget"),
+    ErrorKind("resource_exhausted", S.RESOURCE_EXHAUSTED, Refused,
+              "gRPC's own limits (message size, concurrent streams), refused before the service saw it"),
+    # The server's side.
+    ErrorKind("server_shutdown", S.UNAVAILABLE, LinkLost, "the server is stopping; reconnect"),
+    ErrorKind("open_failed", S.INTERNAL, Refused, "the target failed to prefill the prompt"),
+    ErrorKind("verify_failed", S.INTERNAL, Refused, "the target failed to verify a block"),
+    ErrorKind("generate_failed", S.INTERNAL, Refused, "the target failed while generating alone"),
+)}
+
+# A refusal with a code not in the table is about the request it answers.
+_UNLISTED = ErrorKind("", S.INVALID_ARGUMENT, Refused, "")
+
+
+def kind_of(code: str) -> ErrorKind:
+    return ERRORS.get(code, _UNLISTED)
+
+
+def status_for(code: str) -> grpc.StatusCode:
+    """The gRPC status a stream refused with ``code`` ends with."""
+    return kind_of(code).status
+
+
+def exception_for(code: str, reason: str) -> VerifierError:
+    """The typed exception the client raises for an error ``code`` and its ``reason``."""
+    cls = kind_of(code).exception
+    if issubclass(cls, Refused):
+        return cls(code, reason)
+    return cls(f"{code}: {reason}")
+
+
+def trailing_metadata(code: str) -> tuple[tuple[str, str], ...]:
+    return ((CODE_KEY, code),)
+
+
+def code_in(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The project's error code in a call's trailing metadata, if the server put one there."""
+    for key, value in metadata or ():
+        if key == CODE_KEY:
+            return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    return None
+
+
+def exception_for_status(status: grpc.StatusCode, details: str, code: str | None) -> VerifierError | None:
+    """The typed exception for a stream that ended with a non-OK ``status``.
+
+    ``code`` is the project's code from the trailing metadata (:func:`code_in`); without one,
+    the status came from gRPC itself (message too large, every RPC slot taken, wrong
+    credentials at a proxy), and the status decides. Returns None for statuses that mean
+    the link itself failed (UNAVAILABLE, CANCELLED, ...): the caller reports those as a
+    lost link.
+    """
+    if code:
+        return exception_for(code, details)
+    if status == S.RESOURCE_EXHAUSTED:
+        return Refused("resource_exhausted", details)
+    if status in (S.UNAUTHENTICATED, S.PERMISSION_DENIED):
+        return Refused("unauthenticated", details)
+    return None
