@@ -146,3 +146,12 @@ def test_turning_while_walking_towards_the_object_counts_as_right_for_go_to_only
     assert direction_correct(move(vyaw=0.7), move(vx=0.4, vyaw=0.7), Family.GO_TO)
     assert not direction_correct(move(vyaw=0.7), move(vx=0.4, vyaw=0.7), Family.FACE)
     assert not direction_correct(move(vyaw=0.7), move(vx=-0.3, vyaw=0.7), Family.GO_TO)
+
+
+def test_main_axis_correctness_asks_only_for_the_sign_of_the_experts_main_axis():
+    from speculative_vlm.evaluation.single_step import main_axis_correct
+
+    assert main_axis_correct(move(vyaw=0.8), move(vx=0.5, vy=0.5, vyaw=0.5))
+    assert not main_axis_correct(move(vyaw=0.8), move(vx=0.5, vyaw=-0.5))
+    assert main_axis_correct(move(vx=0.8, vyaw=0.1), move(vx=0.2, vyaw=-1.0))
+    assert not main_axis_correct(move(vx=0.8), LocomotionCommand(Action.STOP))

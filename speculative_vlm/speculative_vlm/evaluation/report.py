@@ -57,7 +57,8 @@ def summary(results: dict[str, list[EpisodeResult]], single: dict[str, list[Answ
         refuse = [r for r in rs if r.episode.intent.family == Family.REFUSE]
         entry["no_motion_on_refuse"] = {"passed": sum(r.success for r in refuse), "episodes": len(refuse)}
         answers = single.get(name, [])
-        entry["single_step"] = {"correct": sum(a.correct for a in answers), "answers": len(answers)}
+        entry["single_step"] = {"correct": sum(a.correct for a in answers), "answers": len(answers),
+                                "main_axis": sum(a.main_axis for a in answers)}
         out[name] = entry
     return out
 
@@ -116,6 +117,9 @@ def _markdown(results, single, numbers, meta, plots, graph) -> str:
         row = [_pct(numbers[n]["single_step"]["correct"], numbers[n]["single_step"]["answers"])
                if numbers[n]["single_step"]["answers"] else "-" for n in names]
         lines.append("| single-step direction correctness, held-out | " + " | ".join(row) + " |")
+        row = [_pct(numbers[n]["single_step"]["main_axis"], numbers[n]["single_step"]["answers"])
+               if numbers[n]["single_step"]["answers"] else "-" for n in names]
+        lines.append("| single-step, main axis only (looser), held-out | " + " | ".join(row) + " |")
     row = [_pct(numbers[n]["no_motion_on_refuse"]["passed"], numbers[n]["no_motion_on_refuse"]["episodes"])
            for n in names]
     lines.append("| no motion on instructions it must not act on | " + " | ".join(row) + " |")
@@ -151,7 +155,8 @@ def _markdown(results, single, numbers, meta, plots, graph) -> str:
                  "one prompt; a policy answers it once, and the answer counts when it has the expert's action and, "
                  "for a move, the expert's sign on every axis the expert uses (|vx|, |vy| >= 0.1 m/s, |vyaw| >= "
                  "0.2 rad/s) and no motion on the axes it leaves still (forward speed is allowed while turning "
-                 "towards an object the robot is going to).")
+                 "towards an object the robot is going to). The looser main-axis figure asks only for the "
+                 "expert's action and, for a move, the sign of the axis the expert uses most.")
     lines.append("")
     held = meta.get("heldout", {})
     if held:
@@ -256,13 +261,13 @@ def _single_csv(path: Path, single: dict[str, list[Answer]]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["policy", "episode", "family", "step", "instruction", "prompt", "expert", "answer", "correct",
-                    "seconds"])
+                    "main_axis", "seconds"])
         for name, answers in single.items():
             for a in answers:
                 st = a.state
                 w.writerow([name, st.episode.id, st.episode.intent.family.value, st.observation.step,
                             st.episode.instruction, st.observation.prompt(), command_text(st.expert), a.text,
-                            int(a.correct), f"{a.seconds:.3f}"])
+                            int(a.correct), int(a.main_axis), f"{a.seconds:.3f}"])
 
 
 # ---- plots ----------------------------------------------------------------------------------

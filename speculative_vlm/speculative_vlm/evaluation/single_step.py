@@ -10,6 +10,10 @@ when it has the expert's action and, for a move, goes the expert's way on every 
 * an axis the expert leaves still stays under that size in the answer, except forward speed while
   the expert turns in place towards an object it is going to (turning and walking is as right);
 * speeds and durations are not judged here; the closed loop judges where the robot ends up.
+
+A looser figure, *main-axis* correctness, asks only for the expert's action and, for a move, the
+sign of the axis the expert uses most (relative to its dead zone): "turn left" is right with any
+positive yaw rate, whatever else the answer does. It is reported beside the strict one.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Answer:
     text: str
     command: LocomotionCommand | None
     correct: bool
+    main_axis: bool = False  # the looser figure
     seconds: float = 0.0
 
 
@@ -61,6 +66,16 @@ def direction_correct(expert: LocomotionCommand, answer: LocomotionCommand | Non
         elif abs(got) >= zone and not (axis == "vx" and family == Family.GO_TO and got > 0 and abs(expert.vyaw) > 0):
             return False
     return True
+
+
+def main_axis_correct(expert: LocomotionCommand, answer: LocomotionCommand | None) -> bool:
+    """Same action and, for a move, the same sign on the axis the expert uses most."""
+    if answer is None or answer.action != expert.action:
+        return False
+    if expert.action != Action.MOVE:
+        return True
+    axis = max(DEAD_ZONE, key=lambda a: abs(getattr(expert, a)) / DEAD_ZONE[a])
+    return getattr(answer, axis) * getattr(expert, axis) > 0
 
 
 def expert_states(episodes: Iterable[Episode], config: WorldConfig | None = None, limit: int = 0) -> list[State]:
@@ -93,7 +108,8 @@ def answer_states(policy: Policy, states: Iterable[State], on_answer: Callable[[
         except CommandError:
             command = None
         answers.append(Answer(state, reply.text, command,
-                              direction_correct(state.expert, command, state.episode.intent.family), reply.seconds))
+                              direction_correct(state.expert, command, state.episode.intent.family),
+                              main_axis_correct(state.expert, command), reply.seconds))
         if on_answer is not None:
             on_answer(answers[-1])
     return answers
