@@ -6,6 +6,9 @@ combinations, scene layouts and phrasings never meet. A policy (:mod:`.policies`
 expert of :mod:`.expert`, or a model through the project's real decoding) answers each step with a
 command; :mod:`.runner` carries it through the grammar, the parser, the motion node's limits and
 the simulated Go2's dynamics (:mod:`.world`); :mod:`.success` judges the episode by its family's
-rule; :mod:`.report` writes the markdown report, the per-step CSV and the trajectory plots.
-``speculative-vlm eval`` (:mod:`.run`) ties it together.
+rule; :mod:`.single_step` measures one-prompt direction correctness on the expert's states;
+:mod:`.report` writes the markdown report, the CSVs and the trajectory plots (:mod:`.plots`);
+:mod:`.graph` runs episodes through the full ROS graph instead. ``speculative-vlm eval``
+(:mod:`.run`) ties it together. Training code takes its examples from :mod:`.examples`, which
+rolls the expert out on the train split only.
 """

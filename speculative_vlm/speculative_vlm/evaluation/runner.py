@@ -23,7 +23,7 @@ from speculative_vlm.evaluation.policies import Observation, Policy
 from speculative_vlm.evaluation.world import Executed, SimWorld, WorldConfig
 from speculative_vlm.go2.sim_model import Mode
 
-ENDINGS = ("done", "step_limit", "refused", "invalid")
+ENDINGS = ("done", "step_limit", "refused", "invalid", "failed")  # failed: a graph goal aborted otherwise
 
 
 @dataclass(frozen=True)
