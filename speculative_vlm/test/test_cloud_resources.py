@@ -305,3 +305,26 @@ def test_stopping_the_server_during_a_long_prefill_takes_a_chunk_not_the_prefill
         end = stream.end()
     assert end.code == "server_shutdown" and end.status == grpc.StatusCode.UNAVAILABLE
     assert stopped < 0.6  # one 64 ms chunk, and a grace of 0.5 s that nothing needs; the prefill is 1.6 s
+
+
+def test_the_allocator_gives_memory_back_to_the_os_after_long_sessions_end(models, monkeypatch):
+    from speculative_vlm.cloud import service
+
+    trims = []
+    monkeypatch.setattr(service, "TRIM_AFTER_BYTES", 100 * 1024)  # a tiny model's long session
+    monkeypatch.setattr(service, "return_free_memory", lambda: trims.append(time.monotonic()))
+    monkeypatch.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN}")
+    handle = serve(ServerConfig(bind="127.0.0.1:0", session_idle_s=2.0, limits=Limits(max_new_tokens=256)),
+                   engine=TargetEngine(models[0]))
+    verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
+    try:
+        verifier.open(REQUEST).close()  # reserves ~60 KB: no trim for it
+        time.sleep(1.2)
+        assert trims == []
+        verifier.open(SessionRequest(prompt="turn left", settings=GenerationSettings(max_new_tokens=200))).close()
+        closed = time.monotonic()
+        time.sleep(1.2)  # the janitor runs every 0.5 s here
+        assert len(trims) == 1 and trims[0] > closed
+    finally:
+        verifier.close()
+        handle.stop()

@@ -7,6 +7,8 @@ stream only.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import threading
 import time
@@ -118,6 +120,7 @@ class KVBudget:
         self.bytes_per_token = int(bytes_per_token)
         self.client_bytes = int(budget_bytes * min(1.0, client_share))
         self._held: dict[str, tuple[str, int]] = {}  # holder: (client, bytes)
+        self._released = 0  # bytes given back since take_released()
         self._lock = threading.Lock()
 
     def reserve(self, holder: str, client: str, tokens: int) -> int:
@@ -140,12 +143,32 @@ class KVBudget:
 
     def release(self, holder: str) -> None:
         with self._lock:
-            self._held.pop(holder, None)
+            _, given_back = self._held.pop(holder, ("", 0))
+            self._released += given_back
+
+    def take_released(self) -> int:
+        """Bytes given back since the last call (to decide when to return freed memory to the OS)."""
+        with self._lock:
+            released, self._released = self._released, 0
+            return released
 
     @property
     def used_bytes(self) -> int:
         with self._lock:
             return sum(b for _, b in self._held.values())
+
+
+def return_free_memory() -> bool:
+    """Give the C allocator's free memory back to the OS (glibc ``malloc_trim``); False where there is none.
+
+    A closed session's cache (tens of MB for a long prompt) goes back to glibc's heap, which
+    keeps it: without this the server's RSS stays at its peak after a burst of long prompts.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def _size(n: int) -> str:

@@ -39,6 +39,7 @@ from speculative_vlm.cloud.limits import (
     check_draft,
     check_open,
     check_prompt_tokens,
+    return_free_memory,
 )
 from speculative_vlm.cloud.metrics import ServerMetrics
 from speculative_vlm.cloud.scheduler import BatchScheduler
@@ -52,6 +53,8 @@ from speculative_vlm.protocol import verifier_pb2 as pb
 log = logging.getLogger("speculative_vlm.cloud.service")
 
 SERVICE_NAME = "speculative_vlm.v1.Verification"
+# Reserved KV memory given back since the last trim after which the allocator is trimmed.
+TRIM_AFTER_BYTES = 4 * 2**20
 
 
 class Malformed:
@@ -344,6 +347,9 @@ class VerificationService:
             for session in self.store.idle():
                 self._fail(session, "session_expired", f"session {session.id} expired after "
                            f"{self.config.session_idle_s:g} s idle; open a new one")
+            # Long sessions that ended left their caches in the allocator: give them back to the OS.
+            if self.kv_budget.take_released() >= TRIM_AFTER_BYTES:
+                return_free_memory()
 
     def shutdown(self) -> None:
         self._stopped.set()
