@@ -22,6 +22,24 @@ def world(mode: Mode = Mode.BALANCE_STAND) -> SimWorld:
 def test_the_sim_configs_limits_are_the_motion_nodes():
     assert (CONFIG.limits.max_vx, CONFIG.limits.min_vx, CONFIG.limits.max_vyaw) == (0.8, -0.3, 1.0)
     assert CONFIG.frame_size == (320, 240)
+    assert CONFIG.progress_line is False  # the drafter's, in config/sim.yaml (stock target)
+
+
+def test_the_prompt_has_a_progress_line_exactly_when_the_config_says_so():
+    from dataclasses import replace
+
+    from speculative_vlm.evaluation.episodes import generate_episodes
+    from speculative_vlm.evaluation.policies import ExpertPolicy
+    from speculative_vlm.evaluation.runner import run_episode
+    from speculative_vlm.evaluation.splits import make_splits
+
+    episode = generate_episodes(make_splits(0)["train"], 4, seed=0)[3]  # walk: several steps
+    for on in (False, True):
+        seen: list[str] = []
+        result = run_episode(episode, ExpertPolicy(CONFIG.limits), replace(CONFIG, progress_line=on),
+                             perception="scene_text", on_step=lambda obs, _r, seen=seen: seen.append(obs.prompt()))
+        assert result.success and len(seen) > 1
+        assert all(("\nProgress: moved " in p) == on for p in seen)
 
 
 def test_a_move_covers_speed_times_duration_and_the_robot_comes_to_rest():

@@ -2,7 +2,8 @@
 
 This is what training code uses (``speculative-vlm train-target``): each step of an expert rollout
 of a *train-split* episode gives one example, the user message exactly as the robot builds it
-(instruction, scene text described from the camera frame, progress line) and the command text the
+(instruction, scene text described from the camera frame, progress line, whatever the config says:
+the drafter's ``progress_line`` must be on for a target trained on them) and the command text the
 expert gives for it. Held-out episodes are never used, so the evaluation's held-out results stay
 a test of generalisation. With ``perturb`` > 0 some of the expert's moves are replaced by random
 ones before they run, so the rollouts also visit states off the expert's path; every example is
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, build_messages, user_message
 from speculative_vlm.commands.schema import Action, LocomotionCommand
@@ -70,7 +71,8 @@ def training_examples(
     runs (posture, stop and done commands are never replaced, so the progress line's "last
     command" stays meaningful). Deterministic for the same arguments.
     """
-    config = config or WorldConfig.from_config()
+    # Always with the progress line: without it "walk 2 meters" or "sit" cannot be learnt at all.
+    config = replace(config or WorldConfig.from_config(), progress_line=True)
     split = make_splits(split_seed)[TRAIN]
     expert = ExpertPolicy(config.limits)
     rng = random.Random(f"perturb:{seed}:{start}")

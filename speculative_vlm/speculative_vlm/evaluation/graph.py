@@ -61,7 +61,8 @@ def scene_yaml(episode: Episode) -> dict:
     }
 
 
-def bringup_yaml(base: Path, target: str, draft: str, go2_domain: int, port: int, max_steps: int) -> dict:
+def bringup_yaml(base: Path, target: str, draft: str, go2_domain: int, port: int, max_steps: int,
+                 progress_line: bool = True) -> dict:
     """The sim config with this episode's models, ports and domain (exits off: they never change output)."""
     sections = yaml.safe_load(base.read_text())
     sections.pop("foxglove", None)
@@ -73,7 +74,7 @@ def bringup_yaml(base: Path, target: str, draft: str, go2_domain: int, port: int
     for node in ("camera", "motion"):
         sections[node]["ros__parameters"]["dds_domain_id"] = go2_domain
     drafter = sections["drafter"]["ros__parameters"]
-    drafter.update(draft_model=draft, max_steps=max_steps, progress_line=True)
+    drafter.update(draft_model=draft, max_steps=max_steps, progress_line=progress_line)
     return sections
 
 
@@ -84,8 +85,11 @@ def run_graph_episodes(
     inprocess: Sequence[EpisodeResult] = (),
     name: str = "",
     timeout_s: float = 600.0,
+    progress_line: bool | None = None,
 ) -> list[dict]:
-    """Run each episode through the graph with the policy ``spec`` (``TARGET+DRAFT``); one row each."""
+    """Run each episode through the graph with the policy ``spec`` (``TARGET+DRAFT``); one row each.
+
+    ``progress_line`` is the drafter's parameter (None: the config's, as the in-process runs take it)."""
     from speculative_vlm.evaluation.success import judge
 
     target, _, draft = spec.removeprefix("image:").partition("+")
@@ -93,6 +97,10 @@ def run_graph_episodes(
         raise GraphEpisodeError(f"--graph needs a model policy with a draft (TARGET+DRAFT), got {spec!r}: the "
                                 "drafter node always drafts, and the expert is no model")
     by_id = {r.episode.id: r for r in inprocess}
+    if progress_line is None:
+        from speculative_vlm.evaluation.world import WorldConfig
+
+        progress_line = WorldConfig.from_config(config).progress_line
     rows = []
     for episode in episodes:
         with tempfile.TemporaryDirectory(prefix="speculative_vlm_graph_") as tmp:
@@ -100,7 +108,7 @@ def run_graph_episodes(
             go2_domain = random.Random().randint(121, 230)
             (work / "scene.yaml").write_text(yaml.safe_dump(scene_yaml(episode)))
             (work / "bringup.yaml").write_text(yaml.safe_dump(
-                bringup_yaml(config, target, draft, go2_domain, _free_port(), episode.max_steps)))
+                bringup_yaml(config, target, draft, go2_domain, _free_port(), episode.max_steps, progress_line)))
             (work / "episode.json").write_text(json.dumps({
                 "instruction": episode.instruction, "max_steps": episode.max_steps,
                 "start_mode": episode.start_mode.name.lower(), "go2_domain": go2_domain}))

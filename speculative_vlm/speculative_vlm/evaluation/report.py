@@ -95,12 +95,14 @@ def _markdown(results, single, numbers, meta, plots, graph) -> str:
         f"Motion limits of `{meta.get('config')}` (vx {meta.get('limits', {}).get('min_vx')}.."
         f"{meta.get('limits', {}).get('max_vx')} m/s, |vy| <= {meta.get('limits', {}).get('max_vy')} m/s, "
         f"|vyaw| <= {meta.get('limits', {}).get('max_vyaw')} rad/s), camera frames at "
-        f"{meta.get('frame_size')} as the camera node publishes them.")
+        f"{meta.get('frame_size')} as the camera node publishes them. Progress line in the prompts: "
+        f"{'on' if meta.get('progress_line', True) else 'off'}.")
     lines.append("")
     lines.append("Every step runs the robot's command path: the policy's text -> the command parser -> the motion "
                  "node's limits -> the simulated Go2's dynamics (in-process, on a manual clock). Model policies "
                  "decode the robot's own prompt (system prompt, instruction, scene text described from the camera "
-                 "frame, progress since the instruction) under the command grammar with the project's engine.")
+                 "frame and, when the progress line is on, the odometry since the instruction and the last command) "
+                 "under the command grammar with the project's engine.")
     lines.append("")
     lines.append("Policies:")
     for name in names:

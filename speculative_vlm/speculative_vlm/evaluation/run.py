@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph", type=int, default=0, help="also run N held-out episodes through the ROS graph")
     parser.add_argument("--config", type=Path, default=SIM_CONFIG,
                         help="bringup config whose motion limits and camera size apply (default config/sim.yaml)")
+    parser.add_argument("--progress-line", choices=("config", "on", "off"), default="config",
+                        help="tell the models their odometry each step, as the drafter's progress_line does "
+                             "(default: the config's drafter section)")
     parser.add_argument("--draft-length", type=int, default=4, help="draft tokens per block")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None,
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.monotonic()
     config = WorldConfig.from_config(args.config)
+    if args.progress_line != "config":
+        config = replace(config, progress_line=args.progress_line == "on")
     episodes_per_split = args.episodes if args.episodes is not None else (11 if args.quick else 66)
     single_n = args.single_step if args.single_step is not None else (4 if args.quick else 100)
     families = tuple(Family(f.strip()) for f in args.families.split(",") if f.strip()) or FAMILIES
@@ -148,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             held = [e for e in ran.get(spec, episodes) if e.split == HELDOUT and e.instruction.strip()][: args.graph]
             _progress(f"graph: {len(held)} held-out episodes of {names.get(spec, spec)} through the ROS graph")
             graph_rows = run_graph_episodes(held, spec, args.config, results.get(names.get(spec, spec), []),
-                                            names.get(spec, ""))
+                                            names.get(spec, ""), progress_line=config.progress_line)
             for row in graph_rows:
                 _progress(f"  {row['episode']} in-process {row['inprocess']}; graph {row['graph']}; "
                           f"same: {row['same']} ({row['wall_s']} s)")
@@ -162,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                           else args.config),
             "limits": asdict(config.limits),
             "frame_size": f"{config.frame_size[0]}x{config.frame_size[1]}",
+            "progress_line": config.progress_line,
             "policies": descriptions,
             "heldout": {"combos": list(splits[HELDOUT].target_combos), "layouts": list(splits[HELDOUT].layouts),
                         "train_layouts": list(TRAIN_LAYOUTS)},

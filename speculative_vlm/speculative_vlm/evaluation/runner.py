@@ -85,8 +85,8 @@ def observe(episode: Episode, world: SimWorld, step: int, last_action: str, perc
         if perception in ("image", "all"):
             ok, buf = cv2.imencode(".jpg", frame)  # as the drafter node encodes the camera frame
             jpeg = buf.tobytes() if ok else None
-    return Observation(episode.instruction, step, world.progress.text(last_action), scene_text, jpeg,
-                       _situation(episode, world, last_action))
+    progress = world.progress.text(last_action) if world.config.progress_line else ""
+    return Observation(episode.instruction, step, progress, scene_text, jpeg, _situation(episode, world, last_action))
 
 
 def run_episode(

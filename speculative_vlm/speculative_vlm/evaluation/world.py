@@ -47,17 +47,21 @@ class WorldConfig:
     physics_hz: float = 100.0  # the simulator's step rate
     settle_s: float = 2.0  # longest wait for the robot to come to rest after a command
     path_hz: float = 10.0  # trajectory samples kept for the plots
+    progress_line: bool = True  # the drafter's progress_line: prompts tell the model its odometry
 
     @classmethod
     def from_config(cls, path: str | Path = SIM_CONFIG) -> WorldConfig:
-        """The motion limits, Move rate and camera size of a bringup config (default: ``config/sim.yaml``)."""
+        """The motion limits, Move rate, camera size and progress line of a bringup config (default:
+        ``config/sim.yaml``)."""
         sections = yaml.safe_load(Path(path).read_text()) or {}
         motion = (sections.get("motion") or {}).get("ros__parameters") or {}
         camera = (sections.get("camera") or {}).get("ros__parameters") or {}
+        drafter = (sections.get("drafter") or {}).get("ros__parameters") or {}
         return cls(
             limits=MotionLimits.from_params(motion),
             move_rate_hz=float(motion.get("move_rate_hz", 25.0)),
             frame_size=(int(camera.get("width", 0)), int(camera.get("height", 0))),
+            progress_line=bool(drafter.get("progress_line", True)),
         )
 
 
