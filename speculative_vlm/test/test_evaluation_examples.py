@@ -14,7 +14,7 @@ def test_examples_are_robot_prompts_labelled_with_expert_commands():
     assert {e.family for e in examples} >= {f.value for f in Family} - {Family.REFUSE.value}
     for e in examples:
         assert e.episode.startswith("train-")
-        parse_command(e.target)
+        parse_command(e.answer)
         assert e.prompt.startswith(f"Instruction: {e.instruction.strip()}\nScene: ")
         assert "\nProgress: moved " in e.prompt
         assert e.messages()[0]["content"] == SYSTEM_PROMPT and e.messages()[1]["content"] == e.prompt
@@ -31,4 +31,4 @@ def test_examples_are_reproducible_and_perturbation_visits_other_states():
     assert plain == list(training_examples(11, seed=1))
     perturbed = list(training_examples(11, seed=1, perturb=1.0))
     assert [e.prompt for e in perturbed] != [e.prompt for e in plain]
-    assert all(parse_command(e.target) for e in perturbed)
+    assert all(parse_command(e.answer) for e in perturbed)

@@ -37,7 +37,7 @@ class Example:
     instruction: str
     scene_text: str
     progress: str
-    target: str  # the expert's command, as the command grammar writes it
+    answer: str  # the expert's command, as the command grammar writes it
 
     @property
     def prompt(self) -> str:
@@ -45,7 +45,7 @@ class Example:
         return user_message(self.instruction, self.scene_text, self.progress)
 
     def messages(self, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
-        """System and user turns for ``tokenizer.apply_chat_template``; the answer is :attr:`target`."""
+        """System and user turns for ``tokenizer.apply_chat_template``; the assistant turn is :attr:`answer`."""
         return build_messages(self.instruction, self.scene_text, system_prompt, self.progress)
 
 
