@@ -9,10 +9,11 @@ import sys
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("speculative_vlm.bringup", "start the node graph of a YAML config in one process"),
-    "prepare-models": ("speculative_vlm.decoding.model_store", "convert the bundled SmolLM2 GGUF once"),
+    "prepare-models": ("speculative_vlm.decoding.model_store", "convert the SmolLM2 GGUF, merge shipped adapters (once)"),
     "generate": ("speculative_vlm.decoding.generate_command", "speculative decoding of one prompt, in one process"),
     "train-exits": ("speculative_vlm.decoding.train_exits", "train early-exit adapters by self-distillation"),
     "train-draft": ("speculative_vlm.training.train_draft", "distil a small draft from the target's own answers"),
+    "train-target": ("speculative_vlm.training.train_target", "fine-tune the target (LoRA) on the expert's commands"),
     "record": ("speculative_vlm.bags.record", "record topics into a rosbag2 MCAP bag"),
     "replay": ("speculative_vlm.bags.replay", "play a rosbag2 bag with /clock"),
     "gen-protocol": ("speculative_vlm.protocol.codegen", "regenerate the cloud protocol stubs from the .proto"),

@@ -1,0 +1,109 @@
+"""The target's training data: the scripted expert's commands for the robot's own prompts, as tokens.
+
+Examples come from :func:`speculative_vlm.evaluation.examples.training_examples`, so from the
+*train* split only: expert rollouts in the in-process simulated Go2, plus rollouts in which some of
+the expert's moves are replaced by random ones, so the data also holds the states a model's own
+mistakes lead to, each labelled with what the expert would do there (DAgger-style recovery).
+
+Each prompt is tokenised exactly as the engine encodes a request
+(:meth:`speculative_vlm.decoding.models.ModelAdapter.encode`: the chat template over the system
+prompt and the user message with the instruction, the scene text and the progress line, the
+assistant turn opened), and its answer is the command text the grammar writes
+(:func:`~speculative_vlm.commands.grammar.command_text`) followed by the end-of-turn token the
+engine stops on. The held-out states used to *measure* the result come from
+:func:`speculative_vlm.evaluation.single_step.expert_states` on the held-out split, the same
+prompts ``speculative-vlm eval`` scores.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from speculative_vlm.commands.prompts import SYSTEM_PROMPT, render_prompt
+from speculative_vlm.evaluation.examples import Example, training_examples
+from speculative_vlm.evaluation.world import WorldConfig
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """Which train-split rollouts make the data (episode indices ``[0, episodes + perturbed_episodes)``)."""
+
+    episodes: int = 600  # plain expert rollouts
+    perturbed_episodes: int = 300  # rollouts with some moves replaced by random ones
+    perturb: float = 0.3  # chance that one of the expert's moves is replaced in those
+    seed: int = 1  # episode seed (``speculative-vlm eval`` draws its train-like episodes from seed 0)
+    split_seed: int = 0  # which colour/shape combinations are held out (as ``eval --split-seed``)
+
+
+@dataclass(frozen=True)
+class TokenExample:
+    """One prompt and the answer the model is trained to give, as token ids."""
+
+    family: str
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]  # the command text, then the end-of-turn token
+
+
+def expert_examples(recipe: DataRecipe, config: WorldConfig | None = None,
+                    log: Callable[[str], None] = print) -> list[Example]:
+    """The recipe's examples in a fixed order; a prompt already seen with the same answer is kept once."""
+    config = config or WorldConfig.from_config()
+    plain = training_examples(recipe.episodes, recipe.seed, recipe.split_seed, config)
+    perturbed = training_examples(recipe.perturbed_episodes, recipe.seed, recipe.split_seed, config,
+                                  perturb=recipe.perturb, start=recipe.episodes)
+    seen: set[tuple[str, str]] = set()
+    examples: list[Example] = []
+    total = recipe.episodes + recipe.perturbed_episodes
+    episodes: set[str] = set()
+    for source in (plain, perturbed):
+        for example in source:
+            if example.episode not in episodes:
+                episodes.add(example.episode)
+                if len(episodes) % 100 == 0:
+                    log(f"[data] {len(episodes)}/{total} rollouts, {len(examples)} examples")
+            key = (example.prompt, example.answer)
+            if key not in seen:
+                seen.add(key)
+                examples.append(example)
+    return examples
+
+
+def stop_token_id(tokenizer, model_config) -> int:
+    """The end-of-turn token the engine stops on (the model's first EOS, else the tokenizer's)."""
+    eos = getattr(model_config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return int(eos if eos is not None else tokenizer.eos_token_id)
+
+
+def prompt_ids(tokenizer, instruction: str, scene_text: str, progress: str,
+               system_prompt: str = SYSTEM_PROMPT) -> list[int]:
+    """The prompt's token ids as the engine encodes the robot's request."""
+    text = render_prompt(tokenizer, instruction, scene_text, system_prompt, progress)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize(examples: Sequence[Example], tokenizer, stop_id: int,
+             system_prompt: str = SYSTEM_PROMPT) -> list[TokenExample]:
+    """Token ids of each example's prompt and answer (see the module docstring)."""
+    return [
+        TokenExample(e.family, tuple(prompt_ids(tokenizer, e.instruction, e.scene_text, e.progress, system_prompt)),
+                     (*tokenizer(e.answer, add_special_tokens=False)["input_ids"], stop_id))
+        for e in examples
+    ]
+
+
+def describe(examples: Sequence[Example], tokens: Sequence[TokenExample]) -> dict:
+    """What the data holds, for the log and the card."""
+    actions = Counter(e.answer.split('"')[3] for e in examples)  # {"action":"<here>",...}
+    return {
+        "examples": len(examples),
+        "episodes": len({e.episode for e in examples}),
+        "families": dict(sorted(Counter(e.family for e in examples).items())),
+        "actions": dict(sorted(actions.items())),
+        "prompt_tokens_mean": round(sum(len(t.prompt_ids) for t in tokens) / max(len(tokens), 1), 1),
+        "answer_tokens_mean": round(sum(len(t.answer_ids) for t in tokens) / max(len(tokens), 1), 1),
+        "answer_tokens": sum(len(t.answer_ids) for t in tokens),
+    }

