@@ -92,7 +92,8 @@ def draft_message(block: DraftBlock) -> bytes:
     return convert.draft_to_pb(block).SerializeToString()
 
 
-def raw_stream(address: str, messages: Iterable[bytes], token: str | None = None, timeout: float = 10.0) -> StreamEnd:
+def raw_stream(address: str, messages: Iterable[bytes], token: str | None = None,
+               timeout: float = 10.0) -> StreamEnd:
     """Send ``messages`` on one stream, stop sending, and return how the stream ended."""
     with grpc.insecure_channel(address) as channel:
         return RawStream(channel, messages, token, hold=False, timeout=timeout).end()
@@ -157,7 +158,8 @@ class Outcome:
         return sum(1 for r in self.rounds if since <= r.answered <= until)
 
     def __str__(self) -> str:
-        return f"{self.matched} decodes equal to the target alone, {self.mismatched} not, {len(self.errors)} errors"
+        return (f"{self.matched} decodes equal to the target alone, {self.mismatched} not, "
+                f"{len(self.errors)} errors")
 
 
 class HealthyRobot(threading.Thread):
@@ -204,7 +206,7 @@ class HealthyRobot(threading.Thread):
     def stop(self, timeout: float = 30.0) -> Outcome:
         self._halt.set()
         self.join(timeout)
-        assert not self.is_alive(), f"healthy robot {self.token[:8]} did not finish its decode within {timeout} s"
+        assert not self.is_alive(), f"robot {self.token[:8]} did not end its decode within {timeout} s"
         return self.outcome
 
 
@@ -230,7 +232,8 @@ class ServerProcess:
         """One unlabelled sample from the server's /metrics."""
         import urllib.request
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
         for line in text.splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])

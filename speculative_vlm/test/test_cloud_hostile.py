@@ -1,6 +1,6 @@
 """A hostile client cannot hurt the healthy robots: each attack runs while two healthy robots
 decode through the same verifier (a separate process on loopback, its target a tiny model
-slowed to 4 ms per token fed so that a long prefill is long), and each asserts that every
+slowed to 8 ms per token fed, so that a long prefill is long whatever the machine's load), and each asserts that every
 healthy output equals the target alone, that the server stays up, and that its memory (RSS)
 returns to within MARGIN_MB of what it was before the attack. Every loop is bounded.
 
@@ -8,6 +8,7 @@ Run with ``-s`` to see each attack's figures (healthy outcomes, round delays, me
 """
 
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,14 +33,17 @@ from speculative_vlm.decoding.verifier import GenerationSettings, Refused, Sessi
 from speculative_vlm.protocol.client import GrpcVerifier
 from tiny_models import noisy_copy, target_alone, tiny_causal_lm
 
+pytestmark = pytest.mark.slow  # a server process per module, and attacks that take seconds each
+
 HEALTHY = ["healthy-robot-1-0123456789abcdef", "healthy-robot-2-0123456789abcdef"]
 ATTACKER, ATTACKER_2 = "attacker-robot-1-0123456789abcdef", "attacker-robot-2-0123456789abcdef"
 TOKENS = ",".join([f"healthy-1:{HEALTHY[0]}", f"healthy-2:{HEALTHY[1]}", f"attacker:{ATTACKER}",
                    f"attacker-2:{ATTACKER_2}"])
-HEALTHY_REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=24))
-SECONDS_PER_TOKEN = 0.004
-CHUNK = 32  # 128 ms of the slowed target
-MAX_PROMPT_TOKENS = 448  # a maximum-length prompt is 14 chunks: 1.8 s
+EIGHT_TOKENS = GenerationSettings(max_new_tokens=8)
+HEALTHY_REQUEST = SessionRequest("walk to the red ball", settings=GenerationSettings(max_new_tokens=24))
+SECONDS_PER_TOKEN = 0.008
+CHUNK = 16  # 128 ms of the slowed target
+MAX_PROMPT_TOKENS = 448  # a maximum-length prompt is 28 chunks: 3.6 s
 SHARE = 4  # streams per client
 WAIT_BUCKETS = ("0.05", "0.1", "0.15", "0.25", "0.5", "1.0", "+Inf")  # svlm_model_wait_seconds
 MARGIN_MB = 30.0  # RSS after an attack stays within this of RSS before it
@@ -107,6 +111,11 @@ def _v6(server: ServerProcess) -> str:
     return f"[::1]:{server.port}"
 
 
+def _model_waits(server: ServerProcess) -> dict[str, float]:
+    """The server's histogram of how long verification passes waited for the model (cumulative)."""
+    return {le: server.metric(f'svlm_model_wait_seconds_bucket{{le="{le}"}}') for le in WAIT_BUCKETS}
+
+
 def _prompt_of(target, tokens: int) -> str:
     """A prompt that is exactly ``tokens`` tokens once the chat template is applied."""
     words = tokens
@@ -149,7 +158,7 @@ def under_attack(server: ServerProcess, target, expected, name: str) -> Iterator
         assert outcome.errors == [] and outcome.mismatched == 0 and outcome.matched >= 1, str(outcome)
     if attack.longest_round_s is not None:
         assert delay <= attack.longest_round_s, f"a healthy round waited {delay:.3f} s during {name}"
-        assert all(o.rounds_within(attack.started, attack.ended) >= 3 for o in outcomes), "no rounds during it"
+        assert all(o.rounds_within(attack.started, attack.ended) >= 3 for o in outcomes), "no rounds in it"
     assert server.proc.poll() is None, "the server died"
     verifier = GrpcVerifier(_v4(server))
     assert verifier.serving()
@@ -163,61 +172,64 @@ def test_streams_that_never_open_cannot_take_the_healthy_robots_slots(server, ta
         ends: list[StreamEnd] = []
         with grpc.insecure_channel(_v4(server)) as channel:
             for _ in range(3):  # three waves of 40 silent streams per attacker token
-                streams = [RawStream(channel, token=token) for token in (ATTACKER, ATTACKER_2) for _ in range(40)]
+                streams = [RawStream(channel, token=t) for t in (ATTACKER, ATTACKER_2) for _ in range(40)]
                 ends += [stream.end() for stream in streams]
         held = [e for e in ends if e.code == "open_timeout"]
-        attack.notes.append(f"{len(held)} streams held until the open timeout, {len(ends) - len(held)} refused")
+        attack.notes.append(f"{len(held)} streams held to the open timeout, {len(ends) - len(held)} refused")
     assert len(held) == 3 * 2 * SHARE  # each wave: a share per attacker token
     assert {e.status for e in held} == {grpc.StatusCode.DEADLINE_EXCEEDED}
     assert all(e.ended_after_s < 2.0 for e in held)  # open_timeout_s is 1 s
     refused = [e for e in ends if e.code != "open_timeout"]
-    assert {(e.status, e.code) for e in refused} == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_sessions")}
+    assert {(e.status, e.code) for e in refused} == {(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                      "too_many_sessions")}
 
 
-def test_maximum_length_prefills_delay_healthy_rounds_by_about_one_chunk(server, target, expected):
-    prompt = _prompt_of(target, MAX_PROMPT_TOKENS)
-    request = SessionRequest(prompt=prompt, settings=GenerationSettings(max_new_tokens=8))
-    with under_attack(server, target, expected, "maximum-length prompts prefilled") as attack:
-        # A round waits for the pass in progress, one chunk (128 ms) and its own pass: well under 1 s
-        # on a loaded machine, and never a whole prefill (1.8 s), as it would without chunks.
-        attack.longest_round_s = 1.0
-        waits_before = {le: server.metric(f'svlm_model_wait_seconds_bucket{{le="{le}"}}') for le in WAIT_BUCKETS}
-        # Two clients, one maximum-length prompt each, at the same time: 2 x 14 chunks.
-        verifiers = [GrpcVerifier(_v4(server), token=t, open_timeout_s=30) for t in (ATTACKER, ATTACKER_2)]
-        sessions = []
-        threads = [threading.Thread(target=lambda v=v: sessions.append(v.open(request))) for v in verifiers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+def test_a_maximum_length_prefill_delays_each_healthy_pass_by_one_chunk_at_most(server, target, expected):
+    request = SessionRequest(_prompt_of(target, MAX_PROMPT_TOKENS), settings=EIGHT_TOKENS)
+    with under_attack(server, target, expected, "a maximum-length prompt prefilled") as attack:
+        # A round waits for the pass in progress, a chunk (128 ms) and its own pass, twice when it was
+        # sent ahead (pipelined): well under 2 s even with the test's CPU starved, never the whole
+        # prefill (3.6 s) as it would without chunks.
+        attack.longest_round_s = 2.0
+        waits_before = _model_waits(server)
+        verifier = GrpcVerifier(_v4(server), token=ATTACKER, open_timeout_s=30)
+        session = verifier.open(request)
         attack.ended = time.monotonic()
         prefill_s = attack.ended - attack.started
-        waits = {le: server.metric(f'svlm_model_wait_seconds_bucket{{le="{le}"}}') - waits_before[le]
-                 for le in WAIT_BUCKETS}
-        over = GrpcVerifier(_v4(server), token=ATTACKER)
+        waits = {le: n - waits_before[le] for le, n in _model_waits(server).items()}
         with pytest.raises(Refused) as too_long:
-            over.open(SessionRequest(prompt=_prompt_of(target, MAX_PROMPT_TOKENS + 1)))
-        for s in sessions:
-            s.close()
-        for v in (*verifiers, over):
-            v.close()
+            verifier.open(SessionRequest(_prompt_of(target, MAX_PROMPT_TOKENS + 1), settings=EIGHT_TOKENS))
+        session.close()
+        verifier.close()
         longest = next((le for le in WAIT_BUCKETS if waits[le] == waits["+Inf"]), "+Inf")
-        attack.notes.append(f"both prefills took {prefill_s:.2f} s; {waits['+Inf']:.0f} verification passes "
+        attack.notes.append(f"the prefill took {prefill_s:.2f} s; {waits['+Inf']:.0f} verification passes "
                             f"waited for the model, the longest at most {longest} s (a chunk is "
                             f"{CHUNK * SECONDS_PER_TOKEN:.3f} s)")
-    # The server's own count: no pass waited for more than about one chunk behind the prefills.
-    assert waits["0.25"] == waits["+Inf"] > 0
-    assert len(sessions) == 2 and prefill_s > 2 * 13 * CHUNK * SECONDS_PER_TOKEN
-    assert too_long.value.code == "prompt_too_long" and f"{MAX_PROMPT_TOKENS + 1} tokens" in too_long.value.reason
+    # The server's own count: no pass waited for more than a chunk and some scheduling jitter (0.21 s
+    # at most seen with three CPU burners beside the suite), where the whole prefill is 3.6 s.
+    assert waits["0.5"] == waits["+Inf"] > 0
+    assert prefill_s > (MAX_PROMPT_TOKENS - 1) * SECONDS_PER_TOKEN
+    assert too_long.value.code == "prompt_too_long"
+    assert f"{MAX_PROMPT_TOKENS + 1} tokens" in too_long.value.reason
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="the attacker's address is ::1; this host has none")
 def test_repeated_bad_tokens_lock_the_address_out_and_no_one_else(server, target, expected):
     with under_attack(server, target, expected, "wrong tokens in a row from one address") as attack:
         ends = []
         with grpc.insecure_channel(_v6(server)) as channel:  # the attacker's address: [::1]
             for i in range(60):
-                ends.append(RawStream(channel, [open_message(HEALTHY_REQUEST)], token=f"guess-{i:04d}-{'x' * 24}",
-                                      hold=False).end())
+                guess = f"guess-{i:04d}-{'x' * 24}"
+                ends.append(RawStream(channel, [open_message(HEALTHY_REQUEST)], guess, hold=False).end())
             during = RawStream(channel, [open_message(HEALTHY_REQUEST)], token=ATTACKER, hold=False).end()
         attack.notes.append(f"{sum(e.code == 'unauthenticated' for e in ends)} answered unauthenticated, "
                             f"{sum(e.code == 'auth_throttled' for e in ends)} throttled")
@@ -232,7 +244,8 @@ def test_repeated_bad_tokens_lock_the_address_out_and_no_one_else(server, target
     verifier.close()
 
 
-def test_a_client_gets_its_share_of_sessions_and_memory_and_no_more(server, target, expected, kv_bytes_per_token):
+def test_a_client_gets_its_share_of_sessions_and_memory_and_no_more(server, target, expected,
+                                                                     kv_bytes_per_token):
     small = SessionRequest(prompt="turn left", settings=GenerationSettings(max_new_tokens=8))
     big = SessionRequest(prompt="turn left", settings=GenerationSettings(max_new_tokens=256))
     with under_attack(server, target, expected, "too many sessions from one client") as attack:
@@ -265,7 +278,7 @@ def test_a_client_gets_its_share_of_sessions_and_memory_and_no_more(server, targ
 
 
 def test_clients_that_leave_mid_prefill_leave_nothing_behind(server, target, expected):
-    request = SessionRequest(prompt=_prompt_of(target, MAX_PROMPT_TOKENS), settings=GenerationSettings(max_new_tokens=8))
+    request = SessionRequest(_prompt_of(target, MAX_PROMPT_TOKENS), settings=EIGHT_TOKENS)
     with under_attack(server, target, expected, "clients leaving mid-prefill") as attack:
         with grpc.insecure_channel(_v4(server)) as channel:
             for _ in range(5):
@@ -273,11 +286,13 @@ def test_clients_that_leave_mid_prefill_leave_nothing_behind(server, target, exp
                 time.sleep(0.3)
                 stream.hang_up()
         time.sleep(0.3)
-        attack.notes.append(f"streams left on the server: {server.metric('svlm_streams'):.0f} (the healthy robots')")
+        left = server.metric("svlm_streams")
+        attack.notes.append(f"streams left on the server: {left:.0f} (the healthy robots')")
     assert server.metric("svlm_streams") <= len(HEALTHY)
 
 
-def test_sigterm_during_a_maximum_length_prefill_stops_the_server_within_a_chunk(server_files, target, expected):
+def test_sigterm_during_a_maximum_length_prefill_stops_the_server_within_a_chunk(server_files, target,
+                                                                                 expected):
     server = start_server(server_files / "target", server_files / "cloud.yaml", TOKENS, SECONDS_PER_TOKEN)
     robot = HealthyRobot(_v4(server), HEALTHY[0], noisy_copy(target, noise=0.05), HEALTHY_REQUEST, expected,
                          verdict_timeout_s=2)
@@ -290,7 +305,7 @@ def test_sigterm_during_a_maximum_length_prefill_stops_the_server_within_a_chunk
             ends: list = []
             reader = threading.Thread(target=lambda: ends.append((stream.end(), time.monotonic())))
             reader.start()
-            time.sleep(0.5)  # a few chunks into a 1.8 s prefill
+            time.sleep(0.5)  # a few chunks into a 3.6 s prefill
             server.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             robot.request_stop()
@@ -303,13 +318,14 @@ def test_sigterm_during_a_maximum_length_prefill_stops_the_server_within_a_chunk
         server.stop()
     stopped = server.event("stopped")["after_signal_s"]
     REPORT.append(f"SIGTERM during a maximum-length prefill: the prefilling stream was ended "
-                  f"{(ended_at - signalled) * 1000:.0f} ms later, the server had stopped {stopped * 1000:.0f} ms "
-                  f"later (metrics endpoint included), the process exited {exited * 1000:.0f} ms later (the rest "
-                  f"is the interpreter's teardown); healthy robot: {outcome} ({outcome.errors[-1:]})")
+                  f"{(ended_at - signalled) * 1000:.0f} ms later, the server had stopped "
+                  f"{stopped * 1000:.0f} ms later (metrics endpoint included), the process exited "
+                  f"{exited * 1000:.0f} ms later (the rest is the interpreter's teardown); healthy robot: "
+                  f"{outcome} ({outcome.errors[-1:]})")
     assert server.proc.returncode == 0
     assert end.code == "server_shutdown"
-    assert ended_at - signalled < 0.5  # a 128 ms chunk, not the 1.3 s left of the prefill
-    assert stopped < 1.0  # and the metrics endpoint's 0.5 s poll
+    assert ended_at - signalled < 0.5  # at once; the model is free after its 128 ms chunk, not in 3 s
+    assert stopped < 1.5  # with the metrics endpoint's 0.5 s poll; a whole prefill would be 3.6 s
     assert outcome.mismatched == 0 and outcome.matched >= 1
     # The decode in flight (or the Open) fails as a lost link, which a robot reconnects after.
     assert len(outcome.errors) <= 1 and all(e.startswith("LinkLost") for e in outcome.errors)

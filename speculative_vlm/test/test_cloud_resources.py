@@ -144,7 +144,7 @@ def _fed_lengths(adapter) -> list[int]:
 
 
 def test_a_long_prompt_is_prefilled_a_chunk_at_a_time_and_decodes_as_if_at_once():
-    request = SessionRequest(prompt="walk to the red ball and then " * 12, settings=GenerationSettings(max_new_tokens=12))
+    request = SessionRequest("walk to the red ball and then " * 12, settings=REQUEST.settings)
     whole = target_alone(TargetEngine(tiny_causal_lm(), prefill_chunk_tokens=0), request)
     adapter = tiny_causal_lm()
     fed = _fed_lengths(adapter)
@@ -159,7 +159,7 @@ def test_a_long_prompt_is_prefilled_a_chunk_at_a_time_and_decodes_as_if_at_once(
 
 
 def test_an_image_prompt_prefills_every_image_token_in_its_first_chunk():
-    request = SessionRequest(prompt="what is in front of you", image=jpeg(), settings=GenerationSettings(max_new_tokens=8))
+    request = SessionRequest("what is in front of you", image=jpeg(), settings=REQUEST.settings)
     whole = target_alone(TargetEngine(tiny_vlm(), prefill_chunk_tokens=0), request)
     adapter = tiny_vlm()
     engine = TargetEngine(adapter, prefill_chunk_tokens=2)
@@ -190,8 +190,8 @@ def server(models):
     engine = TargetEngine(models[0])
     limits = Limits(max_sessions=5, max_sessions_per_client=3, max_prompt_tokens=400, kv_budget_mb=1.0,
                     max_new_tokens=256)
-    handle = serve(ServerConfig(bind="127.0.0.1:0", open_timeout_s=0.5, prefill_chunk_tokens=16, metrics_port=0,
-                                limits=limits), engine=engine)
+    config = ServerConfig(bind="127.0.0.1:0", open_timeout_s=0.5, prefill_chunk_tokens=16, limits=limits)
+    handle = serve(config, engine=engine)
     mp.undo()
     yield handle
     handle.stop()
@@ -206,7 +206,7 @@ def _long_prompt(adapter, tokens: int) -> str:
     words = tokens
     for _ in range(20):
         text = "go" + " left" * words
-        n = len(adapter.encode(SessionRequest(prompt=text, settings=GenerationSettings(max_new_tokens=1))).ids)
+        n = len(adapter.encode(SessionRequest(text, settings=GenerationSettings(max_new_tokens=1))).ids)
         if n == tokens:
             return text
         words += tokens - n
@@ -293,8 +293,8 @@ def test_a_client_that_leaves_mid_prefill_stops_it_within_a_chunk_and_gives_its_
 
 def test_stopping_the_server_during_a_long_prefill_takes_a_chunk_not_the_prefill(models, monkeypatch):
     monkeypatch.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN}")
-    handle = serve(ServerConfig(bind="127.0.0.1:0", prefill_chunk_tokens=16, limits=Limits(max_prompt_tokens=400)),
-                   engine=TargetEngine(models[0]))
+    config = ServerConfig(bind="127.0.0.1:0", prefill_chunk_tokens=16, limits=Limits(max_prompt_tokens=400))
+    handle = serve(config, engine=TargetEngine(models[0]))
     with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
         stream = RawStream(channel, [open_message(SessionRequest(prompt=_long_prompt(models[0], 400)))],
                            token=TOKEN)
@@ -321,7 +321,7 @@ def test_the_allocator_gives_memory_back_to_the_os_after_long_sessions_end(model
         verifier.open(REQUEST).close()  # reserves ~60 KB: no trim for it
         time.sleep(1.2)
         assert trims == []
-        verifier.open(SessionRequest(prompt="turn left", settings=GenerationSettings(max_new_tokens=200))).close()
+        verifier.open(SessionRequest("turn left", settings=GenerationSettings(max_new_tokens=200))).close()
         closed = time.monotonic()
         time.sleep(1.2)  # the janitor runs every 0.5 s here
         assert len(trims) == 1 and trims[0] > closed

@@ -129,8 +129,8 @@ class AuthThrottle:
             if state is not None and now < state.locked_until:
                 raise AuthThrottled(
                     f"{self.max_failures} failed authentications from {peer} within {self.window_s:g} s; "
-                    f"locked out for another {state.locked_until - now:.1f} s (lockout {state.lockouts}, each "
-                    "twice as long as the last); check the robot's token before retrying")
+                    f"locked out for another {state.locked_until - now:.1f} s (lockout {state.lockouts}, "
+                    "each twice as long as the last); check the robot's token before retrying")
 
     def failed(self, peer: str) -> None:
         """Count one failed authentication from ``peer`` (and lock it out on the last one allowed)."""

@@ -102,16 +102,16 @@ class ServerConfig:
         if limits.max_prompt_tokens < 1 or limits.kv_budget_mb <= 0:
             raise ConfigError("limits.max_prompt_tokens must be >= 1 and limits.kv_budget_mb > 0")
         if not 1 <= limits.max_sessions_per_client <= limits.max_sessions:
-            raise ConfigError(f"limits.max_sessions_per_client ({limits.max_sessions_per_client}) must be between 1 "
-                              f"and limits.max_sessions ({limits.max_sessions})")
+            raise ConfigError(f"limits.max_sessions_per_client ({limits.max_sessions_per_client}) must be "
+                              f"between 1 and limits.max_sessions ({limits.max_sessions})")
         if limits.max_sessions > self.rpc_slots - RESERVED_RPC_SLOTS:
-            raise ConfigError(f"limits.max_sessions ({limits.max_sessions}) must leave {RESERVED_RPC_SLOTS} of the "
-                              f"{self.rpc_slots} RPC slots (workers - 2) free for refusals and health checks; lower "
-                              f"it to {self.rpc_slots - RESERVED_RPC_SLOTS} or raise workers")
+            raise ConfigError(f"limits.max_sessions ({limits.max_sessions}) must leave {RESERVED_RPC_SLOTS} "
+                              f"of the {self.rpc_slots} RPC slots (workers - 2) free for refusals and health "
+                              f"checks; lower it to {self.rpc_slots - RESERVED_RPC_SLOTS} or raise workers")
         if limits.auth_max_failures < 1 or min(limits.auth_window_s, limits.auth_lockout_s) <= 0 or \
                 limits.auth_max_lockout_s < limits.auth_lockout_s:
-            raise ConfigError("limits.auth_max_failures must be >= 1, auth_window_s and auth_lockout_s > 0, and "
-                              "auth_max_lockout_s >= auth_lockout_s")
+            raise ConfigError("limits.auth_max_failures must be >= 1, auth_window_s and auth_lockout_s > 0, "
+                              "and auth_max_lockout_s >= auth_lockout_s")
         return self
 
     @property

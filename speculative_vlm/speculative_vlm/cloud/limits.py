@@ -68,8 +68,9 @@ def check_open(request: SessionRequest, limits: Limits) -> None:
 def check_prompt_tokens(tokens: int, limits: Limits) -> None:
     """Refuse a prompt longer than the limit, counted in tokens after the chat template and the image."""
     if tokens > limits.max_prompt_tokens:
-        raise LimitExceeded("prompt_too_long", f"the prompt is {tokens} tokens after the chat template (and image), "
-                            f"the limit is {limits.max_prompt_tokens}; shorten the instruction or the system message")
+        raise LimitExceeded("prompt_too_long", f"the prompt is {tokens} tokens after the chat template "
+                            f"(and image), the limit is {limits.max_prompt_tokens}; shorten the instruction "
+                            "or the system message")
 
 
 def check_draft(block: DraftBlock, limits: Limits) -> None:
@@ -137,9 +138,9 @@ class KVBudget:
                 self._held[holder] = (client, need)
                 return need
         raise LimitExceeded("kv_budget_exceeded", (
-            f"this session's KV cache needs {_size(need)} ({tokens} tokens x {self.bytes_per_token} bytes) and "
-            f"{where}; close a session, retry later, or ask for fewer tokens (a shorter prompt, a smaller "
-            "max_new_tokens)"))
+            f"this session's KV cache needs {_size(need)} ({tokens} tokens x {self.bytes_per_token} bytes) "
+            f"and {where}; close a session, retry later, or ask for fewer tokens (a shorter prompt, a "
+            "smaller max_new_tokens)"))
 
     def release(self, holder: str) -> None:
         with self._lock:

@@ -10,7 +10,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.sessions_open = Gauge("svlm_sessions_open", "sessions open now", registry=r)
-        self.streams = Gauge("svlm_streams", "streams now, opened or not (each holds an RPC slot)", registry=r)
+        self.streams = Gauge("svlm_streams", "streams now, opened or not (each holds an RPC slot)",
+                             registry=r)
         self.kv_reserved_bytes = Gauge("svlm_kv_reserved_bytes", "KV-cache memory reserved by sessions",
                                        registry=r)
         self.sessions_total = Counter("svlm_sessions", "sessions opened", registry=r)
@@ -27,8 +28,8 @@ class ServerMetrics:
                                         registry=r)
         self.model_wait = Histogram("svlm_model_wait_seconds", "time a verification pass (or a close, or an "
                                     "autoregressive step) waited for the model, e.g. behind a prefill chunk",
-                                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
-                                    registry=r)
+                                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5,
+                                             5), registry=r)
         self.queue_wait = Histogram("svlm_queue_wait_seconds", "time a block waited for its batch",
                                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
                                     registry=r)

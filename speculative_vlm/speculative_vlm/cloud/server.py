@@ -166,10 +166,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = pick one)")
     p.add_argument("--session-idle-s", type=float, help="expire sessions idle this long")
     p.add_argument("--open-timeout-s", type=float, help="end streams that send no Open within this")
-    p.add_argument("--prefill-chunk-tokens", type=int, help="prompt tokens prefilled between verification passes")
+    p.add_argument("--prefill-chunk-tokens", type=int, help="prompt tokens prefilled between verifications")
     p.add_argument("--torch-threads", type=int, help="torch CPU threads")
     p.add_argument("--max-image-bytes", type=int, help="largest JPEG accepted")
-    p.add_argument("--max-sessions", type=int, help="streams on the server, opened or not (below workers - 2)")
+    p.add_argument("--max-sessions", type=int, help="streams on the server, opened or not (< workers - 2)")
     p.add_argument("--max-sessions-per-client", type=int, help="streams per client, opened or not")
     p.add_argument("--max-prompt-tokens", type=int, help="prompt tokens after the chat template and image")
     p.add_argument("--kv-budget-mb", type=float, help="memory for all sessions' KV caches")
@@ -193,8 +193,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         changes["exit_layers"] = tuple(int(x) for x in args.exit_layers.split(",") if x.strip())
     if args.no_auth:
         changes["require_auth"] = False
-    limit_changes = {name: getattr(args, name) for name in ("max_image_bytes", "max_sessions", "max_sessions_per_client",
-                                                             "max_prompt_tokens", "kv_budget_mb", "requests_per_second")
+    limit_changes = {name: getattr(args, name) for name in (
+        "max_image_bytes", "max_sessions", "max_sessions_per_client", "max_prompt_tokens", "kv_budget_mb",
+        "requests_per_second")
                      if getattr(args, name) is not None}
     if limit_changes:
         import dataclasses
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stopping", extra={"event": "stopping"})
     # Prefills stop at their next chunk and every stream is ended with a reason: within a chunk.
     handle.stop(grace=2.0)
-    log.info("stopped", extra={"event": "stopped", "after_signal_s": round(time.monotonic() - signalled[0], 4)})
+    log.info("stopped", extra={"event": "stopped",
+                               "after_signal_s": round(time.monotonic() - signalled[0], 4)})
     return 0
 
 

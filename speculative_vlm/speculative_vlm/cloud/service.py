@@ -84,8 +84,8 @@ class VerificationService:
         self.store = SessionStore(config.session_idle_s)
         limits = config.limits
         self.rate = RateLimiter(limits.requests_per_second, limits.burst)
-        self.auth_throttle = AuthThrottle(limits.auth_max_failures, limits.auth_window_s, limits.auth_lockout_s,
-                                          limits.auth_max_lockout_s)
+        self.auth_throttle = AuthThrottle(limits.auth_max_failures, limits.auth_window_s,
+                                          limits.auth_lockout_s, limits.auth_max_lockout_s)
         # The model's turns: the scheduler's passes (and closes, and autoregressive steps) are
         # urgent, prefill chunks are background work between them.
         self.engine_lock = ModelTurns(observe_wait=metrics.model_wait.observe)
@@ -119,7 +119,8 @@ class VerificationService:
         try:
             client = self._authenticate(address, context)
             session = ServerSession(client=client, peer=peer)
-            self.store.admit(session, self.config.limits.max_sessions, self.config.limits.max_sessions_per_client)
+            limits = self.config.limits
+            self.store.admit(session, limits.max_sessions, limits.max_sessions_per_client)
         except LimitExceeded as exc:
             self._count_refusal(exc.code, exc.reason, client=client, peer=peer)
             yield convert.error(exc.code, exc.reason)
@@ -215,13 +216,15 @@ class VerificationService:
             self._fail(session, exc.code, exc.reason)
             return
         session.stage = Stage.OPENING
+        limits = self.config.limits
         start = time.monotonic()
         target = None
         try:
             pending = self.engine.begin_session(request)  # the prompt in tokens, as the model will see it
-            check_prompt_tokens(pending.prompt_tokens, self.config.limits)
-            self.kv_budget.reserve(session.id, session.client, pending.prompt_tokens
-                                   + request.settings.max_new_tokens + self.config.limits.max_draft_tokens + 1)
+            check_prompt_tokens(pending.prompt_tokens, limits)
+            # The most the cache can hold: the prompt, every new token, and a block on top.
+            most = pending.prompt_tokens + request.settings.max_new_tokens + limits.max_draft_tokens + 1
+            self.kv_budget.reserve(session.id, session.client, most)
             self.metrics.kv_reserved_bytes.set(self.kv_budget.used_bytes)
             while not pending.done:
                 if session.closed:  # the client left or the server stops: within a chunk
@@ -260,7 +263,8 @@ class VerificationService:
             eos_token_ids=list(getattr(model, "eos_token_ids", ())))))
         log.info("session opened", extra={"event": "open", "session": session.id, "client": session.client,
                                           "peer": session.peer, "prefill_s": round(prefill, 4),
-                                          "prompt_tokens": pending.prompt_tokens, "prefill_chunks": pending.steps,
+                                          "prompt_tokens": pending.prompt_tokens,
+                                          "prefill_chunks": pending.steps,
                                           "image": request.image is not None,
                                           "mode": pb.Mode.Name(msg.mode)})
         if msg.mode == pb.AUTOREGRESSIVE:

@@ -105,12 +105,12 @@ class SessionStore:
         with self._lock:
             mine = sum(1 for s in self._sessions.values() if s.client == session.client)
             if mine >= max_per_client:
-                raise LimitExceeded("too_many_sessions", f"client {session.client!r} already holds {mine} streams "
-                                    f"(sessions open or opening; the limit is {max_per_client}); close one, and send "
-                                    "Open promptly on a new stream")
+                raise LimitExceeded("too_many_sessions", f"client {session.client!r} already holds "
+                                    f"{mine} streams (sessions open or opening; the limit is "
+                                    f"{max_per_client}); close one, and send Open promptly on a new stream")
             if len(self._sessions) >= max_total:
-                raise LimitExceeded("server_full", f"the server holds its limit of {max_total} sessions; retry later "
-                                    "or use another replica")
+                raise LimitExceeded("server_full", f"the server holds its limit of {max_total} sessions; "
+                                    "retry later or use another replica")
             self._sessions[session.id] = session
 
     def remove(self, session: ServerSession) -> bool:

@@ -33,7 +33,8 @@ class ModelTurns:
         self._last_urgent = False
 
     def _chunk_may_go(self) -> bool:
-        return not any(t <= self._ahead_of_chunk for t in self._urgent) and (not self._urgent or self._last_urgent)
+        urgent_first = any(t <= self._ahead_of_chunk for t in self._urgent)
+        return not urgent_first and (not self._urgent or self._last_urgent)
 
     # -- urgent turns: `with turns:` (the scheduler uses it as its engine lock) ---------------
     def acquire(self) -> None:
@@ -41,7 +42,10 @@ class ModelTurns:
         with self._cond:
             ticket = next(self._tickets)
             self._urgent.add(ticket)
-            while self._busy or (ticket > self._ahead_of_chunk and self._background_waiting and self._last_urgent):
+            # A chunk is waiting and urgent work just ran: only work that waited through the last chunk
+            # goes before it.
+            while self._busy or (ticket > self._ahead_of_chunk and self._background_waiting
+                                 and self._last_urgent):
                 self._cond.wait()
             self._urgent.discard(ticket)
             self._busy = True

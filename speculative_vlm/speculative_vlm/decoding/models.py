@@ -333,8 +333,8 @@ class Prefill:
         extra = self.prompt.extra if s.cached == 0 else {}
         if extra:
             stop = max(stop, self._after_last_image_token())
-        self.adapter.model(input_ids=torch.tensor([ids[s.cached : stop]]), past_key_values=s.cache, use_cache=True,
-                           logits_to_keep=1, **extra)
+        self.adapter.model(input_ids=torch.tensor([ids[s.cached : stop]]), past_key_values=s.cache,
+                           use_cache=True, logits_to_keep=1, **extra)
         s.cached = stop
         if self.shared and stop == self.shared:
             self.adapter._prefix_cache.put(ids[: self.shared], s.cache)
