@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,19 +96,28 @@ class ServerHandle:
         self._server.wait_for_termination()
 
 
-def serve(config: ServerConfig, engine: Any = None) -> ServerHandle:
-    """Start a server for ``config`` (port 0 picks a free port); ``engine`` overrides loading one."""
+def serve(config: ServerConfig, engine: Any = None,
+          make_service: Callable[[ServerConfig, ServerMetrics, TokenAuthenticator | None], Any] | None = None,
+          ) -> ServerHandle:
+    """Start a server for ``config`` (port 0 picks a free port); ``engine`` overrides loading one.
+
+    ``make_service`` replaces the in-process verifier with another service behind the same
+    port, TLS and authentication (the Ray Serve front: ``cloud.ray_serve.serve_fleet``).
+    """
     config.validate()
     tokens = check_security(config)
-    if config.torch_threads:
-        import torch
-
-        torch.set_num_threads(config.torch_threads)
-    engine = engine if engine is not None else build_engine(config)
-    if hasattr(engine, "prefill_chunk_tokens"):  # the config decides, for an engine handed in too
-        engine.prefill_chunk_tokens = config.prefill_chunk_tokens
     metrics = ServerMetrics()
-    service = VerificationService(config, engine, metrics, TokenAuthenticator(tokens) if tokens else None)
+    if make_service is not None:
+        service = make_service(config, metrics, TokenAuthenticator(tokens) if tokens else None)
+    else:
+        if config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
+        engine = engine if engine is not None else build_engine(config)
+        if hasattr(engine, "prefill_chunk_tokens"):  # the config decides, for an engine handed in too
+            engine.prefill_chunk_tokens = config.prefill_chunk_tokens
+        service = VerificationService(config, engine, metrics, TokenAuthenticator(tokens) if tokens else None)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
         # Refuse new streams rather than queueing them behind busy threads.
@@ -175,6 +185,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget-mb", type=float, help="memory for all sessions' KV caches")
     p.add_argument("--requests-per-second", type=float, help="per-client request rate")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    ray = p.add_argument_group("scale-out on Ray Serve (cloud/ray_serve.py; needs ray[serve])")
+    ray.add_argument("--ray", action="store_true", help="serve from --replicas verifier replicas on Ray Serve "
+                     "behind this one address, each session pinned to its replica")
+    ray.add_argument("--replicas", type=int, help="verifier replicas with --ray (default 2)")
+    ray.add_argument("--ray-address", help="join this Ray cluster ('auto' or host:port); default: start a "
+                     "local one")
+    ray.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs Ray gives each replica")
     return p
 
 
@@ -211,9 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"speculative-vlm-cloud: {exc}")
         return 2
+    if not args.ray and (args.replicas is not None or args.ray_address):
+        print("speculative-vlm-cloud: --replicas and --ray-address go with --ray")
+        return 2
     logs.configure(config.log_level)
     try:
-        handle = serve(config)
+        if args.ray:
+            from speculative_vlm.cloud.ray_serve import serve_fleet
+
+            handle = serve_fleet(config, 2 if args.replicas is None else args.replicas, ray_address=args.ray_address,
+                                 gpus_per_replica=args.gpus_per_replica)
+        else:
+            handle = serve(config)
     except (ConfigError, AuthConfigError) as exc:
         log.error(str(exc), extra={"event": "refused_to_start"})
         return 2
