@@ -133,11 +133,20 @@ def run_graph_episodes(
         if mine is not None:
             row.update(inprocess=f"{'ok' if mine.success else 'FAIL'} ({mine.why})", inprocess_steps=len(mine.steps),
                        same=mine.success == result.success and [s.text for s in mine.steps] == row["graph_texts"],
+                       same_verdict=mine.success == result.success,
+                       same_prefix=_common_prefix([s.text for s in mine.steps], row["graph_texts"]),
                        end_gap_m=round(math.hypot(mine.final.x - result.final.x, mine.final.y - result.final.y), 3))
         else:
-            row.update(inprocess="-", inprocess_steps="-", same=False, end_gap_m="-")
+            row.update(inprocess="-", inprocess_steps="-", same=False, same_verdict=False, same_prefix=0, end_gap_m="-")
         rows.append(row)
     return rows
+
+
+def _common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _as_result(episode: Episode, policy: str, data: dict) -> EpisodeResult:

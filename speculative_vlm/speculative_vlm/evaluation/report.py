@@ -177,15 +177,19 @@ def _markdown(results, single, numbers, meta, plots, graph) -> str:
         lines.append("Each episode ran again as `speculative-vlm up` runs the robot: the simulated Go2 and a local "
                      "verifier as separate processes, the camera, motion, bridge and drafter nodes over real DDS, "
                      "the instruction as an `Instruct` goal; judged by the same rule from the simulator's own state. "
-                     "*Same* means the same verdict and the same command text at every step.")
+                     "The graph runs in real time: the drafter takes the newest camera frame (5 Hz) once the motion "
+                     "node reports idle, which can show the robot before it came to rest, so a scene line can read a "
+                     "tenth of a metre or a few degrees off the in-process one (rendered at rest); a model whose "
+                     "answer turns on such details then takes another path from that step on.")
         lines.append("")
-        lines.append("| episode | family | instruction | in-process | graph | steps (in-process / graph) | end poses apart "
-                     "| same |")
+        lines.append("| episode | family | instruction | in-process | graph | same verdict | same commands | "
+                     "end poses apart |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for g in graph:
             gap = f"{g['end_gap_m']} m" if g["end_gap_m"] != "-" else "-"
             lines.append(f"| {g['episode']} | {g['family']} | {g['instruction']} | {g['inprocess']} | {g['graph']} | "
-                         f"{g['inprocess_steps']} / {g['graph_steps']} | {gap} | {'yes' if g['same'] else 'no'} |")
+                         f"{'yes' if g.get('same_verdict', g['same']) else 'no'} | first "
+                         f"{g.get('same_prefix', '?')} of {g['inprocess_steps']} / {g['graph_steps']} steps | {gap} |")
         lines.append("")
     lines.append("## Trajectories")
     lines.append("")

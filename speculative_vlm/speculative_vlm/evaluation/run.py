@@ -155,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
             graph_rows = run_graph_episodes(held, spec, args.config, results.get(names.get(spec, spec), []),
                                             names.get(spec, ""), progress_line=config.progress_line)
             for row in graph_rows:
-                _progress(f"  {row['episode']} in-process {row['inprocess']}; graph {row['graph']}; "
-                          f"same: {row['same']} ({row['wall_s']} s)")
+                _progress(f"  {row['episode']} in-process {row['inprocess']}; graph {row['graph']}; same commands for "
+                          f"the first {row['same_prefix']} steps ({row['wall_s']} s)")
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "minutes": round((time.monotonic() - t0) / 60, 1),
