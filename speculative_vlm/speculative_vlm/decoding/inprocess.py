@@ -3,6 +3,9 @@
 Blocks are queued per session and verified by one worker that batches the heads of all
 sessions' queues into one pass, exactly as the cloud server does; early verdicts are
 queued from inside the pass, so the drafter sees them before the pass ends.
+
+``open_autoregressive`` is the cloud-autoregressive mode, as the gRPC client offers it: the target
+generates alone and the session hands its tokens out one by one (computed in the caller's thread).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import itertools
 import queue
 import threading
 from collections import deque
+from dataclasses import dataclass
 
 from speculative_vlm.decoding.target_engine import TargetEngine, TargetSession
 from speculative_vlm.decoding.verifier import (
@@ -53,6 +57,43 @@ class InProcessSession(VerifierSession):
             self._owner._close(self)
 
 
+@dataclass(frozen=True)
+class StreamedToken:
+    """One token of an autoregressive session (the fields of the wire's Token message)."""
+
+    index: int
+    token: int  # -1: none (the end marker)
+    eos: bool
+
+
+class InProcessStream:
+    """A cloud-autoregressive session: the target alone, one token per ``next_token`` call."""
+
+    opened = None  # no wire: nothing to report about the open
+
+    def __init__(self, owner: InProcessVerifier, target: TargetSession):
+        self._owner = owner
+        self.target = target
+        self.session_id = target.session_id
+        self._tokens = owner.engine.generate(target)
+        self._index = 0
+        self.closed = False
+
+    def next_token(self, timeout: float | None = None) -> StreamedToken:
+        if self.closed:
+            raise SessionNotFound(f"session {self.session_id} is closed; open a new one")
+        token = next(self._tokens, None)
+        if token is None:
+            return StreamedToken(self._index, -1, True)
+        self._index += 1
+        return StreamedToken(self._index - 1, int(token), False)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._owner.engine.close_session(self.target)
+
+
 class InProcessVerifier(Verifier):
     def __init__(self, engine: TargetEngine):
         self.engine = engine
@@ -68,6 +109,10 @@ class InProcessVerifier(Verifier):
         with self._cv:
             self._sessions[session.session_id] = session
         return session
+
+    def open_autoregressive(self, request: SessionRequest) -> InProcessStream:
+        """A session in which the target generates alone (cloud autoregressive); read it with ``next_token``."""
+        return InProcessStream(self, self.engine.open_session(request))
 
     def _enqueue(self, session: InProcessSession, block: DraftBlock) -> None:
         with self._cv:

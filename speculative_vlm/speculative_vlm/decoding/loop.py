@@ -8,20 +8,42 @@ prefix it assumes. When the FINAL verdict agrees with that assumption the preemp
 block is already drafted (and already on its way): an early *hit*. When it does not, the
 block is discarded (a *miss*) and the verifier drops it unverified. Only FINAL verdicts
 change the output, so the output is the target's whatever the exits say.
+
+Each session first picks its method (``method``: ``speculative``, ``cloud_ar`` or ``auto``). Under
+``auto`` the :class:`~speculative_vlm.decoding.policy.MethodChooser` decides from the previous
+sessions' measurements (round trip, acceptance, drafting and verification times) whether to speculate,
+and with how many tokens per block, or to ask the verifier to stream the target's own tokens (its
+``open_autoregressive`` mode, which the gRPC client and the in-process verifier have). Both are
+lossless: a streamed token is the target's own choice. Every session, whatever its method, feeds the
+chooser.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from speculative_vlm.decoding.drafter import Draft, Drafter
+from speculative_vlm.decoding.grammar import GrammarViolation
 from speculative_vlm.decoding.models import ModelAdapter
-from speculative_vlm.decoding.policy import FixedLength, RoundObservation
+from speculative_vlm.decoding.policy import (
+    AUTO,
+    CLOUD_AR,
+    METHODS,
+    SPECULATIVE,
+    Choice,
+    FixedLength,
+    MethodChooser,
+    RoundObservation,
+    SessionObservation,
+)
+from speculative_vlm.decoding.target_engine import make_tracker
 from speculative_vlm.decoding.verifier import (
     EARLY_THRESHOLD,
     DraftBlock,
+    Refused,
     SessionRequest,
     Verdict,
     VerdictKind,
@@ -32,6 +54,13 @@ from speculative_vlm.decoding.verifier import (
 
 class ProtocolViolation(VerifierError):
     """The verifier sent a verdict that does not fit the blocks in flight (a verifier bug)."""
+
+
+class StreamingUnavailable(Refused):
+    """Cloud autoregressive decoding was asked of a verifier that cannot stream (code ``streaming_unavailable``)."""
+
+    def __init__(self, reason: str):
+        super().__init__("streaming_unavailable", reason)
 
 
 class Cancelled(Exception):
@@ -76,6 +105,13 @@ class GenerationResult:
     # "eos": the model (or the grammar) ended the output; "length": max_new_tokens cut it,
     # so a constrained output may be an unfinished command; "cancelled": should_stop ended it.
     stop_reason: str = "eos"
+    method: str = SPECULATIVE  # SPECULATIVE, CLOUD_AR (the verifier streamed the target's tokens) or "draft_only"
+    choice: str = ""  # why this method (and draft length) was chosen for the session
+    decided: int = 0  # cloud AR: tokens the target decided, one pass each (the grammar forced the rest)
+    open_s: float = 0.0  # opening the session on the verifier (prompt prefill + one round trip)
+    rtt_s: float | None = None  # the round trip rounds saw (a block's wait less its pass), if measured
+    open_rtt_s: float | None = None  # opening less the verifier's prefill, where the verifier reports it
+    stream_pass_s: float | None = None  # cloud AR: seconds per target pass, measured from the stream
 
     @property
     def drafted(self) -> int:
@@ -91,7 +127,9 @@ class GenerationResult:
 
     @property
     def target_passes(self) -> int:
-        return len(self.rounds) if self.verified else 0
+        if not self.verified:
+            return 0
+        return self.decided if self.method == CLOUD_AR else len(self.rounds)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -114,6 +152,8 @@ class GenerationResult:
             "text": self.text,
             "token_ids": self.token_ids,
             "verified": self.verified,
+            "method": self.method,
+            "choice": self.choice,
             "stop_reason": self.stop_reason,
             "tokens": len(self.token_ids),
             "rounds": len(self.rounds),
@@ -124,6 +164,9 @@ class GenerationResult:
             "early_hits": self.early_hits,
             "early_misses": self.early_misses,
             "wall_s": round(self.wall_s, 4),
+            "open_s": round(self.open_s, 4),
+            "rtt_s": None if self.rtt_s is None else round(self.rtt_s, 4),
+            "open_rtt_s": None if self.open_rtt_s is None else round(self.open_rtt_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "draft_s": round(sum(r.draft_s for r in self.rounds), 4),
             "wait_s": round(sum(r.wait_s for r in self.rounds), 4),
@@ -156,10 +199,17 @@ class SpeculativeDecoder:
         pipeline: bool = True,
         early_threshold: float = EARLY_THRESHOLD,
         verdict_timeout_s: float = 120.0,
+        method: str = SPECULATIVE,
+        chooser: MethodChooser | None = None,
     ):
         self.draft = draft
         self.verifier = verifier
         self.policy = policy or FixedLength(4)
+        if method not in METHODS:
+            raise ValueError(f"method {method!r} is not one of {METHODS}")
+        self.method = method
+        self.chooser = chooser or MethodChooser(initial_gamma=max(1, self.policy.next_length()))
+        self.last_choice: Choice | None = None
         self.preempt = preempt
         self.pipeline = pipeline and preempt
         self.early_threshold = early_threshold
@@ -168,20 +218,53 @@ class SpeculativeDecoder:
         if engine is not None:  # in-process: the target is at hand, check the pairing now
             draft.check_pairs_with(engine.model)
 
+    @property
+    def can_stream(self) -> bool:
+        """Whether the verifier can stream the target's own tokens (cloud autoregressive mode)."""
+        return callable(getattr(self.verifier, "open_autoregressive", None))
+
+    def choose(self, request: SessionRequest) -> Choice:
+        """The method (and draft length) the next session of ``request`` will use."""
+        if self.method == CLOUD_AR:
+            if not self.can_stream:
+                raise StreamingUnavailable(f"{type(self.verifier).__name__} cannot stream the target's tokens; "
+                                           "use method speculative or auto")
+            return Choice(CLOUD_AR, reason="method cloud_ar")
+        if self.method == SPECULATIVE:
+            return Choice(SPECULATIVE, self.policy.next_length(), reason="method speculative")
+        return self.chooser.choose(can_stream=self.can_stream, max_new_tokens=request.settings.max_new_tokens)
+
     def generate(
         self, request: SessionRequest, on_text: TextCallback | None = None, should_stop: StopCheck | None = None
     ) -> GenerationResult:
-        """Decode ``request`` speculatively; ``on_text`` gets the verified text after each verdict.
+        """Decode ``request`` with the session's method; ``on_text`` gets the verified text as it grows.
 
-        ``should_stop`` is asked before each round and on every verdict (early ones included), so
-        a caller that wants out (a cancelled goal) waits at most for the verdict in flight: when it
-        returns True the session is closed and :class:`Cancelled` raised with the partial result.
+        ``should_stop`` is asked before each round and on every verdict (early ones included), or on
+        every streamed token, so a caller that wants out (a cancelled goal) waits at most for the
+        verdict in flight: when it returns True the session is closed and :class:`Cancelled` raised
+        with the partial result.
         """
+        choice = self.choose(request)
+        self.last_choice = choice
+        if choice.method == CLOUD_AR:
+            result = self._stream(request, on_text, should_stop)
+        else:
+            policy = self.policy.for_session(choice.gamma) if self.method == AUTO else self.policy
+            result = self._speculate(request, on_text, should_stop, policy)
+        result.method, result.choice = choice.method, str(choice)
+        self.chooser.observe(self._observation(request, result))
+        return result
+
+    def _speculate(
+        self, request: SessionRequest, on_text: TextCallback | None, should_stop: StopCheck | None, policy
+    ) -> GenerationResult:
         start = time.perf_counter()
         drafter = Drafter(self.draft, request)  # bad input fails here, before the verifier is asked
+        opening = time.perf_counter()
         session = self.verifier.open(request)
+        open_s = time.perf_counter() - opening
         committed: list[int] = []
-        result = GenerationResult(text="", token_ids=[])
+        result = GenerationResult(text="", token_ids=[], open_s=open_s)
 
         def check_stop() -> None:
             if should_stop is not None and should_stop():
@@ -201,7 +284,7 @@ class SpeculativeDecoder:
                 if queued is not None:
                     current, queued = queued, None
                 else:
-                    current = self._draft_block(drafter, committed, committed, next_round, None)
+                    current = self._draft_block(drafter, committed, committed, next_round, None, policy)
                     next_round += 1
                 if current.submitted_at is None:
                     session.submit(current.block)
@@ -238,7 +321,7 @@ class SpeculativeDecoder:
                             and verdict.confidence >= self.early_threshold
                         ):
                             stats.early_layer, stats.early_confidence = verdict.exit_layer, verdict.confidence
-                            preempted = self._preempt(drafter, committed, current, verdict, next_round)
+                            preempted = self._preempt(drafter, committed, current, verdict, next_round, policy)
                             if preempted is not None:
                                 next_round += 1
                                 if self.pipeline:
@@ -269,7 +352,7 @@ class SpeculativeDecoder:
                     stats.forced = len(forced)
                 stats.committed = len(new) + stats.forced
                 result.rounds.append(stats)
-                self.policy.observe(
+                policy.observe(
                     RoundObservation(stats.drafted, stats.accepted, stats.draft_s, stats.verify_s, stats.wait_s)
                 )
                 done = final.eos  # the target decides; the drafter follows the same rules
@@ -279,14 +362,74 @@ class SpeculativeDecoder:
             result.text = self.draft.decode(committed)
             result.stop_reason = _stop_reason(committed, self.draft, request)
             result.wall_s = time.perf_counter() - start
+            result.rtt_s = _round_rtt(result.rounds)
+            result.open_rtt_s = _open_rtt(session, open_s)
             return result
         finally:
             session.close()
 
+    def _stream(
+        self, request: SessionRequest, on_text: TextCallback | None, should_stop: StopCheck | None
+    ) -> GenerationResult:
+        """Cloud autoregressive: the verifier streams the target's own tokens; nothing is drafted.
+
+        The draft's copy of the output rules tells which tokens the grammar forced, so the tokens the
+        target decided (one pass each) are counted, and the time per pass measured.
+        """
+        start = time.perf_counter()
+        tracker = make_tracker(self.draft, request)  # an unknown grammar fails here, before the verifier is asked
+        session = self.verifier.open_autoregressive(request)
+        opened = time.perf_counter()
+        result = GenerationResult(text="", token_ids=[], method=CLOUD_AR, open_s=opened - start,
+                                  open_rtt_s=_open_rtt(session, opened - start))
+        tokens: list[int] = []
+        forced: list[bool] = []
+        last = opened
+        try:
+            while True:
+                if should_stop is not None and should_stop():
+                    result.token_ids, result.text = list(tokens), self.draft.decode(tokens)
+                    result.stop_reason, result.wall_s = "cancelled", time.perf_counter() - start
+                    result.decided = forced.count(False)
+                    raise Cancelled(result)
+                item = session.next_token(timeout=self.verdict_timeout_s)
+                if item.token >= 0:
+                    last = time.perf_counter()
+                    forced.append(_next_is_forced(tracker))
+                    try:
+                        tracker.extend([item.token])
+                    except GrammarViolation:  # the two sides' rules disagree: count the rest as decided
+                        tracker.grammar = None
+                    tokens.append(item.token)
+                    if on_text is not None:
+                        on_text(self.draft.decode(tokens))
+                if item.eos:
+                    break
+        finally:
+            session.close()
+        result.token_ids, result.text = tokens, self.draft.decode(tokens)
+        result.decided = forced.count(False)
+        result.prompt_forced = next((i for i, f in enumerate(forced) if not f), len(forced))  # forced at the open
+        result.stop_reason = _stop_reason(tokens, self.draft, request)
+        result.wall_s = time.perf_counter() - start
+        # Tokens arrive as the target decides them: from the open to the last token is one pass each.
+        result.stream_pass_s = (last - opened) / result.decided if result.decided else None
+        return result
+
+    def _observation(self, request: SessionRequest, result: GenerationResult) -> SessionObservation:
+        tokens = len(result.token_ids) - result.prompt_forced
+        if result.method == CLOUD_AR:
+            return SessionObservation(CLOUD_AR, tokens, result.decided, open_rtt_s=result.open_rtt_s,
+                                      stream_pass_s=result.stream_pass_s)
+        rounds = tuple(RoundObservation(r.drafted, r.accepted, r.draft_s, r.verify_s, r.wait_s) for r in result.rounds)
+        return SessionObservation(SPECULATIVE, tokens, _decided(self.draft, request, result.token_ids), result.rtt_s,
+                                  result.open_rtt_s, rounds, sum(r.forced for r in result.rounds))
+
     def _draft_block(
-        self, drafter: Drafter, assumed: list[int], committed: list[int], round_no: int, early: Verdict | None
+        self, drafter: Drafter, assumed: list[int], committed: list[int], round_no: int, early: Verdict | None,
+        policy,
     ) -> _InFlight:
-        d = drafter.draft(self.policy.next_length())
+        d = drafter.draft(policy.next_length())
         # The tail covers every assumed token not yet confirmed (and a few before them),
         # so the verifier can tell exactly whether the assumption held.
         unconfirmed = len(assumed) - len(committed)
@@ -302,14 +445,14 @@ class SpeculativeDecoder:
         return _InFlight(block, d, list(assumed), early=early)
 
     def _preempt(
-        self, drafter: Drafter, committed: list[int], current: _InFlight, early: Verdict, round_no: int
+        self, drafter: Drafter, committed: list[int], current: _InFlight, early: Verdict, round_no: int, policy
     ) -> _InFlight | None:
         assumed = committed + list(current.block.tokens[: early.accepted]) + ([early.token] if early.token >= 0 else [])
         drafter.sync(assumed)
         assumed = assumed + drafter.append_forced()
         if drafter.out.done or drafter.out.room <= 1:
             return None  # the assumed output is complete: nothing to draft after it
-        return self._draft_block(drafter, assumed, committed, round_no, early)
+        return self._draft_block(drafter, assumed, committed, round_no, early, policy)
 
     def generate_unverified(
         self, request: SessionRequest, on_text: TextCallback | None = None, should_stop: StopCheck | None = None
@@ -335,6 +478,7 @@ class SpeculativeDecoder:
             text=self.draft.decode(committed),
             token_ids=committed,
             verified=False,
+            method="draft_only",
             stop_reason=_stop_reason(committed, self.draft, request),
             wall_s=time.perf_counter() - start,
         )
@@ -344,6 +488,43 @@ def _stop_reason(tokens: list[int], model: ModelAdapter, request: SessionRequest
     if tokens and tokens[-1] in model.eos_token_ids:
         return "eos"
     return "length" if len(tokens) >= request.settings.max_new_tokens else "eos"
+
+
+def _next_is_forced(tracker) -> bool:
+    """Whether the grammar allows only one token next (then no model pass decides it)."""
+    return tracker.grammar is not None and not tracker.done and tracker.grammar.forced_token() is not None
+
+
+def _decided(model: ModelAdapter, request: SessionRequest, tokens: list[int]) -> int:
+    """Tokens of an output the target had to decide: what cloud AR would spend one pass on each."""
+    if not request.settings.grammar:
+        return len(tokens)
+    tracker = make_tracker(model, request)
+    decided = 0
+    for n, token in enumerate(tokens):
+        decided += not _next_is_forced(tracker)
+        try:
+            tracker.extend([token])
+        except GrammarViolation:  # the rules disagree: count the rest as decided
+            return decided + len(tokens) - n - 1
+    return decided
+
+
+def _round_rtt(rounds: list[RoundStats]) -> float | None:
+    """The round trip rounds saw: the median wait less the pass of the rounds whose wait nothing else shared
+    (not pipelined, nothing drafted meanwhile), else the least of those not pipelined (drafting a
+    preemptive block may have delayed reading their verdict, never hastened it)."""
+    alone = [r for r in rounds if not r.pipelined]
+    clean = [r.wait_s - r.verify_s for r in alone if r.early not in ("hit", "miss")]
+    if clean:
+        return max(0.0, statistics.median(clean))
+    return max(0.0, min(r.wait_s - r.verify_s for r in alone)) if alone else None
+
+
+def _open_rtt(session, open_s: float) -> float | None:
+    """Opening less the verifier's prefill, when the verifier reports its prefill (the gRPC Opened does)."""
+    prefill = getattr(getattr(session, "opened", None), "prefill_time_s", None)
+    return None if prefill is None else max(0.0, open_s - prefill)
 
 
 def _same_outcome(early: Verdict, final: Verdict) -> bool:
