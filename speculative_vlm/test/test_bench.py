@@ -57,6 +57,8 @@ def test_every_method_ran_at_every_rtt_and_lossless_ones_equal_the_target(quick_
     assert any(r["method"] == ladder.EDGE_ONLY.key for r in rows)
     lossless = [r for r in rows if r["method"] != ladder.EDGE_ONLY.key]
     assert lossless and all(r["exact"] == "True" for r in lossless)
+    auto = [r for r in robot if r["method"] == ladder.AUTO.key]
+    assert auto and all(r["chosen"] in ("speculative", "cloud_ar") for r in auto)  # each session's choice recorded
     assert {"target_alone", ladder.VANILLA.key} <= {r["method"] for r in rows if r["phase"] == "inprocess"}
 
 

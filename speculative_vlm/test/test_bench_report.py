@@ -84,3 +84,25 @@ def test_summary_gives_the_physical_bound_per_round():
 def test_percentile_interpolates_between_samples():
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
     assert percentile([5.0], 0.95) == 5.0
+
+
+def _auto_rows(rtt: float, walls: list[float], chosen: str) -> list[dict]:
+    return [dict(_row(ladder.AUTO.key, w, rtt=rtt, prompt=i), chosen=chosen, first_block=6 if chosen == "speculative"
+                 else 0) for i, w in enumerate(walls)]
+
+
+def test_auto_target_is_met_when_never_slower_than_cloud_ar_at_any_rtt():
+    rows = (_auto_rows(20, [0.8, 0.8], "speculative") + _auto_rows(60, [2.02, 2.0], "cloud_ar")
+            + [_row(ladder.CLOUD_AR.key, 2.0, rtt=20), _row(ladder.CLOUD_AR.key, 2.0, rtt=60)])
+    check = _check(_results(rows), "chosen method (auto")
+    assert check.met is True
+    assert "0.40x @ 20 ms (speculative 2/2, first block 6.0)" in check.measured
+    assert "1.00x @ 60 ms (cloud AR 2/2)" in check.measured
+
+
+def test_auto_target_is_missed_when_slower_than_cloud_ar_beyond_the_noise_at_one_rtt():
+    rows = (_auto_rows(20, [0.8], "speculative") + _auto_rows(60, [2.2], "speculative")
+            + [_row(ladder.CLOUD_AR.key, 2.0, rtt=20), _row(ladder.CLOUD_AR.key, 2.0, rtt=60)])
+    check = _check(_results(rows), "chosen method (auto")
+    assert check.met is False and "1.10x @ 60 ms" in check.measured
+    assert "## Auto: speculation or streaming" in report.markdown(_results(rows))

@@ -13,6 +13,9 @@ target's own unconstrained output, and is usually not a command at all).
     spec_pipeline     + pipelining: send that block before the final verdict
     spec_adaptive     + adaptive draft length (the full system)
     spec_free         the full system without the grammar (what grammar forcing buys)
+    auto              per session, the full system or the verifier streaming the target's tokens
+                      (cloud AR), whichever the method chooser predicts faster from the previous
+                      sessions on the same link (decoding.policy.MethodChooser)
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 
 from speculative_vlm.decoding.loop import GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import ModelAdapter
-from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
+from speculative_vlm.decoding.policy import AUTO as AUTO_METHOD
+from speculative_vlm.decoding.policy import SPECULATIVE, AdaptiveLength, FixedLength
 from speculative_vlm.decoding.verifier import EARLY_THRESHOLD, SessionRequest, Verifier, VerifierSession
 
 
@@ -30,7 +34,7 @@ from speculative_vlm.decoding.verifier import EARLY_THRESHOLD, SessionRequest, V
 class Method:
     key: str
     label: str
-    kind: str  # "cloud_ar", "edge" or "spec"
+    kind: str  # "cloud_ar", "edge", "spec" or "auto" (spec or cloud AR, chosen per session)
     preempt: bool = False
     pipeline: bool = False
     adaptive: bool = False
@@ -51,10 +55,11 @@ ADAPTIVE = Method("spec_adaptive", "+ adaptive draft length (full)", "spec", pre
                   adaptive=True, exits=True)
 FREE = Method("spec_free", "full without grammar forcing (free text)", "spec", preempt=True, pipeline=True,
               adaptive=True, exits=True, grammar=False)
+AUTO = Method("auto", "auto (chosen per session)", "auto", preempt=True, pipeline=True, adaptive=True, exits=True)
 
 # Decoded at every RTT profile, in this order for every prompt.
-NETWORKED = (CLOUD_AR, VANILLA, PREEMPT, PIPELINE, ADAPTIVE)
-ALL = (CLOUD_AR, EDGE_ONLY, VANILLA, PREEMPT, PIPELINE, ADAPTIVE, FREE)
+NETWORKED = (CLOUD_AR, VANILLA, PREEMPT, PIPELINE, ADAPTIVE, AUTO)
+ALL = (CLOUD_AR, EDGE_ONLY, VANILLA, PREEMPT, PIPELINE, ADAPTIVE, FREE, AUTO)
 BY_KEY = {m.key: m for m in ALL}
 
 
@@ -79,13 +84,22 @@ class OpenTimer(Verifier):
         self.last_open_s = time.perf_counter() - start
         return session
 
+    def open_autoregressive(self, request: SessionRequest):
+        """The inner verifier's streaming mode (the auto method's cloud AR sessions)."""
+        start = time.perf_counter()
+        session = self.inner.open_autoregressive(request)
+        self.last_open_s = time.perf_counter() - start
+        return session
+
 
 def decoder_for(method: Method, draft: ModelAdapter, verifier: Verifier, settings: Settings) -> SpeculativeDecoder:
+    """A decoder for one command (``auto``: for one link, kept across its commands: it learns from them)."""
     policy = (AdaptiveLength(initial=settings.gamma, max_length=settings.max_gamma) if method.adaptive
               else FixedLength(settings.gamma))
     return SpeculativeDecoder(draft, verifier, policy=policy, preempt=method.preempt, pipeline=method.pipeline,
                               early_threshold=settings.early_threshold,
-                              verdict_timeout_s=settings.verdict_timeout_s)
+                              verdict_timeout_s=settings.verdict_timeout_s,
+                              method=AUTO_METHOD if method.kind == "auto" else SPECULATIVE)
 
 
 def record(method: Method, result: GenerationResult, open_s: float, reference: list[int]) -> dict:
@@ -107,6 +121,9 @@ def record(method: Method, result: GenerationResult, open_s: float, reference: l
         "early_hits": result.early_hits,
         "early_misses": result.early_misses,
         "early_low": sum(r.early == "low" for r in result.rounds),  # an exit answered, below the threshold
+        "chosen": result.method,  # what the session ran: speculative or cloud_ar (streamed)
+        "first_block": result.rounds[0].drafted if result.rounds else 0,  # the draft length it started with
+        "choice": result.choice,
         "exact": diverged == -1,
         "first_divergence": diverged,
         "text": result.text,

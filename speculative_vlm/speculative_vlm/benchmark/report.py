@@ -18,7 +18,7 @@ from speculative_vlm.benchmark import ladder
 
 COMMAND_FIELDS = ["phase", "transport", "rtt_ms", "method", "prompt", "wall_s", "open_s", "tokens", "passes",
                   "drafted", "accepted", "draft_s", "verify_s", "wait_s", "early_hits", "early_misses", "early_low",
-                  "exact", "first_divergence"]
+                  "exact", "first_divergence", "chosen", "first_block"]
 
 
 @dataclass
@@ -256,6 +256,35 @@ def _pct(x: float) -> str:
     return f"{x * 100:.0f}%"
 
 
+# The auto rung counts as no slower than cloud AR within this: the spread of one method's mean between
+# runs on a loaded machine (when auto streams every session it *is* cloud AR, on the other server).
+AUTO_NOISE = 0.02
+
+
+def _auto_against_cloud_ar(results: dict) -> list[tuple[float, Summary, Summary, list[dict]]]:
+    """(rtt, auto, cloud AR, auto's rows) at every RTT where both were measured."""
+    out = []
+    for rtt in results["meta"]["rtts_ms"]:
+        rows = select(results["robot"], method=ladder.AUTO.key, rtt_ms=float(rtt), transport="grpc")
+        a = summarize(rows)
+        c = summarize(select(results["robot"], method=ladder.CLOUD_AR.key, rtt_ms=float(rtt), transport="grpc"))
+        if a and c:
+            out.append((float(rtt), a, c, rows))
+    return out
+
+
+def _chosen(rows: list[dict]) -> str:
+    spec = [r for r in rows if r.get("chosen") == "speculative"]
+    streamed = len(rows) - len(spec)
+    parts = []
+    if spec:
+        parts.append(f"speculative {len(spec)}/{len(rows)}, first block "
+                     f"{sum(r.get('first_block', 0) for r in spec) / len(spec):.1f}")
+    if streamed:
+        parts.append(f"cloud AR {streamed}/{len(rows)}")
+    return "; ".join(parts)
+
+
 def targets(results: dict) -> list[Check]:
     robot, inproc, meta = results["robot"], results["inprocess"], results["meta"]
     checks = []
@@ -309,6 +338,15 @@ def targets(results: dict) -> list[Check]:
         ratio = fleet[(True, top)]["tokens_per_s"] / fleet[(False, top)]["tokens_per_s"]
         checks.append(Check(f"{top} batched robots vs {top} unbatched: server throughput", ">= 2.5x",
                             f"{ratio:.2f}x", ratio >= 2.5 if top == 8 else None))
+    pairs = [p for p in _auto_against_cloud_ar(results) if 5 <= p[0] <= 150]
+    name = "chosen method (auto, per session) vs cloud AR at 5-150 ms"
+    if pairs:
+        ratios = [(rtt, a.wall / c.wall, rows) for rtt, a, c, rows in pairs]
+        checks.append(Check(name, f"never slower (latency ratio <= 1 + {AUTO_NOISE:g} noise) at every RTT",
+                            ", ".join(f"{q:.2f}x @ {r:g} ms ({_chosen(rows)})" for r, q, rows in ratios),
+                            all(q <= 1 + AUTO_NOISE for _, q, _ in ratios)))
+    else:
+        checks.append(Check(name, "never slower at every RTT", "not measured", None))
     direct, ros = summarize(select(robot, transport="grpc-ros-line")), summarize(select(robot, transport="ros"))
     if direct and ros:
         added = ros.wall / direct.wall - 1
@@ -388,7 +426,7 @@ def markdown(results: dict) -> str:
         "",
         "![latency](latency_vs_rtt.png) ![tokens per pass](tokens_per_pass.png)",
         "",
-        "## Targets (issue 7, part 4)",
+        "## Targets (issue 7, part 4; issue 15, item 6)",
         "",
         _table(["target", "required", "measured", "verdict"],
                [[c.name, c.required, c.measured, mark[c.met]] for c in checks]),
@@ -409,6 +447,10 @@ def markdown(results: dict) -> str:
         _breakdown(results),
         "",
         _shortfall(results),
+        "",
+        "## Auto: speculation or streaming, chosen per session",
+        "",
+        _auto_text(results),
         "",
         "## One process (no network)",
         "",
@@ -470,6 +512,25 @@ def _shortfall(results: dict) -> str:
             f"longer than vanilla's {v.v * 1e3:.0f} ms; with an exit that cost nothing the bound would be "
             f"{_below(1 - (s.open + s.rounds * max(v.v, s.gamma * s.d + r)) / c.wall)} cloud AR.")
     return "\n".join(lines)
+
+
+def _auto_text(results: dict) -> str:
+    """What the auto rung chose at each RTT and what it cost against cloud AR and the full method."""
+    pairs = _auto_against_cloud_ar(results)
+    if not pairs:
+        return "Not measured."
+    rows = []
+    for rtt, a, c, auto_rows in pairs:
+        full = summarize(select(results["robot"], method=ladder.ADAPTIVE.key, rtt_ms=rtt, transport="grpc"))
+        rows.append([f"{rtt:g}", f"{a.wall:.2f}", f"{c.wall:.2f}", f"{full.wall:.2f}" if full else "-",
+                     f"{a.wall / c.wall:.2f}x", _chosen(auto_rows), "yes" if a.exact else "**NO**"])
+    return ("Before each session the robot's method chooser (decoding/policy.py) predicts the command's decoding "
+            "time speculating γ per block, rounds × (γd + R + V(γ)), for every γ, and streamed by the target "
+            "alone, P × V_ar (P tokens the grammar does not force), from the acceptance, drafting time, passes and "
+            "round trip its previous sessions on that link measured; it speculates with the best γ when that is at "
+            "least 10% faster, else it asks the verifier to stream the target's own tokens. Both are lossless. One "
+            "decoder per RTT profile; its first two sessions there (the warm-up prompt) are not recorded.\n\n" +
+            _table(["RTT ms", "auto s", "cloud AR s", "full method s", "auto / cloud AR", "chosen", "= target"], rows))
 
 
 def _prompt_note(results: dict) -> str:

@@ -4,6 +4,9 @@ Pinned to the robot's core with one torch thread. For each RTT profile it talks 
 verifier servers through proxies of that profile: one without early exits (cloud
 autoregressive and vanilla speculative) and one with them (the preemptive rungs). Methods
 are interleaved per prompt (in a rotating order), so load from anything else on the machine hits them alike.
+The auto rung keeps one decoder per link (RTT profile): it chooses each session's method from the
+sessions before it there, so its first two sessions on each link (the warm-up prompt, not
+recorded) give it something to go on, as a robot's earlier commands would.
 The ROS line decodes the full method twice per prompt at one RTT: straight over gRPC, and
 through ROS 2 (this process's RosVerifier -> spec/draft over DDS -> the bridge node process ->
 gRPC -> proxy -> server). Every output is compared with the target's own (the in-process
@@ -53,6 +56,8 @@ class Robot:
         self.prompts = [Prompt.from_json(p) for p in job["prompts"]]
         self.refs = job["references"]
         self.max_new = job["max_new_tokens"]
+        self.methods = [m for m in ladder.NETWORKED if m.key in job.get("methods", [m.key for m in ladder.NETWORKED])]
+        self.auto: dict[int, object] = {}  # id(verifier) -> the auto rung's decoder on that link
         self.rows: list[dict] = []
 
     def grpc(self, address: str):
@@ -67,10 +72,23 @@ class Robot:
         if method.kind == "cloud_ar":
             forced = self.refs[str(prompt.index)][key + "_forced"]
             return cloud_autoregressive(verifier.inner, request, reference, forced, self.draft.decode)
+        if method.kind == "auto":
+            result = self.auto_decoder(verifier).generate(request)
+            return ladder.record(method, result, result.open_s, reference)
         decoder = ladder.decoder_for(method, self.draft, verifier, self.settings)
         if method.kind == "edge":
             return ladder.record(method, decoder.generate_unverified(request), 0.0, reference)
         return ladder.record(method, decoder.generate(request), verifier.last_open_s, reference)
+
+    def auto_decoder(self, verifier: ladder.OpenTimer):
+        """The auto rung's decoder on this link, made on first use and warmed by two unrecorded sessions."""
+        if id(verifier) not in self.auto:
+            decoder = ladder.decoder_for(ladder.AUTO, self.draft, verifier, self.settings)
+            warm = self.prompts[0].request(True, self.max_new)
+            for _ in range(2):
+                decoder.generate(warm)
+            self.auto[id(verifier)] = decoder
+        return self.auto[id(verifier)]
 
     def add(self, row: dict, prompt: Prompt, rtt_ms: float | None, transport: str) -> dict:
         row.update(prompt=prompt.index, rtt_ms=rtt_ms, transport=transport)
@@ -93,17 +111,21 @@ class Robot:
             self.add(self.decode(ladder.EDGE_ONLY, verifiers[(rtts[0], "plain")], prompt), prompt, None, "none")
         progress("robot", f"edge-only done ({len(self.prompts)} prompts)")
         for rtt in rtts:
+            if ladder.AUTO in self.methods:
+                self.auto_decoder(verifiers[(rtt, "exits")])
             for n, prompt in enumerate(self.prompts):
                 # The order rotates per prompt, so no method always runs first (or right after another).
-                shift = n % len(ladder.NETWORKED)
-                for method in ladder.NETWORKED[shift:] + ladder.NETWORKED[:shift]:
+                shift = n % len(self.methods)
+                for method in self.methods[shift:] + self.methods[:shift]:
                     v = verifiers[(rtt, "exits" if method.exits else "plain")]
                     self.add(self.decode(method, v, prompt), prompt, rtt, "grpc")
                 if rtt == job["free_rtt_ms"] and n < job["free_prompts"]:
                     self.add(self.decode(ladder.FREE, verifiers[(rtt, "exits")], prompt), prompt, rtt, "grpc")
                 done = [r for r in self.rows if r["rtt_ms"] == rtt and r["prompt"] == prompt.index]
                 progress("robot", f"RTT {rtt:g} ms, prompt {n + 1}/{len(self.prompts)}: " + ", ".join(
-                    f"{r['method']} {r['wall_s']:.2f}s" + ("" if r["exact"] else " DIFFERS") for r in done))
+                    f"{r['method']} {r['wall_s']:.2f}s" + (f" ({r['chosen']})" if r["method"] == ladder.AUTO.key
+                                                           else "") + ("" if r["exact"] else " DIFFERS")
+                    for r in done))
         if job.get("ros"):
             self.run_ros(verifiers[(float(job["ros"]["rtt_ms"]), "exits")], float(job["ros"]["rtt_ms"]))
         for v in verifiers.values():

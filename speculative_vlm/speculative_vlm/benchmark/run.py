@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=None, help="prompts per method and RTT (full: 10)")
     parser.add_argument("--free-prompts", type=int, default=None, help="prompts for the grammar-off rung (full: 3)")
     parser.add_argument("--rtts", default="5,20,60,150", help="RTT profiles in ms")
+    parser.add_argument("--methods", default=",".join(m.key for m in ladder.NETWORKED),
+                        help="the ladder's rungs to decode at every RTT (a quick look at a few; the report's "
+                             "checks of rungs left out read 'not measured')")
     parser.add_argument("--bandwidth-mbps", type=float, default=20.0, help="link bandwidth limit each way")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="one-way jitter (std dev)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per block (initial, when adaptive)")
@@ -111,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     free_prompts = min(n_prompts, args.free_prompts if args.free_prompts is not None else (1 if quick else 3))
     per_robot = args.fleet_commands or (1 if quick else 3)
     rtts = _ints(args.rtts) if not quick or args.rtts != "5,20,60,150" else [5, 20]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - {m.key for m in ladder.NETWORKED})
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; the rungs are {[m.key for m in ladder.NETWORKED]}")
     fleet_sizes = _ints(args.fleet) if not quick or args.fleet != "1,2,4,8" else [1, 2]
     layers = _target_layers(target)
     exit_heads = None if quick else (args.exit_heads or _shipped_exit_heads())
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             env = {"ROS_DOMAIN_ID": domain, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
             bridge = _start_bridge(addresses[str(int(args.ros_rtt))]["exits"], token, workdir, robot_cores, env)
             ros = {"rtt_ms": args.ros_rtt}
-        robot_job = dict(common, references=references, rtts_ms=rtts, addresses=addresses, token=token,
+        robot_job = dict(common, references=references, rtts_ms=rtts, addresses=addresses, token=token, methods=methods,
                          free_rtt_ms=20 if 20 in rtts else rtts[0], ros=ros)
         robot = start_worker("robot", "speculative_vlm.benchmark.robot_side", robot_job, workdir, robot_cores, 1,
                              env=env).result()
@@ -209,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
             s.stop()
 
     meta = {"quick": quick, "target": target, "draft": draft, "draft_dtype": draft_dtype, "stand_in": stand_in,
-            "prompts": n_prompts, "free_prompts": free_prompts, "rtts_ms": rtts, "bandwidth_mbps": args.bandwidth_mbps,
+            "prompts": n_prompts, "free_prompts": free_prompts, "rtts_ms": rtts, "methods": methods,
+            "bandwidth_mbps": args.bandwidth_mbps,
             "jitter_ms": args.jitter_ms, "exit_layers": list(exit_layers), "exit_heads": exit_heads,
             "early_threshold": args.early_threshold,
             "target_layers": layers, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
