@@ -106,12 +106,12 @@ def test_sessions_spread_over_both_replicas_each_pinned_to_one_and_lossless(flee
         placed[session_id] = replica_of(session_id)
     assert len(set(placed.values())) == 2, f"all sessions on one replica: {placed}"
     by_replica = received(fleet)
-    assert set(by_replica) == set(placed.values())
+    assert set(placed.values()) <= set(by_replica), (placed, by_replica)
     for session_id, replica in placed.items():
         assert fleet.service.placements[session_id] == replica
         # Open, every Draft and Close reached the replica that holds the session, and no other.
-        assert by_replica[replica].get(session_id, 0) >= 3, (session_id, by_replica[replica])
-        assert all(session_id not in got for other, got in by_replica.items() if other != replica)
+        assert by_replica[replica].get(session_id, 0) >= 3, (session_id, by_replica)
+        assert all(session_id not in got for other, got in by_replica.items() if other != replica), by_replica
 
 
 def test_a_killed_replica_loses_only_its_sessions_which_reopen_losslessly(fleet, models):
@@ -147,6 +147,19 @@ def test_a_killed_replica_loses_only_its_sessions_which_reopen_losslessly(fleet,
         tokens, session_id = decode(address, draft, prompt)
         assert tokens == expected[prompt], prompt
         assert replica_of(session_id) != victim
+    verifier.close()
+
+
+def test_stopping_the_front_ends_open_sessions_with_server_shutdown(fleet, models):
+    # Last of the module's fleet tests: it stops the fleet.
+    _, draft, _ = models
+    verifier = GrpcVerifier(f"127.0.0.1:{fleet.port}", token=TOKEN, open_timeout_s=60, verdict_timeout_s=60)
+    held = verifier.open(request(PROMPTS[0]))
+    started = time.monotonic()
+    fleet.stop()
+    assert time.monotonic() - started < 30
+    with pytest.raises(LinkLost, match="server_shutdown"):
+        SpeculativeDecoder(draft, HeldSession(held), verdict_timeout_s=60).generate(request(PROMPTS[0]))
     verifier.close()
 
 

@@ -267,6 +267,7 @@ class Fleet:
     handle: Any
     replicas: int
     started_ray: bool
+    stopped: bool = False
 
     def call(self, method: str, replica: str | None = None, key: str = "") -> Any:
         """A handle to ``method``, pinned to ``replica`` when given."""
@@ -285,12 +286,30 @@ class Fleet:
         import ray
         from ray import serve
 
+        if self.stopped:
+            return
+        self.stopped = True
         try:
             serve.delete(APP_NAME)
         finally:
             if self.started_ray:
                 serve.shutdown()
                 ray.shutdown()
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at ``address``, or start a local one on loopback (no dashboard);
+    True when this call started a cluster. Nothing happens if Ray is already initialised."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        return False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+    return True
 
 
 def start_fleet(config: ServerConfig, replicas: int, *, ray_address: str | None = None,
@@ -305,18 +324,10 @@ def start_fleet(config: ServerConfig, replicas: int, *, ray_address: str | None 
     """
     if replicas < 1:
         raise ConfigError(f"replicas must be >= 1, got {replicas}")
-    import ray
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    started_ray = False
-    if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=False, configure_logging=False)
-            started_ray = True
+    started_ray = init_ray(ray_address, num_cpus)
     serve.start(proxy_location="Disabled")
     limits = config.limits
     deployment = serve.deployment(
@@ -325,6 +336,8 @@ def start_fleet(config: ServerConfig, replicas: int, *, ray_address: str | None 
         # Each open session holds one request (its stream) for its life; its messages are more.
         max_ongoing_requests=2 * limits.max_sessions + 16,
         health_check_period_s=health_check_period_s,
+        # The front cancels every session's stream before deleting the replicas: nothing to wait for.
+        graceful_shutdown_timeout_s=5.0,
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS))
     started = time.monotonic()
     handle = serve.run(deployment.bind(config), name=APP_NAME, route_prefix=None)
@@ -365,6 +378,8 @@ class FleetFront:
         # Each session's replica, as the robot sees the session: {Opened.session_id: replica}.
         self.placements: OrderedDict[str, str] = OrderedDict()
         self._stopping = threading.Event()
+        self._streams: dict[str, Any] = {}  # key -> the session's Ray stream, while it runs
+        self._lock = threading.Lock()
 
     def handler(self) -> grpc.GenericRpcHandler:
         # Bytes in, bytes out: the replica parses (and refuses what does not parse).
@@ -390,6 +405,10 @@ class FleetFront:
         self.metrics.streams.inc()
         key = uuid.uuid4().hex[:16]
         stream = self.fleet.call("session").options(stream=True).remote(key, client, peer)
+        with self._lock:
+            self._streams[key] = stream
+        if self._stopping.is_set():  # shutdown() may have missed it
+            stream.cancel()
         lost: list[str] = []
         context.add_callback(stream.cancel)  # the robot went away: the replica closes the session
         try:
@@ -408,14 +427,20 @@ class FleetFront:
                     _, code, reason = item
                     self._end_rpc(context, code, reason)
         except self.lost_errors as exc:
-            if self._stopping.is_set() or (not lost and not context.is_active()):
-                return  # the server stops, or the robot left: nobody to tell
+            if self._stopping.is_set():
+                yield from self._refuse(context, "server_shutdown", "the server is shutting down; reconnect and "
+                                        "open a new session", client, peer)
+                return
+            if not lost and not context.is_active():
+                return  # the robot left: nobody to tell
             reason = lost[0] if lost else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             yield from self._refuse(context, "replica_lost", f"the verifier replica holding this session was "
                                     f"lost ({reason}); open a new session (another replica takes it)",
                                     client, peer)
         finally:
             stream.cancel()
+            with self._lock:
+                self._streams.pop(key, None)
             self.store.remove(place)
             self.metrics.streams.dec()
 
@@ -474,8 +499,12 @@ class FleetFront:
         context.set_details(reason)
 
     def shutdown(self) -> None:
-        """Stop taking sessions and end the replicas (their sessions end with the server)."""
+        """Stop taking sessions, end every open one with ``server_shutdown``, then the replicas."""
         self._stopping.set()
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:  # the replicas close these sessions; the robots are told why
+            stream.cancel()
         self.fleet.stop()
 
 
