@@ -250,10 +250,14 @@ def start_server(model_dir: Path, config: Path, tokens: str, seconds_per_token: 
 
     Runs test/slow_cloud_server.py (the real ``main()``, signals included); returns once it serves.
     """
+    return start_server_script("slow_cloud_server.py", str(seconds_per_token), "--config", str(config),
+                               "--model", str(model_dir), tokens=tokens)
+
+
+def start_server_script(script: str, *args: str, tokens: str = "") -> ServerProcess:
+    """``python test/<script> args...`` (a wrapper around the real ``main()``); returns once it serves."""
     env = dict(os.environ, SPECULATIVE_VLM_TOKENS=tokens)
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "slow_cloud_server.py"), str(seconds_per_token), "--config", str(config),
-         "--model", str(model_dir)], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, str(HERE / script), *args], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         line = proc.stderr.readline()

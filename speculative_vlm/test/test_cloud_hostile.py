@@ -323,9 +323,9 @@ def test_sigterm_during_a_maximum_length_prefill_stops_the_server_within_a_chunk
                   f"{exited * 1000:.0f} ms later (the rest is the interpreter's teardown); healthy robot: "
                   f"{outcome} ({outcome.errors[-1:]})")
     assert server.proc.returncode == 0
-    assert end.code == "server_shutdown"
+    assert end.code == "draining"  # a prefill is not a block in flight: the drain ends it at once
     assert ended_at - signalled < 0.5  # at once; the model is free after its 128 ms chunk, not in 3 s
     assert stopped < 1.5  # with the metrics endpoint's 0.5 s poll; a whole prefill would be 3.6 s
     assert outcome.mismatched == 0 and outcome.matched >= 1
-    # The decode in flight (or the Open) fails as a lost link, which a robot reconnects after.
-    assert len(outcome.errors) <= 1 and all(e.startswith("LinkLost") for e in outcome.errors)
+    # The decode in flight (or the Open) ends draining (a lost link), which a robot reconnects after.
+    assert len(outcome.errors) <= 1 and all(e.startswith(("Draining", "LinkLost")) for e in outcome.errors)

@@ -1,4 +1,5 @@
-"""Benchmark: tokens per second of N robots on one verifier server, batched against unbatched.
+"""Benchmark: tokens per second of N robots on one verifier server, batched against unbatched
+(and, with ``--replicas N``, on one replica against N replicas on Ray Serve behind one address).
 
 The server is real (gRPC on loopback, the target model, the batch scheduler). The robots
 are load generators: each replays its prompt's target-greedy output (fetched first
@@ -113,13 +114,55 @@ def run_phase(engine, max_batch: int, requests: list[SessionRequest], references
     config = ServerConfig(bind="127.0.0.1:0", max_batch=max_batch, max_wait_ms=args.max_wait_ms,
                           exit_layers=tuple(engine.exit_layers), tokens_file=_tokens_file(token))
     handle = serve(config, engine=engine)
+    results, wall = _drive(handle.port, token, requests, references, args, engine.model.vocab_size)
+    sched = handle.service.scheduler
+
+    def histogram_sum(histogram) -> float:
+        return sum(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_sum"))
+
+    batch_sum = histogram_sum(handle.metrics.batch_size)
+    pass_s = histogram_sum(handle.metrics.verify_latency) / max(1, sched.passes)
+    wait_s = histogram_sum(handle.metrics.queue_wait) / max(1, batch_sum)
+    handle.stop()
+    tokens = sum(r[0] for r in results)
+    return PhaseResult(max_batch, len(requests), tokens, round(wall, 3), round(tokens / wall, 2),
+                       sum(r[1] for r in results), sched.passes, round(batch_sum / max(1, sched.passes), 2),
+                       sched.largest_batch, round(pass_s, 4), round(wait_s, 4), all(r[2] == -1 for r in results),
+                       [r[2] for r in results])
+
+
+def run_replicas_phase(replicas: int, exit_layers: list[int], requests: list[SessionRequest],
+                       references: list[list[int]], vocab: int, args: argparse.Namespace) -> dict:
+    """The same robots against ``replicas`` verifier replicas on Ray Serve behind one address
+    (``cloud.ray_serve``); each replica loads ``args.model`` and batches its own sessions."""
+    from speculative_vlm.cloud.ray_serve import serve_fleet
+
+    token = secrets.token_hex(16)
+    config = ServerConfig(model=args.model, bind="127.0.0.1:0", max_batch=args.max_batch or args.clients,
+                          max_wait_ms=args.max_wait_ms, exit_layers=tuple(exit_layers), tokens_file=_tokens_file(token),
+                          torch_threads=args.threads or 1)
+    handle = serve_fleet(config, replicas)
+    try:
+        results, wall = _drive(handle.port, token, requests, references, args, vocab)
+        placed = len(set(handle.service.placements.values()))
+    finally:
+        handle.stop()
+    tokens = sum(r[0] for r in results)
+    return {"replicas": replicas, "clients": len(requests), "replicas_used": placed, "tokens": tokens,
+            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2), "rounds": sum(r[1] for r in results),
+            "exact": all(r[2] == -1 for r in results)}
+
+
+def _drive(port: int, token: str, requests: list[SessionRequest], references: list[list[int]],
+           args: argparse.Namespace, vocab: int) -> tuple[list[tuple[int, int, int]], float]:
+    """Every robot decodes once through the server on ``port`` (through the delay proxy when
+    asked); their results and the wall time from all sessions open to the last robot's end."""
     proxy = None
-    address = handle.address
+    address = f"127.0.0.1:{port}"
     if args.delay_ms > 0:
-        proxy = DelayProxy(("127.0.0.1", handle.port), LinkProfile(args.delay_ms / 1000, args.jitter_ms / 1000)).start()
+        proxy = DelayProxy(("127.0.0.1", port), LinkProfile(args.delay_ms / 1000, args.jitter_ms / 1000)).start()
         address = proxy.address
     results: list[tuple[int, int, int] | BaseException] = [None] * len(requests)  # type: ignore[list-item]
-    vocab = engine.model.vocab_size
 
     started: list[float] = []
     opened = threading.Barrier(len(requests) + 1, action=lambda: started.append(time.perf_counter()))
@@ -142,23 +185,12 @@ def run_phase(engine, max_batch: int, requests: list[SessionRequest], references
     for t in threads:
         t.join()
     wall = time.perf_counter() - started[0] if started else float("nan")
-    sched = handle.service.scheduler
-    def histogram_sum(histogram) -> float:
-        return sum(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_sum"))
-
-    batch_sum = histogram_sum(handle.metrics.batch_size)
-    pass_s = histogram_sum(handle.metrics.verify_latency) / max(1, sched.passes)
-    wait_s = histogram_sum(handle.metrics.queue_wait) / max(1, batch_sum)
     if proxy is not None:
         proxy.stop()
-    handle.stop()
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise errors[0]
-    tokens = sum(r[0] for r in results)
-    return PhaseResult(max_batch, len(requests), tokens, round(wall, 3), round(tokens / wall, 2),
-                       sum(r[1] for r in results), sched.passes, round(batch_sum / max(1, sched.passes), 2),
-                       sched.largest_batch, round(pass_s, 4), round(wait_s, 4), all(r[2] == -1 for r in results), [r[2] for r in results])
+    return results, wall  # type: ignore[return-value]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jitter-ms", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=1, help="alternating batched/unbatched runs (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--replicas", type=int, default=0, help="also 1 against this many verifier replicas on "
+                        "Ray Serve behind one address (cloud/ray_serve.py; 0 = skip)")
     parser.add_argument("--json", help="also write the results here")
 
 
@@ -220,9 +254,28 @@ def run(args: argparse.Namespace) -> int:
         "speedup_batched_over_unbatched": round(batched.tokens_per_s / unbatched.tokens_per_s, 3),
         "all_runs_tokens_per_s": [[b.tokens_per_s, u.tokens_per_s] for b, u in runs],
     }
+    if args.replicas:
+        from speculative_vlm.cloud.ray_serve import init_ray
+
+        # One local Ray cluster for both fleets; each replica is a process with its own torch threads.
+        started_ray = init_ray(num_cpus=os.cpu_count())
+        try:
+            fleets = [run_replicas_phase(n, layers, requests, references, engine.model.vocab_size, args)
+                      for n in sorted({1, args.replicas})]
+        finally:
+            if started_ray:
+                import ray
+                import ray.serve
+
+                ray.serve.shutdown()
+                ray.shutdown()
+        report["replicas"] = fleets
+        report["speedup_replicas"] = round(fleets[-1]["tokens_per_s"] / fleets[0]["tokens_per_s"], 3)
+        report["cpu_cores"] = os.cpu_count()
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
-    return 0 if all(b.exact and u.exact for b, u in runs) else 1
+    exact = all(b.exact and u.exact for b, u in runs) and all(f["exact"] for f in report.get("replicas", []))
+    return 0 if exact else 1

@@ -69,6 +69,9 @@ class ServerConfig:
     metrics_bind: str = "127.0.0.1"
     session_idle_s: float = 60.0
     open_timeout_s: float = 5.0  # a stream must send Open within this (or session_idle_s, if shorter)
+    # On SIGTERM the server drains: blocks already in flight get their verdicts within this, then
+    # every session left is ended with the retryable code ``draining`` and the process exits.
+    drain_timeout_s: float = 10.0
     # Prompts are prefilled this many tokens at a time, and other sessions' verification passes
     # run between chunks: a long prompt delays them by one chunk at most.
     prefill_chunk_tokens: int = 256
@@ -96,6 +99,8 @@ class ServerConfig:
             raise ConfigError(f"bind must be host:port, got {self.bind!r}")
         if self.open_timeout_s <= 0 or self.session_idle_s <= 0:
             raise ConfigError("open_timeout_s and session_idle_s must be > 0 s")
+        if self.drain_timeout_s < 0:
+            raise ConfigError(f"drain_timeout_s must be >= 0 s (0 ends sessions at once), got {self.drain_timeout_s}")
         if self.prefill_chunk_tokens < 1:
             raise ConfigError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
         limits = self.limits

@@ -44,6 +44,7 @@ class BatchScheduler:
         self._stopped = False
         self.passes = 0
         self.largest_batch = 0
+        self._in_pass: set[ServerSession] = set()  # sessions with a block in the pass running now
         self._thread = threading.Thread(target=self._run, daemon=True, name="batch-scheduler")
         self._thread.start()
 
@@ -73,11 +74,21 @@ class BatchScheduler:
             self._on_failed(session, "invalid_argument", "draft: this session verifies no drafts (it was opened "
                             "AUTOREGRESSIVE, the cloud generates alone); open a SPECULATIVE session to send drafts")
 
-    def stop(self) -> None:
+    def busy(self, session: ServerSession) -> bool:
+        """Whether ``session`` has a block queued or in the pass running now (a drain waits for it)."""
+        with self._cond:
+            return bool(session.pending) or session in self._in_pass
+
+    def wait_for_progress(self, timeout_s: float) -> None:
+        """Wait until a pass ends, a block is queued or a session leaves (or ``timeout_s``)."""
+        with self._cond:
+            self._cond.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        self._thread.join(timeout=5.0)
+        self._thread.join(timeout=timeout_s)
 
     # -- the verification thread ---------------------------------------------------
     def _ready(self) -> list[ServerSession]:
@@ -86,6 +97,9 @@ class BatchScheduler:
     def _next_batch(self) -> list[tuple[ServerSession, DraftBlock, float]] | None:
         free_at = time.monotonic()
         with self._cond:
+            if self._in_pass:  # the previous pass has answered its sessions
+                self._in_pass.clear()
+                self._cond.notify_all()
             while not self._stopped and not self._ready():
                 self._cond.wait()
             if self._stopped:
@@ -106,6 +120,7 @@ class BatchScheduler:
             for s in ready:
                 block, arrived = s.pending.popleft()
                 batch.append((s, block, arrived))
+                self._in_pass.add(s)
             return batch
 
     def _run(self) -> None:

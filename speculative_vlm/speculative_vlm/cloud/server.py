@@ -92,6 +92,19 @@ class ServerHandle:
         self._server.stop(grace).wait()
         self.metrics.stop()
 
+    def drain(self, timeout_s: float | None = None, abandon: threading.Event | None = None) -> dict[str, Any]:
+        """What SIGTERM does: NOT_SERVING on the health service at once (load balancers and
+        orchestrators stop sending robots here), new sessions refused with ``draining``, the blocks
+        already in flight answered within ``timeout_s`` (``config.drain_timeout_s``), every other
+        session ended with ``draining`` (retryable: robots reopen elsewhere or here once back).
+        ``abandon`` (a second signal) cuts the wait short. Call :meth:`stop` after it."""
+        self._health.enter_graceful_shutdown()
+        timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        drain = getattr(self.service, "drain", None)  # the Ray Serve front has none: it shuts down
+        if drain is None:
+            return {}
+        return drain(timeout_s, abandon)
+
     def wait(self) -> None:
         self._server.wait_for_termination()
 
@@ -176,6 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = pick one)")
     p.add_argument("--session-idle-s", type=float, help="expire sessions idle this long")
     p.add_argument("--open-timeout-s", type=float, help="end streams that send no Open within this")
+    p.add_argument("--drain-timeout-s", type=float, help="on SIGTERM, how long blocks in flight may take before "
+                   "the remaining sessions are ended with 'draining' and the process exits (default 10)")
     p.add_argument("--prefill-chunk-tokens", type=int, help="prompt tokens prefilled between verifications")
     p.add_argument("--torch-threads", type=int, help="torch CPU threads")
     p.add_argument("--max-image-bytes", type=int, help="largest JPEG accepted")
@@ -202,7 +217,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     changes: dict[str, Any] = {}
     for name in ("model", "exit_heads", "max_batch", "max_wait_ms", "bind", "tls_cert", "tls_key", "allow_insecure",
                  "tokens_file", "tokens_env", "metrics_port", "session_idle_s", "open_timeout_s",
-                 "prefill_chunk_tokens", "torch_threads", "log_level"):
+                 "prefill_chunk_tokens", "torch_threads", "log_level", "drain_timeout_s"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -243,19 +258,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, AuthConfigError) as exc:
         log.error(str(exc), extra={"event": "refused_to_start"})
         return 2
-    done = threading.Event()
+    done, abandon = threading.Event(), threading.Event()
     signalled: list[float] = []
 
     def on_signal(*_: object) -> None:
         signalled.append(time.monotonic())
+        if done.is_set():
+            abandon.set()  # a second signal: stop draining, end the sessions left now
         done.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     done.wait()
-    log.info("stopping", extra={"event": "stopping"})
-    # Prefills stop at their next chunk and every stream is ended with a reason: within a chunk.
-    handle.stop(grace=2.0)
+    # Health says NOT_SERVING from here; blocks in flight are answered, then every session is
+    # ended with the retryable `draining` code, so robots re-decode their step elsewhere or here
+    # once the server is back (README: restarts and rollouts).
+    log.info("draining", extra={"event": "draining", "drain_timeout_s": config.drain_timeout_s})
+    counts = handle.drain(config.drain_timeout_s, abandon)
+    log.info("drained", extra={"event": "drained", **counts,
+                               "after_signal_s": round(time.monotonic() - signalled[0], 4)})
+    # Streams have been told; their threads free the caches. Prefills stop at their next chunk.
+    handle.stop(grace=1.0)
     log.info("stopped", extra={"event": "stopped",
                                "after_signal_s": round(time.monotonic() - signalled[0], 4)})
     return 0

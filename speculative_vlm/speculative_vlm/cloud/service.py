@@ -55,6 +55,10 @@ log = logging.getLogger("speculative_vlm.cloud.service")
 SERVICE_NAME = "speculative_vlm.v1.Verification"
 # Reserved KV memory given back since the last trim after which the allocator is trimmed.
 TRIM_AFTER_BYTES = 4 * 2**20
+DRAINING_REASON = ("the verifier is draining for a restart or a rollout; blocks already in flight were answered. "
+                   "Reopen the session (here once the server is back, or on another) and decode the step again")
+# How often a drain looks at its sessions again when no pass ended meanwhile.
+DRAIN_POLL_S = 0.05
 
 
 class Malformed:
@@ -98,6 +102,7 @@ class VerificationService:
         # A stream gets no more time to send Open than an open session gets to stay idle.
         self.open_timeout_s = min(config.open_timeout_s, config.session_idle_s)
         self._stopped = threading.Event()
+        self._draining = threading.Event()  # SIGTERM: no new work; sessions end once their blocks are answered
         self._janitor = threading.Thread(target=self._expire_idle, daemon=True, name="session-janitor")
         self._janitor.start()
 
@@ -118,6 +123,8 @@ class VerificationService:
         client = "?"
         try:
             client = self._authenticate(address, context)
+            if self._draining.is_set():
+                raise LimitExceeded("draining", DRAINING_REASON)
             session = ServerSession(client=client, peer=peer)
             limits = self.config.limits
             self.store.admit(session, limits.max_sessions, limits.max_sessions_per_client)
@@ -196,6 +203,9 @@ class VerificationService:
                 session.end()
 
     def _open(self, session: ServerSession, msg: pb.Open) -> None:
+        if self._draining.is_set():
+            self._fail(session, "draining", DRAINING_REASON)
+            return
         if session.stage is not Stage.CONNECTED:
             self._fail(session, "already_open", f"session {session.id} is open; one Open per stream")
             return
@@ -300,6 +310,10 @@ class VerificationService:
         if session.target is None:
             self._fail(session, "no_session", "Draft before Open: this stream has no session; send Open first")
             return
+        if self._draining.is_set():
+            # Not queued: blocks sent after the signal are not in flight. The drain ends this session
+            # with `draining` as soon as the blocks it had queued before are answered.
+            return
         try:
             self.rate.take(session.client)
             block = convert.draft_from_pb(msg)
@@ -355,10 +369,55 @@ class VerificationService:
             if self.kv_budget.take_released() >= TRIM_AFTER_BYTES:
                 return_free_memory()
 
+    def drain(self, timeout_s: float, abandon: threading.Event | None = None) -> dict[str, int]:
+        """Stop taking work, answer the blocks already in flight, then end every session with ``draining``.
+
+        From the call on, new streams and Opens are refused with ``draining`` and new Drafts are not
+        queued. A session with nothing queued or in a pass is ended at once; one with blocks in flight
+        once their verdicts have gone out, or when ``timeout_s`` (or ``abandon``: a second signal)
+        runs out. The drain never waits for the model itself: each stream's own thread frees its
+        session's cache after telling the robot, and the process is about to exit anyway. Returns
+        counts for the log: sessions ended after their blocks, and ended at the deadline.
+        """
+        self._draining.set()
+        deadline = time.monotonic() + timeout_s
+        ended = cut = 0
+        while True:
+            waiting = 0
+            for session in self.store.all():
+                if session.closed:
+                    continue  # told already; its stream thread is cleaning up
+                if self.scheduler.busy(session):
+                    waiting += 1
+                    continue
+                self._tell_draining(session, DRAINING_REASON)
+                ended += 1
+            remaining = deadline - time.monotonic()
+            if not waiting or remaining <= 0 or (abandon is not None and abandon.is_set()):
+                break
+            self.scheduler.wait_for_progress(min(DRAIN_POLL_S, remaining))
+        for session in self.store.all():
+            if not session.closed:
+                self._tell_draining(session, f"{DRAINING_REASON} (its blocks were not answered within the "
+                                    f"{timeout_s:g} s drain deadline)")
+                cut += 1
+        self._stopped.set()
+        self.scheduler.stop(timeout_s=0.0)
+        return {"sessions_ended": ended, "sessions_cut_at_deadline": cut}
+
+    def _tell_draining(self, session: ServerSession, reason: str) -> None:
+        """End the session's stream with ``draining``; its stream thread then frees the session."""
+        self._count_refusal("draining", reason, session.client, session.peer, session.id)
+        session.refuse("draining", reason)
+
     def shutdown(self) -> None:
         self._stopped.set()
         for session in self.store.all():
-            self._fail(session, "server_shutdown", "the server is shutting down; reconnect and open a new session")
+            if not session.closed:  # a drain has told the others already
+                self._fail(session, "server_shutdown", "the server is shutting down; reconnect and open a new "
+                           "session")
+        if self._draining.is_set():
+            return  # the drain had its deadline: it does not wait for the model, and has stopped the scheduler
         # Prefills stop at their next chunk; wait for the model's current chunk or pass to end.
         with self.engine_lock:
             pass

@@ -32,6 +32,15 @@ class LinkLost(VerifierError):
     """The connection to the verifier is gone; open a new session once it is back."""
 
 
+class Draining(LinkLost):
+    """The verifier is stopping for a restart or a rollout (code ``draining``): it answered the
+    blocks already in flight, then ended the session (or refused to open one). Nothing was wrong
+    with the request: open it again, on the same address once the server is back or on another,
+    and decode the step again."""
+
+    code = "draining"
+
+
 class Refused(VerifierError):
     """The verifier refused a request; ``code`` and the message say why."""
 

@@ -1,14 +1,17 @@
 """The robot-side client: a :class:`Verifier` over the gRPC protocol, with deadlines,
-reconnection with back-off and an observable link state.
+reconnection with back-off, fail-over between verifier addresses and an observable link state.
 
-One ``GrpcVerifier`` holds one channel (HTTP/2 connection) to the cloud; each
-``open()`` starts one bidirectional stream, the session. Verdicts are read by a thread
-into a queue, so ``next_verdict`` honours its timeout whatever the network does. A broken
-stream ends the session with :class:`LinkLost` (sessions live in the server's memory: a
-new one must be opened, which ``open()`` retries with exponential back-off until its
-deadline). Refusals arrive as typed :class:`Refused` subclasses with the server's reason,
-mapped from the server's error code (or, from servers and proxies that send only a status,
-from the gRPC status) through the one table in ``protocol.errors``.
+One ``GrpcVerifier`` holds one channel (HTTP/2 connection) per verifier address; each
+``open()`` starts one bidirectional stream, the session, on the current address. Verdicts are
+read by a thread into a queue, so ``next_verdict`` honours its timeout whatever the network
+does. A broken stream ends the session with :class:`LinkLost` (sessions live in the server's
+memory: a new one must be opened). A server that drains for a restart ends its sessions, and
+refuses new ones, with :class:`Draining` (a ``LinkLost``: retryable, ``protocol.errors``).
+``open()`` retries both until its deadline: it moves to the next address at once (when there
+is one), and backs off exponentially each time it has tried them all. Refusals arrive as typed
+:class:`Refused` subclasses with the server's reason, mapped from the server's error code (or,
+from servers and proxies that send only a status, from the gRPC status) through the one table
+in ``protocol.errors``; they are never retried here.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
+    Draining,
     LinkLost,
     Refused,
     SessionRequest,
@@ -62,6 +66,7 @@ class GrpcSession(VerifierSession):
         self._sent_at: list[float] = []  # submit times of blocks without a final answer
         self.session_id = ""
         self.opened: pb.Opened | None = None
+        self.address = verifier.address  # the one this session runs on
         self._requests.put(first)
         self._call = verifier._session_rpc(
             self._request_stream(), metadata=verifier._metadata, timeout=verifier.session_deadline_s)
@@ -80,29 +85,35 @@ class GrpcSession(VerifierSession):
                 kind = message.WhichOneof("kind")
                 if kind == "error":
                     # The stream ends right after with the same code's gRPC status; either says it.
-                    error = errors.exception_for(message.error.code, message.error.reason)
-                    self._fail(error, link_lost=isinstance(error, LinkLost))
+                    self._fail(errors.exception_for(message.error.code, message.error.reason))
                     return
                 self._events.put(message if kind in ("opened", "token") else convert.verdict_from_pb(message))
             if not self._closing:
                 self._fail(LinkLost("the server ended the stream without a reason; open a new session"),
-                           link_lost=False)
+                           link_state=None)
         except grpc.RpcError as exc:
             if self._closing:
                 return
             status, details = exc.code(), exc.details() or ""
             error = errors.exception_for_status(status, details, errors.code_in(exc.trailing_metadata()))
             if error is None:
-                error = LinkLost(f"link to {self._verifier.address} lost ({status.name}: {details}); "
+                error = LinkLost(f"link to {self.address} lost ({status.name}: {details}); "
                                  "open a new session when the link is back")
-            self._fail(error, link_lost=isinstance(error, LinkLost))
+            self._fail(error)
 
-    def _fail(self, error: VerifierError, link_lost: bool) -> None:
+    def _fail(self, error: VerifierError, link_state: LinkState | None = LinkState.LOST) -> None:
+        """End the session with ``error``; a lost link also changes the link's state.
+
+        A draining server is still reachable and comes back (or another one takes over): the link
+        is DEGRADED, not LOST, while the robot reopens the session.
+        """
         if self._failure is None:
             self._failure = error
             self._events.put(error)
-        if link_lost:
-            self._verifier.link.set(LinkState.LOST, str(error))
+        if isinstance(error, Draining):
+            link_state = LinkState.DEGRADED
+        if link_state is not None and isinstance(error, LinkLost):
+            self._verifier.link.set(link_state, str(error))
 
     # -- Verifier contract -----------------------------------------------------------
     def wait_opened(self, timeout: float) -> pb.Opened:
@@ -146,7 +157,7 @@ class GrpcSession(VerifierSession):
         except queue.Empty:
             if self._verifier.link.state is LinkState.CONNECTED:
                 self._verifier.link.set(LinkState.DEGRADED, f"no answer within {timeout:g} s")
-            raise VerifierTimeout(f"no answer from {self._verifier.address} within {timeout:g} s; "
+            raise VerifierTimeout(f"no answer from {self.address} within {timeout:g} s; "
                                   "the link or the server is slow, retry or open a new session") from None
         if isinstance(event, VerifierError):
             self._events.put(event)  # sticky: every later call fails the same way
@@ -164,14 +175,23 @@ class GrpcSession(VerifierSession):
 
 
 class GrpcVerifier(Verifier):
-    """``GrpcVerifier("cloud.example:443", tls=True)``; token from ``SPECULATIVE_VLM_TOKEN`` by default."""
+    """``GrpcVerifier("cloud.example:443", tls=True)``; token from ``SPECULATIVE_VLM_TOKEN`` by default.
 
-    def __init__(self, address: str, token: str | None = None, *, token_file: str | None = None,
+    ``address`` may be a list: the first is used until a session on it is lost or refused with
+    ``draining``, then ``open()`` moves on to the next (and around), so a fleet can be restarted
+    one server at a time, or a standby take over, while robots keep their goals.
+    """
+
+    def __init__(self, address: str | Sequence[str], token: str | None = None, *, token_file: str | None = None,
                  tls: bool = False, root_cert: bytes | None = None, server_name: str | None = None,
+                 client_cert: bytes | None = None, client_key: bytes | None = None,
                  open_timeout_s: float = 15.0, verdict_timeout_s: float = 10.0, degraded_after_s: float = 1.0,
                  backoff_initial_s: float = 0.1, backoff_max_s: float = 2.0, keepalive_s: float = 2.0,
                  session_deadline_s: float = 3600.0):
-        self.address = address
+        self.addresses = [address] if isinstance(address, str) else [a for a in address if a]
+        if not self.addresses:
+            raise ValueError("GrpcVerifier needs at least one verifier address (host:port)")
+        self._current = 0
         self.open_timeout_s = open_timeout_s
         self.verdict_timeout_s = verdict_timeout_s
         self.degraded_after_s = degraded_after_s
@@ -194,16 +214,35 @@ class GrpcVerifier(Verifier):
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        if tls or root_cert:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_cert)
-            self._channel = grpc.secure_channel(address, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=options)
-        self._session_rpc = self._channel.stream_stream(
+        if bool(client_cert) != bool(client_key):
+            raise ValueError("client_cert and client_key (mutual TLS) go together: give both or neither")
+        # client_cert/client_key: mutual TLS, the server verifies this client's certificate too.
+        creds = grpc.ssl_channel_credentials(root_certificates=root_cert, private_key=client_key,
+                                             certificate_chain=client_cert) if tls or root_cert or client_cert \
+            else None
+        self._channels = [grpc.secure_channel(a, creds, options=options) if creds is not None
+                          else grpc.insecure_channel(a, options=options) for a in self.addresses]
+        self._session_rpcs = [channel.stream_stream(
             METHOD, request_serializer=pb.ClientMessage.SerializeToString,
-            response_deserializer=pb.ServerMessage.FromString)
+            response_deserializer=pb.ServerMessage.FromString) for channel in self._channels]
         self.link = LinkMonitor(LinkState.DEGRADED)
-        self._channel.subscribe(self._on_connectivity, try_to_connect=True)
+        for index, channel in enumerate(self._channels):
+            # Fallbacks connect when first used; the link state follows the address in use.
+            channel.subscribe(lambda state, index=index: self._on_connectivity(index, state),
+                              try_to_connect=index == 0)
+
+    @property
+    def address(self) -> str:
+        """The address sessions are opened on now."""
+        return self.addresses[self._current]
+
+    @property
+    def _channel(self) -> grpc.Channel:
+        return self._channels[self._current]
+
+    @property
+    def _session_rpc(self) -> grpc.StreamStreamMultiCallable:
+        return self._session_rpcs[self._current]
 
     @property
     def link_state(self) -> LinkState:
@@ -212,15 +251,25 @@ class GrpcVerifier(Verifier):
     def add_link_listener(self, listener: LinkListener) -> None:
         self.link.add_listener(listener)
 
-    def _on_connectivity(self, connectivity: grpc.ChannelConnectivity) -> None:
+    def _on_connectivity(self, index: int, connectivity: grpc.ChannelConnectivity) -> None:
+        if index != self._current:
+            return
         if connectivity is grpc.ChannelConnectivity.READY:
-            self.link.set(LinkState.CONNECTED, "channel ready")
+            self.link.set(LinkState.CONNECTED, f"channel to {self.addresses[index]} ready")
         elif connectivity is grpc.ChannelConnectivity.CONNECTING and self.link.state is LinkState.CONNECTED:
             self.link.set(LinkState.DEGRADED, "reconnecting")
         elif connectivity is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            self.link.set(LinkState.LOST, f"cannot reach {self.address}; retrying with back-off")
+            self.link.set(LinkState.LOST, f"cannot reach {self.addresses[index]}; retrying with back-off")
         elif connectivity is grpc.ChannelConnectivity.SHUTDOWN:
             self.link.set(LinkState.LOST, "channel closed")
+
+    def _fail_over(self, reason: str) -> None:
+        """Open the next sessions on the next address (around the list)."""
+        if len(self.addresses) == 1:
+            return
+        previous = self.address
+        self._current = (self._current + 1) % len(self.addresses)
+        self.link.set(LinkState.DEGRADED, f"{previous} unavailable ({reason}); trying {self.address}")
 
     def open(self, request: SessionRequest) -> GrpcSession:
         return self._open(convert.open_to_pb(request))
@@ -230,20 +279,32 @@ class GrpcVerifier(Verifier):
         return self._open(convert.open_to_pb(request, autoregressive=True))
 
     def _open(self, first: pb.ClientMessage) -> GrpcSession:
+        """A session on the first address that opens one before the open deadline.
+
+        A lost link or a draining server moves on to the next address at once; after each round
+        of all of them the client backs off (doubling, up to ``backoff_max_s``). Refusals are
+        raised at once: another address would refuse the same request.
+        """
         deadline = time.monotonic() + self.open_timeout_s
         backoff = self.backoff_initial_s
+        attempts = 0
         while True:
             session = GrpcSession(self, first)
             try:
                 session.wait_opened(max(0.01, deadline - time.monotonic()))
+                self.link.set(LinkState.CONNECTED, f"session {session.session_id} opened on {session.address}")
                 return session
             except LinkLost as exc:
                 session.close()
-                if time.monotonic() + backoff >= deadline:
-                    raise LinkLost(f"could not open a session on {self.address} within "
-                                   f"{self.open_timeout_s:g} s: {exc}") from exc
-                time.sleep(backoff)
-                backoff = min(backoff * 2, self.backoff_max_s)
+                attempts += 1
+                self._fail_over(str(exc))
+                wait = backoff if attempts % len(self.addresses) == 0 else 0.0
+                if time.monotonic() + wait >= deadline:
+                    raise type(exc)(f"could not open a session on {', '.join(self.addresses)} within "
+                                    f"{self.open_timeout_s:g} s ({attempts} attempts): {exc}") from exc
+                if wait:
+                    time.sleep(wait)
+                    backoff = min(backoff * 2, self.backoff_max_s)
             except VerifierError:
                 session.close()
                 raise
@@ -276,4 +337,5 @@ class GrpcVerifier(Verifier):
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()

@@ -7,6 +7,10 @@ the status details and the code in the trailing metadata under :data:`CODE_KEY`,
 proxies, load balancers and gRPC metrics see a refusal as one (UNAUTHENTICATED,
 RESOURCE_EXHAUSTED, ...) rather than as an OK stream. The client maps either back to the
 same typed exception through this table.
+
+A code is *retryable* when its exception is a :class:`LinkLost` (``draining``, ``server_shutdown``,
+``replica_lost``): the server went away, not the request, so the robot reopens the session (on
+the same address or another) and decodes the step again; every other code ends the step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from speculative_vlm.decoding.verifier import (
+    Draining,
     EmptyPrompt,
     ImageNotSupported,
     InvalidArgument,
@@ -39,6 +44,11 @@ class ErrorKind:
     status: grpc.StatusCode  # the gRPC status a stream refused with it ends with
     exception: type[VerifierError]  # what the client raises
     meaning: str
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the robot reopens the session and decodes again (the server, not the request, failed)."""
+        return issubclass(self.exception, LinkLost)
 
 
 ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in (
@@ -80,6 +90,9 @@ ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in (
     ErrorKind("resource_exhausted", S.RESOURCE_EXHAUSTED, Refused,
               "gRPC's own limits (message size, concurrent streams), refused before the service saw it"),
     # The server's side.
+    ErrorKind("draining", S.UNAVAILABLE, Draining,
+              "the server is draining for a restart or rollout (SIGTERM): it answered the blocks in flight, "
+              "refuses new sessions and ends the rest; reopen the session, here once it is back or elsewhere"),
     ErrorKind("server_shutdown", S.UNAVAILABLE, LinkLost, "the server is stopping; reconnect"),
     ErrorKind("replica_lost", S.UNAVAILABLE, LinkLost,
               "the verifier replica holding the session died (Ray Serve); reopen it, another replica takes it"),
