@@ -16,6 +16,7 @@ setup(
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
         ("share/" + package_name + "/config", glob("config/*.yaml")),
+        ("share/" + package_name + "/config/grafana", glob("config/grafana/*.json")),  # the verifier's dashboard
         # Shipped models: the command draft (train-draft, ~35 MB) and the target's exit heads (train-exits).
         *[("share/" + package_name + "/" + d, glob(d + "/*")) for d in sorted(glob("models/*"))],
     ],

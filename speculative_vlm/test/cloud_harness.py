@@ -229,14 +229,21 @@ class ServerProcess:
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
     def metric(self, name: str) -> float:
-        """One unlabelled sample from the server's /metrics."""
+        """One sample from the server's /metrics: ``name`` or ``name{label="value",...}``, its model label aside."""
+        import re
         import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
 
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
+        wanted_name, _, rest = name.partition("{")
+        wanted = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = {k: v for k, v in sample.labels.items() if k != "model"}
+                if sample.name == wanted_name and labels == wanted:
+                    return sample.value
         raise KeyError(f"{name} not in /metrics")
 
     def stop(self) -> None:

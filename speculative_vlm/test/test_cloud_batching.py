@@ -110,8 +110,10 @@ def test_health_service_and_metrics_report_the_serving_state(models, monkeypatch
         SpeculativeDecoder(models[1], verifier, verdict_timeout_s=30).generate(_request(PROMPTS[1], 8))
         verifier.close()
         text = urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=5).read().decode()
-        for name in ("svlm_sessions_total 1.0", "svlm_batch_size_count", "svlm_accepted_tokens_count",
-                     "svlm_verify_latency_seconds_count", "svlm_accepted_tokens_per_pass_count", 'svlm_rounds_total{outcome="verified"}'):
+        model = 'model="smollm2-135m-instruct"'  # the served model's name labels every metric
+        for name in (f"svlm_sessions_total{{{model}}} 1.0", "svlm_batch_size_count", "svlm_accepted_tokens_count",
+                     "svlm_verify_latency_seconds_count", "svlm_accepted_tokens_per_pass_count",
+                     f'svlm_rounds_total{{{model},outcome="verified"}}'):
             assert name in text, name
     finally:
         handle.stop()

@@ -3,12 +3,21 @@
 Each token names a client; the name is what per-client limits (sessions, request rate)
 count against and what the logs show. Tokens are compared in constant time, and failed
 attempts are throttled per peer address (:class:`AuthThrottle`).
+
+Tokens rotate without a restart: the tokens file is read again when it changes (its
+modification time, size or inode, checked as each stream authenticates) and on SIGHUP
+(``speculative-vlm-cloud``). A new token works from the next stream on, a removed one is
+refused from the next stream on; sessions already open keep running until they close. A
+file that cannot be read, holds a bad token or no token at all is not taken: the tokens in
+force stay, and the error is logged (write the new file beside the old and rename it over,
+so a half-written file is never read).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import threading
 import time
@@ -17,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+log = logging.getLogger("speculative_vlm.cloud.auth")
 
 class AuthConfigError(ValueError):
     """No usable tokens were configured although authentication is required."""
@@ -60,12 +70,60 @@ def load_tokens(tokens_file: str | None, tokens_env: str) -> dict[str, str]:
     return tokens
 
 
+def _file_state(path: str | None) -> tuple[int, ...] | None:
+    """What tells a changed file: modification time, size, inode (a file renamed over the old one)."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
 class TokenAuthenticator:
-    def __init__(self, tokens: dict[str, str]):
+    """Bearer tokens to client names; with ``tokens_file``, the file is re-read when it changes
+    and on :meth:`reload` (the server's SIGHUP)."""
+
+    def __init__(self, tokens: dict[str, str], tokens_file: str | None = None,
+                 tokens_env: str = "SPECULATIVE_VLM_TOKENS"):
         self._tokens = [(t.encode(), name) for t, name in tokens.items()]
+        self._file, self._env = tokens_file, tokens_env
+        self._file_state = _file_state(tokens_file)
+        self._reload_lock = threading.Lock()
+        self.reloads = 0  # tables taken since start
+
+    @property
+    def clients(self) -> list[str]:
+        return sorted({name for _, name in self._tokens})
+
+    def reload(self) -> bool:
+        """Read the tokens again (file and environment); False, keeping the tokens in force, if unusable."""
+        with self._reload_lock:
+            state = _file_state(self._file)  # before reading: a change during the read is seen next time
+            try:
+                tokens = load_tokens(self._file, self._env)
+                if not tokens:
+                    raise AuthConfigError(f"no tokens in {self._file} nor in {self._env}")
+            except AuthConfigError as exc:
+                self._file_state = state  # not read again until it changes again
+                log.error(f"tokens not reloaded, the previous ones stay in force: {exc}",
+                          extra={"event": "tokens_reload_failed", "tokens_file": self._file})
+                return False
+            self._tokens = [(t.encode(), name) for t, name in tokens.items()]
+            self._file_state = state
+            self.reloads += 1
+        log.info("tokens reloaded", extra={"event": "tokens_reloaded", "tokens_file": self._file,
+                                           "clients": len(self.clients)})
+        return True
+
+    def _reload_if_changed(self) -> None:
+        if self._file and _file_state(self._file) != self._file_state:
+            self.reload()  # two streams may both reload: the same table twice, harmless
 
     def client_for(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
         """The client name for the request's ``authorization: Bearer <token>``; raises Unauthenticated."""
+        self._reload_if_changed()
         header = next((v for k, v in metadata if k.lower() == "authorization"), None)
         if header is None:
             raise Unauthenticated("no authorization metadata; send 'authorization: Bearer <token>'")

@@ -61,12 +61,17 @@ class ServerConfig:
     bind: str = "127.0.0.1:50051"  # port 0 picks a free one
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Mutual TLS: clients must present a certificate signed by this CA (PEM); None = server TLS only.
+    tls_client_ca: str | None = None
     allow_insecure: bool = False  # plaintext on a non-loopback address
     require_auth: bool = True
     tokens_file: str | None = None  # lines "client-name token" (or just "token")
     tokens_env: str = "SPECULATIVE_VLM_TOKENS"  # "name:token,name:token" (or just tokens)
-    metrics_port: int | None = None  # None = off, 0 = pick a free port
-    metrics_bind: str = "127.0.0.1"
+    # Prometheus /metrics: metrics_bind is host:port (port 0 picks one); metrics_port N is short for
+    # metrics_bind "127.0.0.1:N". Neither = off.
+    metrics_bind: str | None = None
+    metrics_port: int | None = None
+    reflection: bool = True  # gRPC server reflection (grpcurl, grpcui list and call the services)
     session_idle_s: float = 60.0
     open_timeout_s: float = 5.0  # a stream must send Open within this (or session_idle_s, if shorter)
     # On SIGTERM the server drains: blocks already in flight get their verdicts within this, then
@@ -88,9 +93,25 @@ class ServerConfig:
     def tls(self) -> bool:
         return bool(self.tls_cert and self.tls_key)
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the Prometheus endpoint, or None when metrics are off."""
+        if self.metrics_bind is not None:
+            host, _, port = self.metrics_bind.rpartition(":")
+            return host.strip("[]"), int(port)
+        return None if self.metrics_port is None else ("127.0.0.1", self.metrics_port)
+
     def validate(self) -> ServerConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together: give both, or neither for plaintext")
+        if self.tls_client_ca and not self.tls:
+            raise ConfigError("tls_client_ca (mutual TLS) needs the server's own tls_cert and tls_key")
+        if self.metrics_bind is not None:
+            if self.metrics_port is not None:
+                raise ConfigError("give metrics_bind (host:port) or metrics_port, not both")
+            host, _, port = self.metrics_bind.rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"metrics_bind must be host:port (port 0 picks one), got {self.metrics_bind!r}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1 (1 = unbatched), got {self.max_batch}")
         if self.max_wait_ms < 0:

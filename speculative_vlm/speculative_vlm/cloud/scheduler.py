@@ -11,6 +11,11 @@ otherwise. Early verdicts go to their session's stream the moment the exit layer
 One bad block fails only its own session: the engine verifies a batch transactionally per
 item (an item that fails comes back as its exception, and every other item is exactly as
 if it had not been batched with it), so nothing is ever retried.
+
+A scheduler that can no longer verify is *broken*: its thread died, or a pass raised as a
+whole (a bug, or a device in a state no single item explains; a CUDA error, for one, poisons
+the context). It keeps answering what it can, but tells its watchers (:meth:`watch`: the
+server turns health to NOT_SERVING, so a load balancer or an orchestrator takes it out).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class BatchScheduler:
         self.passes = 0
         self.largest_batch = 0
         self._in_pass: set[ServerSession] = set()  # sessions with a block in the pass running now
+        self.broken: str | None = None  # why verification failed for good; None while it works
+        self._watchers: list[Callable[[str], None]] = []
         self._thread = threading.Thread(target=self._run, daemon=True, name="batch-scheduler")
         self._thread.start()
 
@@ -65,6 +72,10 @@ class BatchScheduler:
         An AUTOREGRESSIVE session is never registered: its drafts would wait forever (and a
         session with pending blocks never expires).
         """
+        if not self._thread.is_alive() and not self._stopped:  # nobody would ever answer the block
+            self._on_failed(session, "verify_failed", f"this verifier cannot verify any more ({self.broken}); "
+                            "open a session on another verifier")
+            return
         with self._cond:
             active = session in self._active
             if active:
@@ -73,6 +84,25 @@ class BatchScheduler:
         if not active and not session.closed:
             self._on_failed(session, "invalid_argument", "draft: this session verifies no drafts (it was opened "
                             "AUTOREGRESSIVE, the cloud generates alone); open a SPECULATIVE session to send drafts")
+
+    def watch(self, on_broken: Callable[[str], None]) -> None:
+        """Call ``on_broken(reason)`` once the scheduler breaks (at once if it already has)."""
+        with self._cond:
+            self._watchers.append(on_broken)
+            broken = self.broken
+        if broken is not None:
+            on_broken(broken)
+
+    def _break(self, reason: str) -> None:
+        with self._cond:
+            if self.broken is not None:
+                return
+            self.broken = reason
+            watchers = list(self._watchers)
+        self.metrics.scheduler_up.set(0)
+        log.error("the batch scheduler is broken", extra={"event": "scheduler_broken", "reason": reason})
+        for on_broken in watchers:
+            on_broken(reason)
 
     def busy(self, session: ServerSession) -> bool:
         """Whether ``session`` has a block queued or in the pass running now (a drain waits for it)."""
@@ -124,15 +154,22 @@ class BatchScheduler:
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            if batch:
-                try:
-                    self._verify(batch)
-                except Exception:  # the scheduler must outlive any one bad batch
-                    log.exception("verification thread error", extra={"event": "scheduler_error"})
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                if batch:
+                    try:
+                        self._verify(batch)
+                    except Exception as exc:  # later batches may still verify, but the server is not healthy
+                        log.exception("verification thread error", extra={"event": "scheduler_error"})
+                        self._break(f"a verification pass raised {exc!r}")
+        except BaseException as exc:
+            log.exception("the verification thread died", extra={"event": "scheduler_died"})
+            self._break(f"the verification thread died ({exc!r})")
+            if not isinstance(exc, Exception):
+                raise
 
     def _verify(self, batch: list[tuple[ServerSession, DraftBlock, float]]) -> None:
         # A session may have closed (client gone, expired) since its block was queued.
@@ -140,12 +177,14 @@ class BatchScheduler:
         if not batch:
             return
         by_target = {id(s.target): s for s, _, _ in batch}
+        early: dict[int, list[Verdict]] = {}  # by id(target): judged against the final verdict below
 
         def on_early(target: Any, verdict: Verdict) -> None:
             session = by_target.get(id(target))
             if session is not None:
                 session.send(convert.verdict_to_pb(verdict))
-                self.metrics.early_verdicts.inc()
+                early.setdefault(id(target), []).append(verdict)
+                self.metrics.early_verdicts.labels(str(verdict.exit_layer)).inc()
 
         start = time.monotonic()
         for _, _, arrived in batch:
@@ -157,6 +196,7 @@ class BatchScheduler:
         except Exception as exc:  # not one item's failure (those come back in their place): a bug
             log.exception("verification pass failed", extra={"event": "verify_error", "batch": len(batch)})
             outcomes = [exc] * len(batch)
+            self._break(f"a verification pass raised {exc!r}")
         results = list(zip((s for s, _, _ in batch), outcomes, strict=True))
         elapsed = time.monotonic() - start
         self.passes += 1
@@ -165,7 +205,7 @@ class BatchScheduler:
         self.metrics.verify_latency.observe(elapsed)
         self.metrics.accepted_per_pass.observe(
             sum(r.accepted for _, r in results if isinstance(r, Verdict) and r.kind is VerdictKind.FINAL))
-        for session, result in results:
+        for (session, block, _), result in zip(batch, outcomes, strict=True):
             if isinstance(result, Exception):
                 if session.closed:
                     continue  # it closed during the pass; nobody is waiting for this verdict
@@ -180,6 +220,14 @@ class BatchScheduler:
             if result.kind is VerdictKind.FINAL:
                 self.metrics.rounds_total.labels("verified").inc()
                 self.metrics.accepted_tokens.observe(result.accepted)
+                self.metrics.observe_verified(len(block.tokens), result.accepted)
+                for verdict in early.get(id(session.target), ()):
+                    self.metrics.observe_early(verdict.exit_layer, verdict.accepted == result.accepted
+                                               and verdict.token == result.token)
+                if session.first_output is None:
+                    session.first_output = time.monotonic()
+                    self.metrics.time_to_first_token.labels("speculative").observe(
+                        session.first_output - session.open_received)
             else:
                 self.metrics.rounds_total.labels("dropped").inc()
             session.touch()  # a long pass must not make its session look idle

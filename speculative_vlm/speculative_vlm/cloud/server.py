@@ -3,6 +3,11 @@
 Security is decided here, before a port opens: plaintext is refused on a non-loopback
 address unless explicitly allowed, authentication needs configured tokens, and only a
 loopback server may run without authentication.
+
+Operations: the standard gRPC health service (NOT_SERVING once the batch scheduler breaks),
+server reflection (``grpcurl -plaintext HOST:PORT list``), Prometheus metrics on
+``metrics_bind`` (``cloud.metrics``), the tokens file re-read on SIGHUP or when it changes, and
+optional mutual TLS (``tls_client_ca``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from speculative_vlm.cloud import logs
 from speculative_vlm.cloud.auth import AuthConfigError, TokenAuthenticator, load_tokens
@@ -81,6 +87,11 @@ class ServerHandle:
     metrics: ServerMetrics
     _server: grpc.Server
     _health: health.HealthServicer
+    authenticator: TokenAuthenticator | None = None
+
+    def reload_tokens(self) -> bool:
+        """Read the tokens file again (SIGHUP); False (the old tokens stay) if it is unusable or auth is off."""
+        return self.authenticator.reload() if self.authenticator is not None else False
 
     @property
     def address(self) -> str:
@@ -119,9 +130,10 @@ def serve(config: ServerConfig, engine: Any = None,
     """
     config.validate()
     tokens = check_security(config)
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(config.model)
+    authenticator = TokenAuthenticator(tokens, config.tokens_file, config.tokens_env) if tokens else None
     if make_service is not None:
-        service = make_service(config, metrics, TokenAuthenticator(tokens) if tokens else None)
+        service = make_service(config, metrics, authenticator)
     else:
         if config.torch_threads:
             import torch
@@ -130,7 +142,7 @@ def serve(config: ServerConfig, engine: Any = None,
         engine = engine if engine is not None else build_engine(config)
         if hasattr(engine, "prefill_chunk_tokens"):  # the config decides, for an engine handed in too
             engine.prefill_chunk_tokens = config.prefill_chunk_tokens
-        service = VerificationService(config, engine, metrics, TokenAuthenticator(tokens) if tokens else None)
+        service = VerificationService(config, engine, metrics, authenticator)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
         # Refuse new streams rather than queueing them behind busy threads.
@@ -149,9 +161,14 @@ def serve(config: ServerConfig, engine: Any = None,
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if config.tls:
         key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
-        port = server.add_secure_port(config.bind, grpc.ssl_server_credentials([(key, cert)]))
+        # With a client CA the handshake itself refuses a client without a certificate it signed.
+        client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+        port = server.add_secure_port(config.bind, grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None))
     else:
         port = server.add_insecure_port(config.bind)
     if port == 0:
@@ -159,12 +176,23 @@ def serve(config: ServerConfig, engine: Any = None,
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    metrics_port = metrics.serve(config.metrics_port, config.metrics_bind) if config.metrics_port is not None \
-        else None
+    scheduler = getattr(service, "scheduler", None)  # the Ray Serve front has none: its replicas do
+    if scheduler is not None:
+        scheduler.watch(lambda reason: _not_serving(health_servicer, reason))
+    address = config.metrics_address
+    metrics_port = metrics.serve(address[1], address[0]) if address is not None else None
     log.info("serving", extra={"event": "serving", "port": port, "bind": config.bind, "tls": config.tls,
-                               "auth": bool(tokens), "metrics_port": metrics_port, "model": config.model,
+                               "mtls": bool(config.tls_client_ca), "auth": bool(tokens),
+                               "metrics_port": metrics_port, "model": config.model,
                                "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms})
-    return ServerHandle(port, metrics_port, config, service, metrics, server, health_servicer)
+    return ServerHandle(port, metrics_port, config, service, metrics, server, health_servicer, authenticator)
+
+
+def _not_serving(health_servicer: health.HealthServicer, reason: str) -> None:
+    """The verifier cannot verify any more: say so to health checks (and so to the orchestrator)."""
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.error("health: NOT_SERVING", extra={"event": "not_serving", "reason": reason})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,12 +209,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", help="host:port (port 0 picks one)")
     p.add_argument("--tls-cert", help="PEM certificate chain")
     p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--tls-client-ca", help="mutual TLS: require client certificates signed by this CA (PEM)")
     p.add_argument("--allow-insecure", action="store_true", default=None,
                    help="allow plaintext on a non-loopback address")
     p.add_argument("--no-auth", action="store_true", help="no authentication (loopback only)")
     p.add_argument("--tokens-file", help="file of 'client-name token' lines")
     p.add_argument("--tokens-env", help="environment variable with name:token,... (default SPECULATIVE_VLM_TOKENS)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = pick one)")
+    p.add_argument("--metrics-bind", help="Prometheus /metrics address host:port (port 0 picks one)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics on 127.0.0.1:PORT (0 = pick one)")
+    p.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off")
     p.add_argument("--session-idle-s", type=float, help="expire sessions idle this long")
     p.add_argument("--open-timeout-s", type=float, help="end streams that send no Open within this")
     p.add_argument("--drain-timeout-s", type=float, help="on SIGTERM, how long blocks in flight may take before "
@@ -216,8 +247,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     config = from_yaml(args.config, args.config_section) if args.config else ServerConfig()
     changes: dict[str, Any] = {}
     for name in ("model", "exit_heads", "max_batch", "max_wait_ms", "bind", "tls_cert", "tls_key", "allow_insecure",
-                 "tokens_file", "tokens_env", "metrics_port", "session_idle_s", "open_timeout_s",
-                 "prefill_chunk_tokens", "torch_threads", "log_level", "drain_timeout_s"):
+                 "tls_client_ca", "tokens_file", "tokens_env", "metrics_bind", "metrics_port",
+                 "session_idle_s", "open_timeout_s", "prefill_chunk_tokens", "torch_threads", "log_level",
+                 "drain_timeout_s"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -225,6 +257,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         changes["exit_layers"] = tuple(int(x) for x in args.exit_layers.split(",") if x.strip())
     if args.no_auth:
         changes["require_auth"] = False
+    if args.no_reflection:
+        changes["reflection"] = False
+    # A metrics flag replaces the file's endpoint, whichever way the file gave it (both flags: an error).
+    if args.metrics_bind is not None and args.metrics_port is None:
+        changes["metrics_port"] = None
+    elif args.metrics_port is not None and args.metrics_bind is None:
+        changes["metrics_bind"] = None
     limit_changes = {name: getattr(args, name) for name in (
         "max_image_bytes", "max_sessions", "max_sessions_per_client", "max_prompt_tokens", "kv_budget_mb",
         "requests_per_second")
@@ -269,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    # Token rotation: `kill -HUP <pid>` reads the tokens file again (it is also re-read when it changes).
+    signal.signal(signal.SIGHUP, lambda *_: handle.reload_tokens())
     done.wait()
     # Health says NOT_SERVING from here; blocks in flight are answered, then every session is
     # ended with the retryable `draining` code, so robots re-decode their step elsewhere or here

@@ -203,6 +203,7 @@ class VerificationService:
                 session.end()
 
     def _open(self, session: ServerSession, msg: pb.Open) -> None:
+        session.open_received = time.monotonic()
         if self._draining.is_set():
             self._fail(session, "draining", DRAINING_REASON)
             return
@@ -297,6 +298,10 @@ class VerificationService:
                     break
                 # Not marked eos here: the engine may still yield tokens the grammar forces
                 # after the output is complete; the end is the generator's end, sent below.
+                if session.first_output is None:
+                    session.first_output = time.monotonic()
+                    self.metrics.time_to_first_token.labels("autoregressive").observe(
+                        session.first_output - session.open_received)
                 session.send(pb.ServerMessage(token=pb.Token(index=index, token=int(token), eos=False)))
                 self.metrics.tokens_generated.inc()
                 session.touch()

@@ -47,6 +47,9 @@ class ServerSession:
     stage: Stage = Stage.CONNECTED
     started: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
+    # For the time to first token: when Open arrived, and when the first output token went out.
+    open_received: float = 0.0
+    first_output: float | None = None
     closed: bool = False
     refusal: tuple[str, str] | None = None  # (code, reason) the stream was refused with
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
