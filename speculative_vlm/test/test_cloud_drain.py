@@ -160,6 +160,15 @@ def _health(address: str) -> int:
             health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2).status
 
 
+def _event(server, name: str) -> dict:
+    """The server's JSON log line for ``name`` (its reader thread may be a moment behind the exit)."""
+    deadline = time.monotonic() + 5
+    while (line := server.event(name)) is None:
+        assert time.monotonic() < deadline, f"no {name!r} in the server's log"
+        time.sleep(0.05)
+    return line
+
+
 def _first_block(verifier: GrpcVerifier) -> tuple[object, DraftBlock]:
     """An open session and the first block its draft would send."""
     session = verifier.open(REQUEST)
@@ -197,11 +206,14 @@ def test_sigterm_answers_the_block_in_flight_refuses_new_sessions_ends_the_rest_
     final = [v for v in verdicts if v.kind is not VerdictKind.EARLY]
     assert [v.round for v in final] == [0] and final[0].kind is VerdictKind.FINAL  # the block in flight
     assert idle_ended < 0.5 < SECONDS_PER_PASS - 0.3 < busy_ended
-    assert server.proc.returncode == 0 and exited < 10.0
-    drained = next(line for line in server.log if line.get("event") == "drained")
+    drained = _event(server, "drained")
     assert drained["sessions_ended"] == 2 and drained["sessions_cut_at_deadline"] == 0
+    assert drained["after_signal_s"] < SECONDS_PER_PASS + 0.5 < 10.0  # when the block was answered, not the deadline
+    assert server.proc.returncode == 0 and exited < 30  # the rest is the interpreter's teardown, slow under load
     print(f"\nSIGTERM with a block in flight: idle session ended after {idle_ended * 1000:.0f} ms, "
-          f"the busy one after its verdict at {busy_ended * 1000:.0f} ms, process exited at {exited:.2f} s")
+          f"the busy one after its verdict at {busy_ended * 1000:.0f} ms, drained at "
+          f"{drained['after_signal_s']:.2f} s, server stopped at {_event(server, 'stopped')['after_signal_s']:.2f} s, "
+          f"process exited at {exited:.2f} s")
 
 
 def test_a_block_still_in_flight_at_the_drain_deadline_is_cut_with_draining_and_the_process_exits(target_dir,
@@ -226,8 +238,11 @@ def test_a_block_still_in_flight_at_the_drain_deadline_is_cut_with_draining_and_
         server.stop()
     assert not [v for v in verdicts if v.kind is VerdictKind.FINAL]  # cut before its 1.5 s pass ended
     assert 0.25 < cut < 0.3 + 0.5
-    assert server.proc.returncode == 0 and exited < SECONDS_PER_PASS + 3.0
-    print(f"\ndrain deadline 0.3 s, pass 1.5 s: session cut at {cut * 1000:.0f} ms, process exited at {exited:.2f} s")
+    stopped = _event(server, "stopped")["after_signal_s"]
+    assert stopped < 0.3 + 1.0 + 0.5  # the deadline, then the gRPC server's 1 s grace for the stream threads
+    assert server.proc.returncode == 0 and exited < 30  # the rest is the interpreter's teardown, slow under load
+    print(f"\ndrain deadline 0.3 s, pass 1.5 s: session cut at {cut * 1000:.0f} ms, server stopped at "
+          f"{stopped:.2f} s, process exited at {exited:.2f} s")
 
 
 def test_a_second_signal_ends_the_drain_at_once(target_dir, models):
