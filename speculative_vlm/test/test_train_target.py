@@ -6,6 +6,7 @@ they check the mechanics, not the quality (the card of a real run reports that).
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,19 @@ def test_batch_order_is_seeded_and_covers_every_example_each_epoch():
     assert len(order) == 5
     first_epoch = [i for chunk in order[:3] for i in chunk]
     assert sorted(first_epoch) == list(range(10))
+
+
+def test_batches_of_similar_lengths_pad_less_and_still_cover_every_example():
+    lengths = [random.Random(i).randint(60, 140) for i in range(64)]
+    plain = finetune.batch_order(64, 8, epochs=1, seed=0)
+    bucketed = finetune.batch_order(64, 8, epochs=1, seed=0, lengths=lengths)
+    assert sorted(i for chunk in bucketed for i in chunk) == list(range(64))
+    assert bucketed == finetune.batch_order(64, 8, epochs=1, seed=0, lengths=lengths)
+
+    def padded(order):
+        return sum(len(chunk) * max(lengths[i] for i in chunk) for chunk in order)
+
+    assert padded(bucketed) < 0.9 * padded(plain)
 
 
 def test_lora_training_lowers_the_loss_and_the_merged_reload_answers_like_the_data(tokens, tiny_folder, tmp_path):

@@ -56,6 +56,7 @@ class FitReport:
     minutes: float  # training steps only (probes excluded)
     seconds_per_example: float
     stopped_by_cap: bool
+    fastest_seconds_per_example: float = 0.0  # the quickest step's: nearest to an idle machine's cost
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, mean loss, mean token accuracy)
     probes: list[tuple[int, float]] = field(default_factory=list)  # (step, probe score)
 
@@ -98,15 +99,27 @@ def collate(examples: Sequence[TokenExample], pad_id: int) -> Batch:
                  torch.tensor(cols), torch.tensor(targets))
 
 
-def batch_order(count: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
-    """Example indices of every step: a seeded permutation per epoch cut into batches (same seed, same order)."""
+def batch_order(count: int, batch_size: int, epochs: float, seed: int,
+                lengths: Sequence[int] | None = None, window: int = 16) -> list[list[int]]:
+    """Example indices of every step: a seeded permutation per epoch cut into batches (same seed, same order).
+
+    With ``lengths``, each run of ``window`` batches of the permutation is sorted by length before it
+    is cut, and the epoch's batches are shuffled again: batches of similar lengths pad less.
+    """
     steps = max(1, math.ceil(epochs * count / batch_size))
     order: list[list[int]] = []
     epoch = 0
     while len(order) < steps:
+        rng = random.Random(f"{seed}:{epoch}")
         perm = list(range(count))
-        random.Random(f"{seed}:{epoch}").shuffle(perm)
-        order += [perm[i : i + batch_size] for i in range(0, count, batch_size)]
+        rng.shuffle(perm)
+        if lengths is not None:
+            span = batch_size * window
+            perm = [i for s in range(0, count, span) for i in sorted(perm[s : s + span], key=lambda j: lengths[j])]
+        chunks = [perm[i : i + batch_size] for i in range(0, count, batch_size)]
+        if lengths is not None:
+            rng.shuffle(chunks)
+        order += chunks
         epoch += 1
     return order[:steps]
 
@@ -148,7 +161,8 @@ def fit(
     if not examples:
         raise ValueError("no training examples")
     torch.manual_seed(settings.seed)
-    order = batch_order(len(examples), settings.batch_size, settings.epochs, settings.seed)
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in examples]
+    order = batch_order(len(examples), settings.batch_size, settings.epochs, settings.seed, lengths)
     planned = len(order)
     if settings.max_steps is not None:
         order = order[: settings.max_steps]
@@ -167,7 +181,7 @@ def fit(
 
     run_probe(0)
     model.train()
-    trained_s = 0.0
+    trained_s = fastest = 0.0
     window: list[tuple[float, float]] = []
     for step, chunk in enumerate(order, 1):
         if trained_s >= settings.minutes * 60:
@@ -183,7 +197,9 @@ def fit(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
-        trained_s += time.monotonic() - began
+        took = time.monotonic() - began
+        trained_s += took
+        fastest = took / len(chunk) if step == 1 else min(fastest, took / len(chunk))
         report.steps, report.examples_seen = step, report.examples_seen + len(chunk)
         window.append((loss.item(), accuracy))
         if step % settings.log_every == 0 or step == len(order):
@@ -192,8 +208,8 @@ def fit(
             report.curve.append((step, mean_loss, mean_acc))
             window.clear()
             log(f"[train] step {step}/{planned}: loss {mean_loss:.4f}, answer-token accuracy {mean_acc:.3f}, "
-                f"lr {optimiser.param_groups[0]['lr']:.2e}, {trained_s / report.examples_seen:.2f} s/example, "
-                f"{trained_s / 60:.1f} min")
+                f"lr {optimiser.param_groups[0]['lr']:.2e}, {trained_s / report.examples_seen:.2f} s/example "
+                f"(fastest step {fastest:.2f}), {trained_s / 60:.1f} min")
         if probe_every and step % probe_every == 0 and step != len(order):
             run_probe(step)
             model.train()
@@ -204,4 +220,5 @@ def fit(
     run_probe(report.steps)
     report.minutes = trained_s / 60
     report.seconds_per_example = trained_s / max(report.examples_seen, 1)
+    report.fastest_seconds_per_example = fastest
     return report

@@ -383,7 +383,8 @@ line, so a robot that uses it needs the drafter's `progress_line` on.
   gradient clipping 1.0, seed {fs['seed']} (torch and data order). Each batch runs the prompts'
   shared prefix once.
 - fp32 on {m['threads']} CPU thread(s): {t['steps']} steps, {t['examples_seen']} examples in {t['minutes']:.1f} min
-  ({t['seconds_per_example']:.2f} s per example).{capped}
+  ({t['seconds_per_example']:.2f} s per example on average, {t['fastest_seconds_per_example']:.2f} in the fastest
+  step: on a busy machine the average is the slower for it).{capped}
 - Loss (mean over the steps logged): {curve_text}.
 - Held-out direction correctness on {m['data'].get('probe', 'the first')} probe prompts during training
   (monitoring only, nothing is selected by it): {probes or 'not run'}.
