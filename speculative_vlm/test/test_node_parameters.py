@@ -33,7 +33,7 @@ READ_ONLY = {
                "mount_pitch", "mount_yaw"},
     "motion": {"network_interface", "dds_domain_id", "sdk_timeout_s", "odom_frame", "base_frame",
                "require_verified", "publish_tf", "autostart"},
-    "bridge": {"cloud_address", "auth_token_env", "auth_token_file", "tls_ca"},
+    "bridge": {"cloud_address", "auth_token_env", "auth_token_file", "tls_ca", "tls_cert", "tls_key"},
     "monitor": {"image_topic", "text_topic", "command_topic", "stats_topic", "odom_topic", "base_frame"},
     "drafter": {"draft_model", "perception", "grammar", "on_link_lost", "execute_unverified", "torch_threads",
                 "image_topic"},

@@ -1,18 +1,26 @@
-"""Self-signed TLS material for a verifier server, made with the ``openssl`` command.
+"""TLS material for a verifier server and its robots, made with the ``openssl`` command.
 
-For a lab or a test: the robot pins the certificate (passes it as ``root_cert``), so no
-certificate authority is involved. Production servers use a certificate from their CA.
-Also the ``speculative-vlm cloud-certs`` subcommand.
+For a lab or a small fleet: ``speculative-vlm cloud-certs DIR`` makes a private certificate
+authority (``ca.crt``, ``ca.key``, reused when already there) and the server's pair signed by it
+(``server.crt``, ``server.key``); robots trust ``ca.crt`` (the bridge's ``tls_ca``).
+``speculative-vlm cloud-certs DIR --client robot1`` mints a client pair (``robot1.crt``,
+``robot1.key``) from the same authority for mutual TLS: the server, started with
+``--tls-client-ca DIR/ca.crt``, then accepts only clients holding a certificate it signed.
+Production servers may use certificates from their own CA instead. :func:`make_self_signed`
+makes a lone self-signed server pair, which a robot pins as its root.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
 
 class OpensslMissing(RuntimeError):
@@ -25,15 +33,14 @@ class CertPair:
     key: Path
 
 
-def make_self_signed(out_dir: str | Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
-                     days: int = 365) -> CertPair:
-    """Write ``server.crt`` and ``server.key`` (EC P-256) valid for ``hosts`` into ``out_dir``."""
+def _openssl() -> str:
     openssl = shutil.which("openssl")
     if openssl is None:
         raise OpensslMissing("openssl is not on PATH; install it or pass an existing cert/key pair")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pair = CertPair(out / "server.crt", out / "server.key")
+    return openssl
+
+
+def _alt_names(hosts: tuple[str, ...]) -> str:
     names = []
     for host in hosts:
         try:
@@ -41,21 +48,83 @@ def make_self_signed(out_dir: str | Path, hosts: tuple[str, ...] = ("localhost",
             names.append(f"IP:{host}")
         except ValueError:
             names.append(f"DNS:{host}")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(pair.key), "-out", str(pair.cert), "-days", str(days),
-                    "-subj", f"/CN={hosts[0]}", "-addext", "subjectAltName=" + ",".join(names)],
-                   check=True, capture_output=True)
-    pair.key.chmod(0o600)
+    return "subjectAltName=" + ",".join(names)
+
+
+def _run(args: list[str], key: Path) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+    key.chmod(0o600)
+
+
+def make_self_signed(out_dir: str | Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+                     days: int = 365) -> CertPair:
+    """Write ``server.crt`` and ``server.key`` (EC P-256) valid for ``hosts`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pair = CertPair(out / "server.crt", out / "server.key")
+    _run([_openssl(), "req", "-x509", *EC_KEY, "-keyout", str(pair.key), "-out", str(pair.cert), "-days",
+          str(days), "-subj", f"/CN={hosts[0]}", "-addext", _alt_names(hosts)], pair.key)
     return pair
 
 
+def make_ca(out_dir: str | Path, days: int = 3650, name: str = "speculative-vlm verifier CA") -> CertPair:
+    """``ca.crt``/``ca.key`` in ``out_dir``: an existing pair is kept (the certificates it signed stay valid)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pair = CertPair(out / "ca.crt", out / "ca.key")
+    if pair.cert.exists() and pair.key.exists():
+        return pair
+    _run([_openssl(), "req", "-x509", *EC_KEY, "-keyout", str(pair.key), "-out", str(pair.cert), "-days",
+          str(days), "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+          "-addext", "keyUsage=critical,keyCertSign,cRLSign"], pair.key)
+    return pair
+
+
+def _signed(ca: CertPair, pair: CertPair, common_name: str, usage: str, extra: list[str], days: int) -> CertPair:
+    _run([_openssl(), "req", "-x509", "-CA", str(ca.cert), "-CAkey", str(ca.key), *EC_KEY,
+          "-keyout", str(pair.key), "-out", str(pair.cert), "-days", str(days), "-subj", f"/CN={common_name}",
+          "-addext", "basicConstraints=critical,CA:FALSE", "-addext", f"extendedKeyUsage={usage}", *extra],
+         pair.key)
+    return pair
+
+
+def make_server_cert(ca: CertPair, out_dir: str | Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+                     days: int = 365) -> CertPair:
+    """``server.crt``/``server.key`` signed by ``ca``, valid for ``hosts``."""
+    out = Path(out_dir)
+    return _signed(ca, CertPair(out / "server.crt", out / "server.key"), hosts[0], "serverAuth",
+                   ["-addext", _alt_names(hosts)], days)
+
+
+def make_client_cert(ca: CertPair, out_dir: str | Path, name: str, days: int = 365) -> CertPair:
+    """``<name>.crt``/``<name>.key``: a client certificate (CN = ``name``) signed by ``ca``, for mutual TLS."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"client name {name!r}: use letters, digits, '.', '_' and '-' (it names the files)")
+    out = Path(out_dir)
+    return _signed(ca, CertPair(out / f"{name}.crt", out / f"{name}.key"), name, "clientAuth", [], days)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", help="folder for server.crt and server.key")
-    parser.add_argument("--host", action="append", default=None, help="DNS name or IP (repeatable)")
+    parser.add_argument("out_dir", help="folder for ca.crt/ca.key and server.crt/server.key (or a client pair)")
+    parser.add_argument("--host", action="append", default=None, help="server DNS name or IP (repeatable)")
+    parser.add_argument("--client", help="mint <CLIENT>.crt/.key from out_dir's CA instead (mutual TLS)")
     parser.add_argument("--days", type=int, default=365)
 
 
 def run(args: argparse.Namespace) -> int:
-    pair = make_self_signed(args.out_dir, tuple(args.host or ("localhost", "127.0.0.1")), args.days)
-    print(f"certificate {pair.cert}\nkey         {pair.key}")
+    out = Path(args.out_dir)
+    if args.client:
+        ca = CertPair(out / "ca.crt", out / "ca.key")
+        if not (ca.cert.exists() and ca.key.exists()):
+            print(f"speculative-vlm cloud-certs: no ca.crt/ca.key in {out}; run `speculative-vlm cloud-certs {out}` "
+                  "first, then mint client pairs from that CA")
+            return 2
+        pair = make_client_cert(ca, out, args.client, args.days)
+        print(f"client certificate {pair.cert}\nclient key         {pair.key}\n"
+              f"(the bridge's tls_cert/tls_key; the server needs --tls-client-ca {ca.cert})")
+        return 0
+    ca = make_ca(out)
+    pair = make_server_cert(ca, out, tuple(args.host or ("localhost", "127.0.0.1")), args.days)
+    print(f"CA certificate {ca.cert}  (robots: tls_ca; mutual TLS: --tls-client-ca)\nCA key         {ca.key}\n"
+          f"certificate    {pair.cert}\nkey            {pair.key}")
     return 0

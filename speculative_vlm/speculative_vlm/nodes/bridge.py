@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from pathlib import Path
 
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -57,12 +58,17 @@ def grpc_verifier_from_parameters(node: Node) -> Verifier:
     token = read_token(None, token_file or None, env=env_name) if (env_name or token_file) else None
     if env_name and not token:
         raise ValueError(f"auth_token_env={env_name!r} but that environment variable is empty")
-    tls_ca = p("tls_ca").value
+    tls_ca, tls_cert, tls_key = p("tls_ca").value, p("tls_cert").value, p("tls_key").value
     root_cert = None
     if tls_ca:
         with open(tls_ca, "rb") as f:
             root_cert = f.read()
+    if bool(tls_cert) != bool(tls_key) or (tls_cert and not tls_ca):
+        raise ValueError("tls_cert and tls_key (mutual TLS) go together, and with tls_ca")
+    client_cert = Path(tls_cert).read_bytes() if tls_cert else None
+    client_key = Path(tls_key).read_bytes() if tls_key else None
     return GrpcVerifier(p("cloud_address").value, token, tls=bool(tls_ca), root_cert=root_cert,
+                        client_cert=client_cert, client_key=client_key,
                         verdict_timeout_s=p("deadline_s").value, open_timeout_s=p("open_timeout_s").value)
 
 
@@ -74,6 +80,9 @@ class BridgeNode(Node):
         d("auth_token_env", "", start_only("name of the environment variable holding the bearer token ('' = none)"))
         d("auth_token_file", "", start_only("file holding the bearer token, used when auth_token_env is ''"))
         d("tls_ca", "", start_only("CA certificate (PEM) to verify the verifier's TLS certificate; '' = plaintext"))
+        d("tls_cert", "", start_only("client certificate (PEM) for mutual TLS, signed by the CA the verifier's "
+                                     "tls_client_ca names; '' = none"))
+        d("tls_key", "", start_only("private key (PEM) of tls_cert; '' = none"))
         d("deadline_s", 5.0, float_range(0.1, 120.0, "deadline for a verdict before the link counts as lost, s"))
         d("open_timeout_s", 30.0, float_range(
             0.5, 600.0, "how long opening a session (prompt prefill on the target) may take, s"))
