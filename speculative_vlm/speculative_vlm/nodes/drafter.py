@@ -38,7 +38,7 @@ import time
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
@@ -52,7 +52,7 @@ from speculative_vlm.commands.schema import CommandError, parse_command
 from speculative_vlm.commands.to_msg import from_msg, to_msg
 from speculative_vlm.decoding.loop import Cancelled, GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import load_model
-from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
+from speculative_vlm.decoding.policy import AUTO, CLOUD_AR, METHODS, AdaptiveLength, FixedLength
 from speculative_vlm.decoding.verifier import (
     EARLY_THRESHOLD,
     GenerationSettings,
@@ -166,11 +166,19 @@ class DrafterNode(Node):
             "objects in words (text-only target), image sends the JPEG (VLM target)"))
         d("system_prompt", "", ParameterDescriptor(description="system message; '' = the built-in command prompt"))
         d("grammar", "command", ParameterDescriptor(read_only=True, description="output grammar: 'command' or '' (none)"))
-        d("draft_length", 4, _int(0, 16, "tokens per draft block (the start value when adaptive)"))
+        d("draft_length", 4, _int(0, 16, "tokens per draft block (the start value when adaptive; under method "
+          "auto, the first session's)"))
         d("adaptive_draft_length", True, ParameterDescriptor(
             description="adapt the draft length per round from acceptance, draft, verify and round-trip time"))
         d("preemptive", True, ParameterDescriptor(description="draft the next block on a confident early verdict"))
         d("pipelining", True, ParameterDescriptor(description="send preemptive blocks before the final verdict"))
+        d("method", "speculative", ParameterDescriptor(
+            description=f"how a step is decoded, one of {METHODS}: speculative (draft_length/adaptive_draft_length), "
+            "cloud_ar (the verifier streams the target's own tokens) or auto (per step, speculation with the draft "
+            "length the measured round trip, acceptance and timings call for, or cloud_ar when it is predicted "
+            "faster); all lossless. The ROS bridge cannot stream yet (spec/open has no mode), so through it cloud_ar "
+            "is refused and auto only chooses the draft length. Read at each step",
+            additional_constraints=f"one of {', '.join(METHODS)}"))
         d("early_confidence", EARLY_THRESHOLD, _float(0.0, 1.0, "early-verdict confidence needed to draft preemptively"))
         d("max_new_tokens", 64, _int(1, 512, "token limit of one step's answer"))
         d("temperature", 0.0, _float(0.0, 2.0, "sampling temperature; 0 = greedy"))
@@ -205,6 +213,7 @@ class DrafterNode(Node):
         self._active_duration = 0.0
         self._idle = True
         self._link = "UNKNOWN"
+        self._last_choice = ""  # the last step's method and why (diagnostics)
         self._goal_lock = threading.Lock()
         self._busy = False  # a goal is running
         self._active: _GoalRun | None = None  # the goal executing now
@@ -234,6 +243,10 @@ class DrafterNode(Node):
         self._verifier = RosVerifier(self, service_timeout_s=self.get_parameter("open_timeout_s").value)
         self._decoder: SpeculativeDecoder | None = None
         self._decoder_lock = threading.Lock()
+        problem = self._method_problem(self.get_parameter("method").value)
+        if problem:
+            raise ValueError(problem)
+        self.add_on_set_parameters_callback(self._check_parameters)
         on_parameters_set(self, self._on_parameters_set)
         self._load_error: str = ""
         self._loaded = threading.Event()
@@ -258,7 +271,7 @@ class DrafterNode(Node):
                 self._decoder = SpeculativeDecoder(
                     draft, self._verifier, policy=self._draft_policy(), preempt=p("preemptive").value,
                     pipeline=p("pipelining").value, early_threshold=p("early_confidence").value,
-                    verdict_timeout_s=p("verdict_timeout_s").value,
+                    verdict_timeout_s=p("verdict_timeout_s").value, method=p("method").value,
                 )
             self.get_logger().info(f"draft model {p('draft_model').value!r} loaded")
         except Exception as exc:  # reported on every goal and in diagnostics
@@ -272,6 +285,22 @@ class DrafterNode(Node):
         return AdaptiveLength(initial=max(1, length)) if self.get_parameter("adaptive_draft_length").value \
             else FixedLength(length)
 
+    def _method_problem(self, method: object) -> str:
+        """Why ``method`` cannot be used here ('' when it can)."""
+        if method not in METHODS:
+            return f"parameter method={method!r} is not one of {METHODS}"
+        if method == CLOUD_AR and not callable(getattr(self._verifier, "open_autoregressive", None)):
+            return ("parameter method=cloud_ar needs a verifier that streams the target's tokens; the ROS bridge "
+                    "cannot (spec/open has no mode): use speculative or auto")
+        return ""
+
+    def _check_parameters(self, params) -> SetParametersResult:
+        for param in params:
+            problem = self._method_problem(param.value) if param.name == "method" else ""
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
+        return SetParametersResult(successful=True)
+
     def _on_parameters_set(self, values: dict[str, object]) -> None:
         """Decoding settings set at run time apply from the decoder's next round (it reads them per round);
         the sampling settings, step limit and timeouts of a step are read when a step starts."""
@@ -282,6 +311,8 @@ class DrafterNode(Node):
             decoder = self._decoder
             if decoder is None:
                 return  # _load reads every parameter when it builds the decoder
+            if "method" in values:
+                decoder.method = values["method"]
             if "early_confidence" in values:
                 decoder.early_threshold = values["early_confidence"]
             if "verdict_timeout_s" in values:
@@ -508,6 +539,9 @@ class DrafterNode(Node):
         msg = to_msg(command, verified=gen.verified, text=gen.text, stamp=self.get_clock().now().to_msg())
         self._text_pub.publish(String(data=gen.text))
         stats = stats_msg(gen, stamp=self.get_clock().now().to_msg())
+        self._last_choice = f"{gen.method}: {gen.choice}" if gen.choice else gen.method
+        if self._decoder.method == AUTO:
+            self.get_logger().info(f"step {step} decoded by {gen.choice}; {gen.wall_s:.2f} s")
         self._stats_pub.publish(stats)
         feedback.text, feedback.command, feedback.stats = gen.text, msg, stats
         handle.publish_feedback(feedback)
@@ -548,6 +582,7 @@ class DrafterNode(Node):
         status = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: drafting", message=message,
                                   hardware_id=self.get_parameter("draft_model").value,
                                   values=[KeyValue(key="link", value=self._link),
+                                          KeyValue(key="method", value=self._last_choice),
                                           KeyValue(key="steps_done", value=str(self._steps_done)),
                                           KeyValue(key="last_error", value=self._last_error)])
         self._diag_pub.publish(DiagnosticArray(header=_stamped(self), status=[status]))
