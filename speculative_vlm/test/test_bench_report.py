@@ -106,3 +106,23 @@ def test_auto_target_is_missed_when_slower_than_cloud_ar_beyond_the_noise_at_one
     check = _check(_results(rows), "chosen method (auto")
     assert check.met is False and "1.10x @ 60 ms" in check.measured
     assert "## Auto: speculation or streaming" in report.markdown(_results(rows))
+
+
+def _replica_point(replicas: int, tokens_per_s: float, exact: bool = True) -> dict:
+    return {"replicas": replicas, "robots": 8, "tokens": 400, "tokens_per_s": tokens_per_s, "p50_s": 1.0,
+            "p95_s": 2.0, "open_s": 0.1, "exact": exact}
+
+
+def test_a_replica_fleet_point_that_loses_exactness_is_a_failure():
+    results = _results([])
+    results["fleet_replicas"] = [_replica_point(1, 50.0), _replica_point(2, 40.0, exact=False)]
+    assert report.exactness_failures(results) == ["fleet on 2 Ray Serve replica(s) x8: an output differs"]
+
+
+def test_the_replica_rows_give_the_ratio_of_two_replicas_to_one():
+    results = _results([])
+    results["meta"].update(cloud_cores=[1])
+    results["fleet_replicas"] = [_replica_point(2, 30.0), _replica_point(1, 60.0)]
+    text = report._replicas_text(results)
+    assert "2 replicas against 1: 0.50x" in text
+    assert text.index("| 1 | 8 |") < text.index("| 2 | 8 |")

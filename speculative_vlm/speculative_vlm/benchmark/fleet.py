@@ -1,4 +1,5 @@
-"""The fleet: 1, 2, 4, 8 robot processes against one verifier, batched and unbatched.
+"""The fleet: 1, 2, 4, 8 robot processes against one verifier, batched and unbatched; and the
+largest fleet against 1 and 2 verifier replicas on Ray Serve behind one address.
 
 One verifier server per mode (``max_batch`` 8 with a short batching wait, or 1), reached
 through the delay proxy; the robots are :mod:`fleet_robot` processes pinned to the robot
@@ -32,6 +33,7 @@ class FleetPoint:
     mean_batch: float = 0.0  # blocks per verification pass (server metrics)
     pass_s: float = 0.0  # mean time of one verification pass
     queue_s: float = 0.0  # mean time a block waited for its pass
+    replicas: int = 0  # verifier replicas on Ray Serve behind the address (0: one server process)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -124,4 +126,26 @@ def run_fleet(servers: dict[bool, tuple[CloudServer, str]], sizes: list[int], co
             points.append(point)
             progress("fleet", f"{'batched' if batched else 'unbatched'} x{n}: {point.tokens_per_s} tok/s, "
                               f"p50 {point.p50_s:.2f}s p95 {point.p95_s:.2f}s" + ("" if point.exact else " DIFFERS"))
+    return points
+
+
+def run_replicas(servers: dict[int, tuple[CloudServer, str]], robots: int, commands: list[dict], per_robot: int,
+                 load: dict, workdir: Path, cores: list[int]) -> list[FleetPoint]:
+    """``robots`` robots against each fleet of verifier replicas on Ray Serve ({replicas: (server, address)}).
+
+    The replicas' own batch and pass figures stay in the replicas (the front's metrics have
+    none), so those columns are left at 0.
+    """
+    import dataclasses
+
+    points = []
+    for replicas, (server, address) in sorted(servers.items()):
+        warm_up(address, server.tokens[0], commands[0], load)
+        own = workdir / f"replicas-{replicas}"  # the robots' job and result files apart from the fleet's
+        own.mkdir(exist_ok=True)
+        point = run_point(server, address, robots, True, commands, per_robot, load, own, cores)
+        point = dataclasses.replace(point, replicas=replicas, mean_batch=0.0, pass_s=0.0, queue_s=0.0)
+        points.append(point)
+        progress("fleet", f"{replicas} replica(s) x{robots} robots: {point.tokens_per_s} tok/s, "
+                          f"p50 {point.p50_s:.2f}s p95 {point.p95_s:.2f}s" + ("" if point.exact else " DIFFERS"))
     return points

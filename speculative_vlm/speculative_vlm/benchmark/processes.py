@@ -128,6 +128,7 @@ class ServerSpec:
     max_batch: int = 1
     max_wait_ms: float = 0.0
     metrics: bool = False  # serve Prometheus metrics (the fleet reads batch sizes and pass times)
+    replicas: int = 0  # N: N verifier replicas on Ray Serve behind the one address (--ray); 0: one process
 
 
 @dataclass
@@ -161,6 +162,8 @@ class CloudServer:
             args += ["--exit-layers", ",".join(str(x) for x in self.spec.exit_layers)]
         if self.spec.exit_heads:
             args += ["--exit-heads", self.spec.exit_heads]
+        if self.spec.replicas:
+            args += ["--ray", "--replicas", str(self.spec.replicas)]
         if self.spec.metrics:
             self.metrics_port = free_port()
             args += ["--metrics-port", str(self.metrics_port)]

@@ -96,6 +96,9 @@ def exactness_failures(results: dict) -> list[str]:
     for p in results["fleet"]:
         if not p["exact"]:
             failures.append(f"fleet {'batched' if p['batched'] else 'unbatched'} x{p['robots']}: an output differs")
+    for p in results.get("fleet_replicas") or []:
+        if not p["exact"]:
+            failures.append(f"fleet on {p['replicas']} Ray Serve replica(s) x{p['robots']}: an output differs")
     return failures
 
 
@@ -596,7 +599,25 @@ def _fleet_text(results: dict) -> str:
             "(one verification pass) and `queue ms` (a block's wait for its pass) come from the server's metrics.\n\n" +
             _table(["server", "robots", "commands", "tokens", "tokens/s", "p50 s", "p95 s", "open s", "tokens/pass",
                     "blocks/pass", "pass ms", "queue ms", "= target"],
-                   rows) + _fleet_why(results))
+                   rows) + _fleet_why(results) + _replicas_text(results))
+
+
+def _replicas_text(results: dict) -> str:
+    """The largest fleet against 1 and more verifier replicas on Ray Serve (cloud/ray_serve.py)."""
+    points = sorted(results.get("fleet_replicas") or [], key=lambda p: p["replicas"])
+    if not points:
+        return ""
+    rows = [[p["replicas"], p["robots"], p["tokens"], f"{p['tokens_per_s']:.1f}", f"{p['p50_s']:.2f}",
+             f"{p['p95_s']:.2f}", f"{p.get('open_s', 0):.2f}", "yes" if p["exact"] else "**NO**"] for p in points]
+    ratio = (f" {points[-1]['replicas']} replicas against 1: {points[-1]['tokens_per_s'] / points[0]['tokens_per_s']:.2f}x."
+             if len(points) > 1 else "")
+    return ("\n\nThe same robots against verifier replicas on Ray Serve behind one address (each replica a whole "
+            "verifier with its own sessions, each session pinned to its replica), batched like the batched server. "
+            f"Every replica runs on the cloud's cores {results['meta']['cloud_cores']}, so on this machine more "
+            "replicas only share the same CPU (and the robots' cores stay the robots'); on a GPU box each replica "
+            "gets its own GPU (`--gpus-per-replica 1`) and throughput grows with the replicas until the front or the "
+            f"network is the limit.{ratio}\n\n" +
+            _table(["replicas", "robots", "tokens", "tokens/s", "p50 s", "p95 s", "open s", "= target"], rows))
 
 
 def _fleet_why(results: dict) -> str:

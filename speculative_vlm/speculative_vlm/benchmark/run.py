@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fleet-commands", type=int, default=None, help="commands per fleet robot (full: 3)")
     parser.add_argument("--fleet-rtt", type=float, default=20.0, help="RTT of the fleet's link, ms")
     parser.add_argument("--fleet-max-wait-ms", type=float, default=10.0, help="batching wait of the batched server")
+    parser.add_argument("--fleet-replicas", default=None, help="verifier replica counts on Ray Serve for the largest "
+                        "fleet (full: 1,2; quick: none; '' = none)")
     parser.add_argument("--ros-rtt", type=float, default=20.0, help="RTT of the ROS-hop line, ms")
     parser.add_argument("--no-ros", action="store_true", help="skip the ROS-hop line")
     parser.add_argument("--robot-core", type=int, default=0, help="CPU core of the robot side")
@@ -214,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
             p.stop()
         for s in running.values():
             s.stop()
+    replica_counts = _ints(args.fleet_replicas if args.fleet_replicas is not None else ("" if quick else "1,2"))
+    replica_points = _replica_fleets(replica_counts, target, max(fleet_sizes), commands, per_robot, load, args,
+                                     workdir, cloud_cores, robot_cores)
 
     meta = {"quick": quick, "target": target, "draft": draft, "draft_dtype": draft_dtype, "stand_in": stand_in,
             "prompts": n_prompts, "free_prompts": free_prompts, "rtts_ms": rtts, "methods": methods,
@@ -222,14 +227,15 @@ def run(args: argparse.Namespace) -> int:
             "early_threshold": args.early_threshold,
             "target_layers": layers, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
             "fleet_sizes": fleet_sizes, "fleet_commands_per_robot": per_robot, "fleet_rtt_ms": args.fleet_rtt,
-            "fleet_max_wait_ms": args.fleet_max_wait_ms, "fleet_load": load, "ros_rtt_ms": None if args.no_ros
+            "fleet_max_wait_ms": args.fleet_max_wait_ms, "fleet_replicas": replica_counts, "fleet_load": load, "ros_rtt_ms": None if args.no_ros
             else args.ros_rtt, "robot_cores": robot_cores, "cloud_cores": cloud_cores,
             "inprocess_threads": args.inprocess_threads, "inprocess_cores": cpus,
             "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
             "minutes": round((time.time() - started) / 60, 1), "prompt_list": prompt_json,
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpus": len(cpus)}
     results = {"meta": meta, "inprocess": inproc["rows"], "robot": robot["rows"],
-               "fleet": [p.to_json() for p in points], "references": references}
+               "fleet": [p.to_json() for p in points], "fleet_replicas": [p.to_json() for p in replica_points],
+               "references": references}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report.write(out, results, frames_image=contact_sheet(frames))
     failures = report.exactness_failures(results)
@@ -275,6 +281,32 @@ def _vocab(target: str) -> int:
     from speculative_vlm.decoding import model_store
 
     return int(AutoConfig.from_pretrained(model_store.resolve(target)).vocab_size)
+
+
+def _replica_fleets(counts: list[int], target: str, robots: int, commands: list[dict], per_robot: int, load: dict,
+                    args: argparse.Namespace, workdir: Path, cloud_cores: list[int], robot_cores: list[int]) -> list:
+    """The largest fleet against each count of verifier replicas on Ray Serve (one local Ray
+    cluster each, on the cloud's cores), batched like the batched server."""
+    from speculative_vlm.benchmark.fleet import run_replicas
+    from speculative_vlm.cloud.netem import DelayProxy
+
+    points = []
+    for n in counts:
+        progress("bench", f"fleet on Ray Serve: {robots} robots against {n} verifier replica(s)")
+        server = CloudServer(ServerSpec(f"fleet-replicas-{n}", target, max_batch=robots,
+                                        max_wait_ms=args.fleet_max_wait_ms, replicas=n),
+                             cloud_cores, workdir, clients=robots).start()
+        proxy = None
+        try:
+            server.wait_ready()
+            proxy = DelayProxy(server.address, _profile(args.fleet_rtt, args)).start()
+            points += run_replicas({n: (server, proxy.address)}, robots, commands, per_robot, load, workdir,
+                                   robot_cores)
+        finally:
+            if proxy is not None:
+                proxy.stop()
+            server.stop()
+    return points
 
 
 def _fleet_load(rows: list[dict], args: argparse.Namespace, quick: bool) -> dict:
