@@ -12,9 +12,11 @@ Modules, one job each:
 - ``sequence``: output rules both sides share (EOS, budget, grammar end, forced tokens)
 - ``target_engine``: ``TargetEngine`` (sessions, batched verify with early verdicts, generate)
 - ``drafter``: the draft side of one session
-- ``inprocess``: ``InProcessVerifier`` (a ``Verifier`` over a ``TargetEngine`` in a thread)
-- ``loop``: ``SpeculativeDecoder`` (preemption, pipelining, telemetry, draft-only fallback)
-- ``policy``: fixed and adaptive draft lengths
+- ``inprocess``: ``InProcessVerifier`` (a ``Verifier`` over a ``TargetEngine`` in a thread; also streams)
+- ``loop``: ``SpeculativeDecoder`` (the session's method, preemption, pipelining, cloud AR streaming,
+  telemetry, draft-only fallback)
+- ``policy``: fixed and adaptive draft lengths; ``MethodChooser``: per session, speculation (with the
+  draft length the round trip calls for) or the verifier streaming the target's tokens
 - ``generate_command``, ``train_exits``: the ``generate`` and ``train-exits`` subcommands
 - ``model_store``: where models live, the one-time SmolLM2 conversion
 """
