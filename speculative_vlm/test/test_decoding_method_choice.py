@@ -9,7 +9,7 @@ from speculative_vlm.cloud.config import ServerConfig
 from speculative_vlm.cloud.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.inprocess import InProcessVerifier
-from speculative_vlm.decoding.loop import SpeculativeDecoder, StreamingUnavailable
+from speculative_vlm.decoding.loop import Cancelled, SpeculativeDecoder, StreamingUnavailable
 from speculative_vlm.decoding.policy import (
     AUTO,
     CLOUD_AR,
@@ -194,8 +194,27 @@ def test_cloud_ar_in_process_streams_exactly_the_target_output(pair):
             result = decoder.generate(request)
             assert result.token_ids == target_alone(engine, request), request
             assert result.method == CLOUD_AR and result.rounds == [] and result.drafted == 0
-            assert 0 < result.decided <= len(result.token_ids) == result.target_passes + (
-                len(result.token_ids) - result.decided)
+            # One target pass per token the grammar did not force.
+            assert result.target_passes == result.decided
+            if request.settings.grammar:
+                assert 0 < result.decided < len(result.token_ids)
+            else:
+                assert result.decided == len(result.token_ids)
+
+
+def test_a_streamed_session_shows_its_text_as_it_grows_and_stops_on_request_with_the_target_s_prefix(pair):
+    target, draft = pair
+    engine = TargetEngine(target)
+    request = SessionRequest(PROMPTS[0], settings=GenerationSettings(max_new_tokens=24, grammar="command"))
+    texts: list[str] = []
+    with InProcessVerifier(engine) as verifier:
+        decoder = SpeculativeDecoder(draft, verifier, method=CLOUD_AR)
+        with pytest.raises(Cancelled) as stopped:
+            decoder.generate(request, on_text=texts.append, should_stop=lambda: len(texts) >= 3)
+    partial = stopped.value.partial
+    assert partial.method == CLOUD_AR and partial.stop_reason == "cancelled"
+    assert len(partial.token_ids) == 3 and partial.token_ids == target_alone(engine, request)[:3]
+    assert texts == [draft.decode(partial.token_ids[:n]) for n in (1, 2, 3)]
 
 
 def test_auto_in_process_with_a_slow_draft_switches_to_streaming_and_stays_lossless(pair):
