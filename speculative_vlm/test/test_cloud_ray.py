@@ -20,6 +20,7 @@ from speculative_vlm.cloud.server import main  # noqa: E402
 from speculative_vlm.decoding.loop import SpeculativeDecoder  # noqa: E402
 from speculative_vlm.decoding.target_engine import TargetEngine  # noqa: E402
 from speculative_vlm.decoding.verifier import (  # noqa: E402
+    Draining,
     GenerationSettings,
     LinkLost,
     SessionRequest,
@@ -150,17 +151,23 @@ def test_a_killed_replica_loses_only_its_sessions_which_reopen_losslessly(fleet,
     verifier.close()
 
 
-def test_stopping_the_front_ends_open_sessions_with_server_shutdown(fleet, models):
-    # Last of the module's fleet tests: it stops the fleet.
+def test_a_drain_ends_every_replicas_sessions_with_draining_and_refuses_new_ones(fleet, models):
+    # Last of the module's fleet tests: a drained fleet takes no more sessions, and it is stopped.
     _, draft, _ = models
     verifier = GrpcVerifier(f"127.0.0.1:{fleet.port}", token=TOKEN, open_timeout_s=60, verdict_timeout_s=60)
-    held = verifier.open(request(PROMPTS[0]))
+    held = {p: verifier.open(request(p)) for p in PROMPTS[:4]}
+    assert len({replica_of(s.session_id) for s in held.values()}) == 2
+    counts = fleet.drain(timeout_s=5.0)
+    assert counts["sessions_ended"] + counts["sessions_cut_at_deadline"] == 4, counts
+    for prompt, session in held.items():
+        with pytest.raises(Draining):
+            SpeculativeDecoder(draft, HeldSession(session), verdict_timeout_s=60).generate(request(prompt))
+    with pytest.raises(Draining):
+        verifier.open(request(PROMPTS[5]))
+    verifier.close()
     started = time.monotonic()
     fleet.stop()
     assert time.monotonic() - started < 30
-    with pytest.raises(LinkLost, match="server_shutdown"):
-        SpeculativeDecoder(draft, HeldSession(held), verdict_timeout_s=60).generate(request(PROMPTS[0]))
-    verifier.close()
 
 
 def test_the_cli_refuses_fewer_than_one_replica_before_starting_ray(capsys):

@@ -56,7 +56,7 @@ from speculative_vlm.cloud.auth import AuthThrottle, AuthThrottled, TokenAuthent
 from speculative_vlm.cloud.config import ConfigError, ServerConfig
 from speculative_vlm.cloud.limits import LimitExceeded
 from speculative_vlm.cloud.metrics import ServerMetrics
-from speculative_vlm.cloud.service import SERVICE_NAME, deserialize_client_message
+from speculative_vlm.cloud.service import DRAINING_REASON, SERVICE_NAME, deserialize_client_message
 from speculative_vlm.cloud.sessions import ServerSession, SessionStore
 from speculative_vlm.protocol import convert, errors
 
@@ -250,6 +250,11 @@ class VerifierReplica:
         if inbox is not None:
             inbox.put(_DONE)
 
+    async def drain(self, timeout_s: float) -> dict[str, int]:
+        """This replica's part of a drain (``VerificationService.drain``): refuse new work, answer
+        the blocks in flight within ``timeout_s``, end every session with ``draining``."""
+        return await asyncio.to_thread(self.service.drain, timeout_s)
+
     async def received(self) -> dict[str, int]:
         """{session id the robot saw: client messages it brought here} for recent sessions."""
         return {self._names.get(key, key): n for key, n in self._received.items()}
@@ -378,6 +383,7 @@ class FleetFront:
         # Each session's replica, as the robot sees the session: {Opened.session_id: replica}.
         self.placements: OrderedDict[str, str] = OrderedDict()
         self._stopping = threading.Event()
+        self._draining = threading.Event()
         self._streams: dict[str, Any] = {}  # key -> the session's Ray stream, while it runs
         self._lock = threading.Lock()
 
@@ -395,6 +401,8 @@ class FleetFront:
             if self._stopping.is_set():
                 raise LimitExceeded("server_shutdown", "the server is shutting down; reconnect and open "
                                     "a new session")
+            if self._draining.is_set():
+                raise LimitExceeded("draining", DRAINING_REASON)
             client = self._authenticate(address, context)
             place = ServerSession(client=client, peer=peer)
             limits = self.config.limits
@@ -497,6 +505,29 @@ class FleetFront:
         context.set_trailing_metadata(errors.trailing_metadata(code))
         context.set_code(errors.status_for(code))
         context.set_details(reason)
+
+    def drain(self, timeout_s: float, abandon: threading.Event | None = None) -> dict[str, int]:
+        """What SIGTERM does (``ServerHandle.drain``), fleet-wide: new sessions are refused with
+        ``draining`` here, and every replica drains its own sessions at once (answers the blocks
+        in flight within ``timeout_s``, then ends each session with ``draining``, which reaches
+        the robot through its stream). ``abandon`` stops waiting for the replicas left."""
+        self._draining.set()
+        calls = {replica: self.fleet.call("drain", replica).remote(timeout_s)
+                 for replica in self.fleet.replica_actors()}
+        counts: dict[str, int] = {}
+        deadline = time.monotonic() + timeout_s + 10.0  # the replicas' own deadline, and the calls
+        for replica, call in calls.items():
+            if abandon is not None and abandon.is_set():
+                break  # a second signal: stop() cancels the streams left
+            try:
+                got = call.result(timeout_s=max(0.1, deadline - time.monotonic()))
+            except (TimeoutError, *self.lost_errors) as exc:  # a dead replica has no sessions to drain
+                log.warning("replica drain failed", extra={"event": "drain_failed", "replica": replica,
+                                                            "error": repr(exc)})
+                continue
+            for name, n in got.items():
+                counts[name] = counts.get(name, 0) + n
+        return counts
 
     def shutdown(self) -> None:
         """Stop taking sessions, end every open one with ``server_shutdown``, then the replicas."""
