@@ -63,6 +63,21 @@ def test_examples_come_from_train_split_rollouts_only_plain_and_perturbed(exampl
     assert len({(e.prompt, e.answer) for e in examples}) == len(examples)
 
 
+def test_rollouts_are_cached_and_an_identical_run_reuses_them(tmp_path, monkeypatch):
+    recipe = target_data.DataRecipe(episodes=2, perturbed_episodes=1)
+    config = target_data.WorldConfig.from_config()
+    first = target_data.cached_examples(recipe, config, tmp_path, log=lambda _: None)
+    assert len(list(tmp_path.glob("examples-*.json"))) == 1
+
+    def no_rollouts(*args, **kwargs):
+        raise AssertionError("rolled out again")
+
+    monkeypatch.setattr(target_data, "expert_examples", no_rollouts)
+    assert target_data.cached_examples(recipe, config, tmp_path, log=lambda _: None) == first
+    with pytest.raises(AssertionError, match="rolled out again"):  # another recipe is another file
+        target_data.cached_examples(target_data.DataRecipe(episodes=3, perturbed_episodes=1), config, tmp_path)
+
+
 def test_training_prompts_are_token_for_token_what_the_engine_encodes(examples, tokens):
     engine_side = ModelAdapter(tiny_causal_lm(layers=1).model, smollm2_tokenizer())
     for example, token in list(zip(examples, tokens, strict=True))[:5]:
@@ -146,7 +161,7 @@ def test_train_target_writes_the_adapter_its_card_log_and_metrics(tiny_folder, t
     args = parser.parse_args([
         "--target", str(tiny_folder), "--out", str(out), "--episodes", "3", "--perturbed-episodes", "1",
         "--epochs", "1", "--batch-size", "4", "--rank", "4", "--single-step", "3", "--probe", "2",
-        "--probe-every", "2", "--eval-episodes", "2", "--eval-max-steps", "1",
+        "--probe-every", "2", "--eval-episodes", "2", "--eval-max-steps", "1", "--data-cache", str(tmp_path / "data"),
     ])
     assert train_target.run(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "card.md",
@@ -162,7 +177,7 @@ def test_train_target_writes_the_adapter_its_card_log_and_metrics(tiny_folder, t
     assert metrics["data"]["recipe"]["episodes"] == 3 and metrics["data"]["examples"] > 0
     assert all("\nProgress: moved " in s["prompt"] for s in metrics["trained"]["samples"])  # as trained
     log = (out / "train-log.txt").read_text()
-    assert "[train] step" in log and "peak RSS" in log and "[phase] train:" in log and "probe at step 0" in log
+    assert "[train] step" in log and "peak RSS" in log and "[phase] train:" in log and "probe at step 2" in log
     card = (out / "card.md").read_text()
     assert "single-step direction correctness" in card and "closed-loop success" in card
     assert "train split only" in card and "LoRA rank 4" in card

@@ -155,8 +155,8 @@ def fit(
     """Train ``model``'s trainable parameters on ``examples`` by the settings' schedule.
 
     ``probe`` (a score of the model as it stands, e.g. held-out direction correctness; run in
-    eval mode) is logged before the first step, every ``probe_every`` steps and after the last;
-    its time is not counted as training time.
+    eval mode) is logged every ``probe_every`` steps and after the last; its time is not counted
+    as training time.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -179,7 +179,6 @@ def fit(
         report.probes.append((step, score))
         log(f"[train] probe at step {step}: {score:.3f}")
 
-    run_probe(0)
     model.train()
     trained_s = fastest = 0.0
     window: list[tuple[float, float]] = []

@@ -10,20 +10,29 @@ Each prompt is tokenised exactly as the engine encodes a request
 prompt and the user message with the instruction, the scene text and the progress line, the
 assistant turn opened), and its answer is the command text the grammar writes
 (:func:`~speculative_vlm.commands.grammar.command_text`) followed by the end-of-turn token the
-engine stops on. The held-out states used to *measure* the result come from
+engine stops on. Rollouts are cached on disk keyed by the recipe, the world's configuration and
+the source of the code that makes them (evaluation, commands, go2), so a rerun reuses them and
+a change to the expert or the simulator never serves stale ones. The held-out states used to *measure* the result come from
 :func:`speculative_vlm.evaluation.single_step.expert_states` on the held-out split, the same
 prompts ``speculative-vlm eval`` scores.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, render_prompt
 from speculative_vlm.evaluation.examples import Example, training_examples
 from speculative_vlm.evaluation.world import WorldConfig
+
+DEFAULT_CACHE = Path.home() / ".cache" / "speculative_vlm" / "target-data"
+_PACKAGE = Path(__file__).resolve().parents[1]
+_SOURCES = ("evaluation", "commands", "go2")  # the code that makes the rollouts
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,26 @@ def expert_examples(recipe: DataRecipe, config: WorldConfig | None = None,
             if key not in seen:
                 seen.add(key)
                 examples.append(example)
+    return examples
+
+
+def cached_examples(recipe: DataRecipe, config: WorldConfig, cache_dir: Path | None,
+                    log: Callable[[str], None] = print) -> list[Example]:
+    """:func:`expert_examples`, read from ``cache_dir`` when an identical run wrote them (None: no cache)."""
+    if cache_dir is None:
+        return expert_examples(recipe, config, log)
+    digest = hashlib.sha256(json.dumps([asdict(recipe), repr(config)]).encode())
+    for source in sorted(f for package in _SOURCES for f in (_PACKAGE / package).rglob("*.py")):
+        digest.update(source.read_bytes())
+    path = Path(cache_dir) / f"examples-{digest.hexdigest()[:16]}.json"
+    if path.exists():
+        log(f"[data] rollouts reused from {path}")
+        return [Example(**row) for row in json.loads(path.read_text())]
+    examples = expert_examples(recipe, config, log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps([asdict(e) for e in examples]))
+    tmp.replace(path)
     return examples
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from speculative_vlm.decoding.model_store import ROBOT_ADAPTER, ROBOT_TARGET, SMOLLM2
 from speculative_vlm.evaluation.world import SIM_CONFIG
+from speculative_vlm.training.target_data import DEFAULT_CACHE
 
 SHIPPED_ADAPTER = Path(__file__).resolve().parents[2] / "models" / ROBOT_ADAPTER
 MAX_ADAPTER_MB = 60.0  # what the project allows a shipped delta to weigh
@@ -49,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-seed", type=int, default=1,
                       help="episode seed of the training rollouts (eval's train-like episodes use seed 0)")
     data.add_argument("--split-seed", type=int, default=0, help="which combinations are held out (as eval's)")
+    data.add_argument("--data-cache", type=Path, default=DEFAULT_CACHE,
+                      help="where rollouts are cached; an identical later run reuses them")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=float, default=2.0, help="passes over the examples")
     train.add_argument("--batch-size", type=int, default=8)
@@ -72,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     measure.add_argument("--eval-seed", type=int, default=0, help="episode seed of the held-out measurement")
     measure.add_argument("--probe", type=int, default=32,
                          help="held-out prompts scored during training (monitoring only; 0: none)")
-    measure.add_argument("--probe-every", type=int, default=100, help="steps between probes")
+    measure.add_argument("--probe-every", type=int, default=150, help="steps between probes")
     measure.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                          help="also measure the stock model")
     measure.add_argument("--config", type=Path, default=SIM_CONFIG,
@@ -218,8 +221,8 @@ def run(args: argparse.Namespace) -> int:
     from speculative_vlm.training.finetune import FitSettings, LoraSettings, add_lora, fit
     from speculative_vlm.training.target_data import (
         DataRecipe,
+        cached_examples,
         describe,
-        expert_examples,
         stop_token_id,
         tokenize,
     )
@@ -246,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = DataRecipe(args.episodes, args.perturbed_episodes, args.perturb, args.data_seed, args.split_seed)
     with log.phase("data"):
-        examples = expert_examples(recipe, config, log)
+        examples = cached_examples(recipe, config, args.data_cache, log)
         tokenizer = AutoTokenizer.from_pretrained(target_dir)
         model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
         tokens = tokenize(examples, tokenizer, stop_token_id(tokenizer, model.config))
@@ -272,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
                            max_steps=args.max_steps)
     with log.phase("train"):
         model.train()
+        torch.manual_seed(args.seed)  # the adapters' initialisation, whatever ran before
         peft_model = add_lora(model, lora)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         log(f"[train] LoRA {asdict(lora)}: {trainable / 1e6:.2f}M trainable parameters; {len(tokens)} examples, "
@@ -386,8 +390,8 @@ line, so a robot that uses it needs the drafter's `progress_line` on.
   ({t['seconds_per_example']:.2f} s per example on average, {t['fastest_seconds_per_example']:.2f} in the fastest
   step: on a busy machine the average is the slower for it).{capped}
 - Loss (mean over the steps logged): {curve_text}.
-- Held-out direction correctness on {m['data'].get('probe', 'the first')} probe prompts during training
-  (monitoring only, nothing is selected by it): {probes or 'not run'}.
+- Held-out direction correctness on the first {m['data'].get('probe', 0)} of those prompts during training
+  (monitoring only, nothing is selected by it; the stock model's is its step 0): {probes or 'not run'}.
 
 ## Results (held-out split, greedy under the command grammar)
 {chr(10).join(rows)}
