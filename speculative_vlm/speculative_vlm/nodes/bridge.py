@@ -5,6 +5,11 @@ bridge forwards them over the gRPC client (auth, TLS and deadlines from paramete
 every verdict, early and final, on ``spec/verdict``. Refusals and link loss become ERROR verdicts
 with a code and a reason, so the drafter can stop the robot. The link state is published on
 ``bridge/link`` (latched) and ``/diagnostics``.
+
+Restarts: a verifier that drains (SIGTERM) ends its sessions with the retryable code
+``draining``, which reaches the drafter as such; the drafter stops the robot and reopens the
+session through ``spec/open``, which the client retries until ``open_timeout_s``, moving on to
+the next of ``fallback_addresses`` (if any) whenever an address is lost or draining.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile
 from std_msgs.msg import Header, String
 
 from speculative_vlm.decoding.verifier import (
+    Draining,
     GenerationSettings,
     LinkLost,
     Refused,
@@ -43,10 +49,22 @@ LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 def error_code(exc: Exception) -> str:
+    """The code an ERROR verdict carries for ``exc`` (``nodes.ros_verifier`` maps it back)."""
     if isinstance(exc, Refused):
         return exc.code
-    return {SessionNotFound: "SESSION_NOT_FOUND", LinkLost: "LINK_LOST", VerifierTimeout: "TIMEOUT"}.get(
-        type(exc), "ERROR")
+    if isinstance(exc, Draining):
+        return Draining.code
+    for kind, code in ((SessionNotFound, "SESSION_NOT_FOUND"), (LinkLost, "LINK_LOST"), (VerifierTimeout, "TIMEOUT")):
+        if isinstance(exc, kind):
+            return code
+    return "ERROR"
+
+
+def verifier_addresses(node: Node) -> list[str]:
+    """``cloud_address``, then each of ``fallback_addresses`` (comma-separated), without repeats."""
+    p = node.get_parameter
+    addresses = [p("cloud_address").value, *(a.strip() for a in p("fallback_addresses").value.split(","))]
+    return list(dict.fromkeys(a for a in addresses if a))
 
 
 def grpc_verifier_from_parameters(node: Node) -> Verifier:
@@ -67,7 +85,7 @@ def grpc_verifier_from_parameters(node: Node) -> Verifier:
         raise ValueError("tls_cert and tls_key (mutual TLS) go together, and with tls_ca")
     client_cert = Path(tls_cert).read_bytes() if tls_cert else None
     client_key = Path(tls_key).read_bytes() if tls_key else None
-    return GrpcVerifier(p("cloud_address").value, token, tls=bool(tls_ca), root_cert=root_cert,
+    return GrpcVerifier(verifier_addresses(node), token, tls=bool(tls_ca), root_cert=root_cert,
                         client_cert=client_cert, client_key=client_key,
                         verdict_timeout_s=p("deadline_s").value, open_timeout_s=p("open_timeout_s").value)
 
@@ -77,6 +95,9 @@ class BridgeNode(Node):
         super().__init__("bridge", **kwargs)
         d = self.declare_parameter
         d("cloud_address", "127.0.0.1:50561", start_only("host:port of the cloud verifier"))
+        d("fallback_addresses", "", start_only(
+            "more verifiers, comma-separated host:port, tried in order after cloud_address when the one in use "
+            "is lost or draining (a restart, a rollout); '' = cloud_address only"))
         d("auth_token_env", "", start_only("name of the environment variable holding the bearer token ('' = none)"))
         d("auth_token_file", "", start_only("file holding the bearer token, used when auth_token_env is ''"))
         d("tls_ca", "", start_only("CA certificate (PEM) to verify the verifier's TLS certificate; '' = plaintext"))
@@ -120,7 +141,7 @@ class BridgeNode(Node):
         self._link_pub.publish(String(data=state))
         # The reason goes to /rosout (and the diagnostics), where an operator looks for it.
         if state == "LOST":
-            self.get_logger().error(f"cloud verifier link LOST ({self.get_parameter('cloud_address').value}): "
+            self.get_logger().error(f"cloud verifier link LOST ({self._address()}): "
                                     f"{reason or 'no reason given'}; the drafter stops the robot")
         elif state == "DEGRADED":
             self.get_logger().warning(f"cloud verifier link DEGRADED: {reason or 'no reason given'}")
@@ -133,6 +154,10 @@ class BridgeNode(Node):
             for sid in sessions:
                 self._verdict_pub.publish(error_msg(sid, "LINK_LOST", "the cloud verifier link is lost", stamp=self._now()))
 
+    def _address(self) -> str:
+        """The verifier address in use (the client moves on to a fallback when one drains or is lost)."""
+        return getattr(self._verifier, "address", None) or self.get_parameter("cloud_address").value
+
     def _publish_diagnostics(self) -> None:
         level = {"CONNECTED": DiagnosticStatus.OK, "DEGRADED": DiagnosticStatus.WARN}.get(
             self._link, DiagnosticStatus.ERROR)
@@ -140,7 +165,7 @@ class BridgeNode(Node):
             n = len(self._sessions)
         status = DiagnosticStatus(
             level=level, name=f"{self.get_fully_qualified_name()}: cloud link",
-            hardware_id=self.get_parameter("cloud_address").value,
+            hardware_id=self._address(),
             message=f"{self._link}: {self._link_reason}" if self._link_reason else self._link,
             values=[KeyValue(key="sessions", value=str(n))],
         )
@@ -201,7 +226,10 @@ class BridgeNode(Node):
             except VerifierTimeout:
                 continue  # idle between rounds; the client enforces its own deadline per block
             except VerifierError as exc:
-                self.get_logger().error(f"session {sid} ended by the verifier ({error_code(exc)}): {exc}")
+                if isinstance(exc, Draining):  # a restart: the drafter reopens the session
+                    self.get_logger().warning(f"session {sid} ended: the verifier is draining ({exc})")
+                else:
+                    self.get_logger().error(f"session {sid} ended by the verifier ({error_code(exc)}): {exc}")
                 self._verdict_pub.publish(error_msg(sid, error_code(exc), str(exc), stamp=self._now()))
                 with self._lock:
                     self._sessions.pop(sid, None)

@@ -16,7 +16,13 @@ Only the model saying ``done`` is success: the result's ``outcome`` says how any
 (STEP_LIMIT, REFUSED, LINK_LOST, CANCELED, PREEMPTED, FAILED), and the goal is aborted (or
 cancelled) with a reason in words.
 
-When the cloud link is lost mid-step the robot is stopped; with ``on_link_lost: draft_only`` the
+When the verifier drains for a restart (code ``draining``), or the cloud link is lost, mid-step,
+the robot is stopped and the step is decoded again from its start in a new session (on the same
+verifier once it is back, or the bridge's next address), up to ``step_retries`` times with
+jittered exponential back-off (``retry_backoff_s`` doubling up to ``retry_backoff_max_s``). A
+step's command is executed only once the whole step is verified, so nothing of the step has run
+when it is retried, and under greedy decoding the new session verifies the very same command.
+When the retries are spent the goal ends LINK_LOST; with ``on_link_lost: draft_only`` the
 step is finished on the draft alone, marked unverified, and executed only if
 ``execute_unverified`` allows it. Decoding runs in the action's execute callback, on a thread of
 the multi-threaded executor, so the node keeps serving topics and cancel requests meanwhile.
@@ -53,6 +59,7 @@ from speculative_vlm.commands.to_msg import from_msg, to_msg
 from speculative_vlm.decoding.loop import Cancelled, GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import load_model
 from speculative_vlm.decoding.policy import AUTO, CLOUD_AR, METHODS, AdaptiveLength, FixedLength
+from speculative_vlm.decoding.retry import Backoff, retryable
 from speculative_vlm.decoding.verifier import (
     EARLY_THRESHOLD,
     GenerationSettings,
@@ -196,6 +203,11 @@ class DrafterNode(Node):
         d("verdict_timeout_s", 10.0, _float(0.1, 600.0, "how long to wait for a verdict before the link counts as lost"))
         d("open_timeout_s", 30.0, _float(0.5, 600.0, "how long opening a session (prompt prefill on the target) may take, s"))
         d("motion_timeout_s", 3.0, _float(0.5, 60.0, "slack beyond a command's duration to see it finish, s"))
+        d("step_retries", 5, _int(0, 100, "times a step is decoded again in a new session when the verifier drains "
+          "(a restart) or the link is lost before the step's command ran; 0 = the goal ends LINK_LOST at once"))
+        d("retry_backoff_s", 0.5, _float(0.0, 60.0, "wait before the first retry of a step, s; doubles each retry, "
+          "jittered down by up to half so robots of one fleet spread out"))
+        d("retry_backoff_max_s", 8.0, _float(0.0, 600.0, "longest wait between retries of a step, s"))
         d("progress_line", True, ParameterDescriptor(
             description="tell the model on every step how far the robot has moved and turned since the instruction "
             "(odometry from 'odom') and what its last command was, as the closed-loop evaluation does"))
@@ -220,6 +232,7 @@ class DrafterNode(Node):
         self._next: _GoalRun | None = None  # accepted while another ran; starts when that one has ended
         self._runs: dict[bytes, _GoalRun] = {}  # accepted goals whose execute callback has not started
         self._steps_done = 0
+        self._step_retries = 0  # steps decoded again after the verifier drained or the link dropped
         self._last_error = ""
         self._odom_lock = threading.Lock()
         self._pose: Pose | None = None  # latest odometry
@@ -519,18 +532,37 @@ class DrafterNode(Node):
             self._text_pub.publish(String(data=text))
             handle.publish_feedback(feedback)
 
-        try:
-            gen = self._decoder.generate(request, on_text=on_text, should_stop=run.should_stop)
-        except Refused as exc:  # the prompt or a block was refused: drafting on alone would not help
-            raise StepFailed(f"step {step}: the verifier refused ({exc}); the robot was stopped",
-                             Outcome.REFUSED) from exc
-        except (LinkLost, VerifierError) as exc:
-            self.stop_robot()  # first: nothing moves on unverified output
-            if self.get_parameter("on_link_lost").value != "draft_only":
-                raise StepFailed(f"cloud link lost during step {step}: {exc}; the robot was stopped",
-                                 Outcome.LINK_LOST) from exc
-            self.get_logger().warning(f"link lost ({exc}); finishing step {step} on the draft alone")
-            gen = self._decoder.generate_unverified(request, on_text=on_text, should_stop=run.should_stop)
+        p = self.get_parameter
+        retries = p("step_retries").value
+        ceiling = p("retry_backoff_max_s").value
+        backoff = Backoff(min(p("retry_backoff_s").value, ceiling), ceiling)
+        attempt = 0
+        while True:
+            try:
+                gen = self._decoder.generate(request, on_text=on_text, should_stop=run.should_stop)
+                break
+            except Refused as exc:  # the prompt or a block was refused: drafting on alone would not help
+                raise StepFailed(f"step {step}: the verifier refused ({exc}); the robot was stopped",
+                                 Outcome.REFUSED) from exc
+            except (LinkLost, VerifierError) as exc:
+                self.stop_robot()  # first: nothing moves on unverified output
+                # Nothing of this step has been executed (its command runs only once it is verified):
+                # decode it again from its start, with the same prompt, in a new session.
+                if retryable(exc) and attempt < retries:
+                    attempt += 1
+                    self._step_retries += 1
+                    delay = backoff.delay(attempt)
+                    self.get_logger().warning(f"step {step}: {exc}; the robot is stopped, decoding the step again in "
+                                              f"a new session in {delay:.2f} s (retry {attempt} of {retries})")
+                    self._wait_stopped(run, delay)
+                    continue
+                spent = f" ({attempt} of {retries} retries spent)" if attempt else ""
+                if p("on_link_lost").value != "draft_only":
+                    raise StepFailed(f"cloud link lost during step {step}{spent}: {exc}; the robot was stopped",
+                                     Outcome.LINK_LOST) from exc
+                self.get_logger().warning(f"link lost{spent} ({exc}); finishing step {step} on the draft alone")
+                gen = self._decoder.generate_unverified(request, on_text=on_text, should_stop=run.should_stop)
+                break
         try:
             command = parse_command(gen.text)
         except CommandError as exc:
@@ -546,6 +578,16 @@ class DrafterNode(Node):
         feedback.text, feedback.command, feedback.stats = gen.text, msg, stats
         handle.publish_feedback(feedback)
         return msg, gen
+
+    def _wait_stopped(self, run: _GoalRun, seconds: float) -> None:
+        """Wait ``seconds`` before a retry (the robot stands still); raises Cancelled if the goal must stop."""
+        deadline = time.monotonic() + seconds
+        while not run.should_stop():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(0.05, remaining))
+        raise Cancelled(GenerationResult(text="", token_ids=[], stop_reason="cancelled"))
 
     def _execute_command(self, run: _GoalRun, command: LocomotionCommand) -> bool:
         """Send the command and wait until the motion node has run it; False when cancelled or preempted."""
@@ -584,6 +626,7 @@ class DrafterNode(Node):
                                   values=[KeyValue(key="link", value=self._link),
                                           KeyValue(key="method", value=self._last_choice),
                                           KeyValue(key="steps_done", value=str(self._steps_done)),
+                                          KeyValue(key="step_retries", value=str(self._step_retries)),
                                           KeyValue(key="last_error", value=self._last_error)])
         self._diag_pub.publish(DiagnosticArray(header=_stamped(self), status=[status]))
 

@@ -20,6 +20,7 @@ from sensor_msgs.msg import CompressedImage
 
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
+    Draining,
     LinkLost,
     Refused,
     SessionNotFound,
@@ -37,7 +38,8 @@ from speculative_vlm_msgs.srv import CloseSession, OpenSession
 # Verdicts must not be lost or reordered: reliable, and deep enough for a burst of rounds.
 SPEC_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
-_ERRORS = {"SESSION_NOT_FOUND": SessionNotFound, "LINK_LOST": LinkLost, "TIMEOUT": VerifierTimeout}
+_ERRORS = {"SESSION_NOT_FOUND": SessionNotFound, "LINK_LOST": LinkLost, "TIMEOUT": VerifierTimeout,
+           Draining.code: Draining}
 
 
 def error_from(code: str, reason: str) -> Exception:
