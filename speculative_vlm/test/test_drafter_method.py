@@ -1,5 +1,6 @@
-"""The drafter's ``method`` parameter over real nodes and DDS: what ``ros2 param set`` accepts, and the
-auto method choosing each step's draft length through the bridge, reported in the diagnostics.
+"""The drafter's ``method`` parameter over real nodes and DDS: what ``ros2 param set`` accepts, cloud_ar
+streaming the target's tokens through the bridge (TOKEN verdicts), and the auto method choosing each
+step's method and draft length through the bridge, reported in the diagnostics.
 
 The bridge verifies with an in-process target (tiny random models); see test_drafter_exchange.
 """
@@ -14,6 +15,8 @@ from go2_harness import wait_for
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 from test_drafter_exchange import Exchange
+
+from speculative_vlm_msgs.msg import Verdict
 
 pytestmark = pytest.mark.ros
 
@@ -52,21 +55,42 @@ def test_an_unknown_method_is_refused_and_changes_nothing(exchange):
     assert exchange.drafter.get_parameter("method").value == "speculative"
 
 
-def test_cloud_ar_through_the_bridge_is_refused_because_it_cannot_stream(exchange):
+def test_cloud_ar_set_at_run_time_streams_the_target_s_tokens_through_the_bridge_without_drafts(exchange):
     result = set_method(exchange, "cloud_ar")
-    assert not result.successful and "cannot" in result.reason and "spec/open" in result.reason
-    assert exchange.drafter.get_parameter("method").value == "speculative"
+    try:
+        assert result.successful, result.reason
+        drafts, verdicts, stats = exchange.one_step()
+    finally:
+        assert set_method(exchange, "speculative").successful
+    assert not drafts and stats.drafted == 0 and stats.rounds == 0
+    tokens = [v for v in verdicts if v.kind == Verdict.TOKEN]
+    assert tokens and len(tokens) == len(verdicts), sorted({v.kind for v in verdicts})
+    assert len({v.session_id for v in tokens}) == 1
+    assert [v.round for v in tokens] == list(range(len(tokens)))  # each token's index, in order
+    assert tokens[-1].eos and stats.target_passes > 0
 
 
-def test_starting_with_cloud_ar_through_the_bridge_fails_with_the_reason(exchange):
+def test_starting_with_an_unknown_method_fails_with_the_reason(exchange):
     from speculative_vlm.nodes.drafter import DrafterNode
 
-    with pytest.raises(ValueError, match="method=cloud_ar needs a verifier that streams"):
+    with pytest.raises(ValueError, match="method='fastest' is not one of"):
         DrafterNode(namespace="/t" + uuid.uuid4().hex[:8], parameter_overrides=[
-            Parameter("draft_model", value="/nonexistent/draft"), Parameter("method", value="cloud_ar")])
+            Parameter("draft_model", value="/nonexistent/draft"), Parameter("method", value="fastest")])
 
 
-def test_auto_set_at_run_time_chooses_each_step_s_draft_length_and_the_diagnostics_say_why(exchange):
+def test_starting_with_cloud_ar_through_the_bridge_is_allowed(exchange):
+    from speculative_vlm.nodes.drafter import DrafterNode
+
+    node = DrafterNode(namespace="/t" + uuid.uuid4().hex[:8], parameter_overrides=[
+        Parameter("draft_model", value="/nonexistent/draft"), Parameter("method", value="cloud_ar")])
+    try:
+        assert node.get_parameter("method").value == "cloud_ar"
+    finally:
+        node._loaded.wait(30)
+        node.destroy_node()
+
+
+def test_auto_set_at_run_time_chooses_each_step_s_method_and_draft_length_and_the_diagnostics_say_why(exchange):
     seen: list[str] = []
 
     def on_diagnostics(msg: DiagnosticArray) -> None:
@@ -80,13 +104,17 @@ def test_auto_set_at_run_time_chooses_each_step_s_draft_length_and_the_diagnosti
         assert exchange.drafter._decoder.method == "auto"
         exchange.one_step()  # nothing measured yet: speculates to measure
         assert wait_for(lambda: any("no speculative session measured yet" in v for v in seen), 10.0), seen
-        drafts, _, _ = exchange.one_step()  # decided from the first step's round trip, acceptance and timings
+        drafts, verdicts, _ = exchange.one_step()  # decided from the first step's round trip, acceptance and timings
         assert wait_for(lambda: any("predicted" in v for v in seen), 10.0), seen
         last = [v for v in seen if "predicted" in v][-1]
-        # Through the bridge cloud AR is never chosen: it cannot stream.
-        assert last.startswith("speculative: speculative, ") and "RTT" in last, last
-        gamma = int(last.split("speculative, ")[1].split(" per block")[0])
-        assert drafts and 1 <= len(drafts[0].tokens) <= gamma
+        assert "RTT" in last, last
+        # Either method may win on this loopback link with tiny models; the step went the way the diagnostics say.
+        if last.startswith("cloud_ar: "):
+            assert not drafts and verdicts and all(v.kind == Verdict.TOKEN for v in verdicts)
+        else:
+            assert last.startswith("speculative: speculative, "), last
+            gamma = int(last.split("speculative, ")[1].split(" per block")[0])
+            assert drafts and 1 <= len(drafts[0].tokens) <= gamma
     finally:
         exchange.probe.destroy_subscription(sub)
         assert set_method(exchange, "speculative").successful

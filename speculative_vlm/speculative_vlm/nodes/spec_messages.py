@@ -1,5 +1,7 @@
 """Conversion between the engine's dataclasses (decoding.verifier) and the spec/* ROS messages.
 
+A streamed (AUTOREGRESSIVE) session's tokens travel on spec/verdict too, as TOKEN verdicts.
+
 Every message built here carries a header stamp from the clock of the node that sends it (the
 drafter's for a DraftBlock, the bridge's for a Verdict), so a bag shows the exchange on one
 timeline and a round's hop latency is its verdict's stamp minus its block's.
@@ -57,6 +59,12 @@ def verdict_to_msg(session_id: str, verdict: Verdict, *, stamp: Time) -> Verdict
 def error_msg(session_id: str, code: str, reason: str, *, stamp: Time) -> VerdictMsg:
     return VerdictMsg(header=Header(stamp=stamp), session_id=session_id, kind=VerdictMsg.ERROR, token=-1, exit_layer=-1,
                       code=code, reason=reason)
+
+
+def token_msg(session_id: str, index: int, token: int, eos: bool, *, stamp: Time) -> VerdictMsg:
+    """One streamed token of an AUTOREGRESSIVE session: a TOKEN verdict whose round is the token's index."""
+    return VerdictMsg(header=Header(stamp=stamp), session_id=session_id, kind=VerdictMsg.TOKEN, round=index,
+                      token=token, eos=eos, confidence=1.0, exit_layer=-1)
 
 
 def msg_to_verdict(msg: VerdictMsg) -> Verdict:
