@@ -6,6 +6,11 @@ every verdict, early and final, on ``spec/verdict``. Refusals and link loss beco
 with a code and a reason, so the drafter can stop the robot. The link state is published on
 ``bridge/link`` (latched) and ``/diagnostics``.
 
+A session opened with mode AUTOREGRESSIVE (cloud autoregressive: the drafter's method ``cloud_ar``,
+or ``auto`` when it finds speculation does not pay) is opened with the client's
+``open_autoregressive``; the bridge publishes each token the target generates as a TOKEN verdict
+(round = the token's index, eos on the last) and stops the stream when the drafter closes the session.
+
 Restarts: a verifier that drains (SIGTERM) ends its sessions with the retryable code
 ``draining``, which reaches the drafter as such; the drafter stops the robot and reopens the
 session through ``spec/open``, which the client retries until ``open_timeout_s``, moving on to
@@ -39,7 +44,7 @@ from speculative_vlm.decoding.verifier import (
 )
 from speculative_vlm.nodes.parameters import float_range, on_parameters_set, start_only
 from speculative_vlm.nodes.ros_verifier import SPEC_QOS
-from speculative_vlm.nodes.spec_messages import error_msg, msg_to_block, verdict_to_msg
+from speculative_vlm.nodes.spec_messages import error_msg, msg_to_block, token_msg, verdict_to_msg
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import DraftBlock as DraftBlockMsg
 from speculative_vlm_msgs.msg import Verdict as VerdictMsg
@@ -108,7 +113,8 @@ class BridgeNode(Node):
         d("open_timeout_s", 30.0, float_range(
             0.5, 600.0, "how long opening a session (prompt prefill on the target) may take, s"))
         self._verifier = verifier if verifier is not None else grpc_verifier_from_parameters(self)
-        self._sessions: dict[str, VerifierSession] = {}
+        self._sessions: dict[str, VerifierSession] = {}  # streamed ones too (they have no submit/next_verdict)
+        self._streams: set[str] = set()  # the AUTOREGRESSIVE sessions among them
         self._lock = threading.Lock()
         self._link, self._link_reason = "CONNECTED", ""
         group = ReentrantCallbackGroup()
@@ -178,22 +184,33 @@ class BridgeNode(Node):
                                       seed=req.seed)
         request = SessionRequest(prompt=req.prompt, system=req.system,
                                  image=bytes(req.image.data) or None, settings=settings)
+        streamed = req.mode == OpenSession.Request.AUTOREGRESSIVE
         try:
-            session = self._verifier.open(request)
+            if req.mode not in (OpenSession.Request.SPECULATIVE, OpenSession.Request.AUTOREGRESSIVE):
+                raise Refused("invalid_argument", f"mode {req.mode} is neither SPECULATIVE (0) nor AUTOREGRESSIVE (1)")
+            open_stream = getattr(self._verifier, "open_autoregressive", None)
+            if streamed and not callable(open_stream):
+                raise Refused("streaming_unavailable", f"this bridge's verifier ({type(self._verifier).__name__}) "
+                                                       "cannot stream the target's tokens; open a SPECULATIVE session")
+            session = open_stream(request) if streamed else self._verifier.open(request)
         except VerifierError as exc:
-            res.success, res.reason = False, f"{error_code(exc)}: {exc}"
+            res.success, res.code, res.reason = False, error_code(exc), f"{error_code(exc)}: {exc}"
             self.get_logger().warning(f"open refused: {res.reason}")
             return res
         with self._lock:
             self._sessions[session.session_id] = session
-        threading.Thread(target=self._pump, args=(session,), name=f"verdicts-{session.session_id}",
+            if streamed:
+                self._streams.add(session.session_id)
+        threading.Thread(target=self._pump, args=(session, streamed), name=f"verdicts-{session.session_id}",
                          daemon=True).start()
         res.success, res.session_id = True, session.session_id
+        res.prefill_time_s = float(getattr(getattr(session, "opened", None), "prefill_time_s", 0.0) or 0.0)
         return res
 
     def _on_close(self, req: CloseSession.Request, res: CloseSession.Response) -> CloseSession.Response:
         with self._lock:
             session = self._sessions.pop(req.session_id, None)
+            self._streams.discard(req.session_id)
         if session is None:
             res.success, res.reason = False, f"unknown session {req.session_id!r}"
             return res
@@ -204,24 +221,36 @@ class BridgeNode(Node):
     def _on_draft(self, msg: DraftBlockMsg) -> None:
         with self._lock:
             session = self._sessions.get(msg.session_id)
+            streamed = msg.session_id in self._streams
         if session is None:
             self._verdict_pub.publish(error_msg(
                 msg.session_id, "SESSION_NOT_FOUND", f"no open session {msg.session_id!r}; open one first",
                 stamp=self._now()))
+            return
+        if streamed:
+            self._verdict_pub.publish(error_msg(
+                msg.session_id, "invalid_argument", f"session {msg.session_id!r} is AUTOREGRESSIVE: the target "
+                "generates alone and takes no draft blocks", stamp=self._now()))
             return
         try:
             session.submit(msg_to_block(msg))
         except VerifierError as exc:
             self._verdict_pub.publish(error_msg(msg.session_id, error_code(exc), str(exc), stamp=self._now()))
 
-    def _pump(self, session: VerifierSession) -> None:
-        """Forward the session's verdicts to spec/verdict until it is closed or fails."""
+    def _pump(self, session: VerifierSession, streamed: bool = False) -> None:
+        """Forward the session's verdicts (a streamed session's tokens) to spec/verdict until it is closed or fails."""
         sid = session.session_id
         while True:
             with self._lock:
                 if sid not in self._sessions:
-                    return
+                    return  # closed: a stream stops here too, the close has told the verifier
             try:
+                if streamed:
+                    item = session.next_token(timeout=0.5)
+                    self._verdict_pub.publish(token_msg(sid, item.index, item.token, item.eos, stamp=self._now()))
+                    if item.eos:
+                        return  # the stream is complete; the session stays open until the drafter closes it
+                    continue
                 verdict = session.next_verdict(timeout=0.5)
             except VerifierTimeout:
                 continue  # idle between rounds; the client enforces its own deadline per block
@@ -233,6 +262,7 @@ class BridgeNode(Node):
                 self._verdict_pub.publish(error_msg(sid, error_code(exc), str(exc), stamp=self._now()))
                 with self._lock:
                     self._sessions.pop(sid, None)
+                    self._streams.discard(sid)
                 return
             self._verdict_pub.publish(verdict_to_msg(sid, verdict, stamp=self._now()))
 

@@ -58,7 +58,7 @@ from speculative_vlm.commands.schema import CommandError, parse_command
 from speculative_vlm.commands.to_msg import from_msg, to_msg
 from speculative_vlm.decoding.loop import Cancelled, GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import load_model
-from speculative_vlm.decoding.policy import AUTO, CLOUD_AR, METHODS, AdaptiveLength, FixedLength
+from speculative_vlm.decoding.policy import AUTO, METHODS, AdaptiveLength, FixedLength
 from speculative_vlm.decoding.retry import Backoff, retryable
 from speculative_vlm.decoding.verifier import (
     EARLY_THRESHOLD,
@@ -183,8 +183,8 @@ class DrafterNode(Node):
             description=f"how a step is decoded, one of {METHODS}: speculative (draft_length/adaptive_draft_length), "
             "cloud_ar (the verifier streams the target's own tokens) or auto (per step, speculation with the draft "
             "length the measured round trip, acceptance and timings call for, or cloud_ar when it is predicted "
-            "faster); all lossless. The ROS bridge cannot stream yet (spec/open has no mode), so through it cloud_ar "
-            "is refused and auto only chooses the draft length. Read at each step",
+            "faster); all lossless. Through the ROS bridge cloud_ar opens an AUTOREGRESSIVE session (spec/open mode) "
+            "whose tokens come back as TOKEN verdicts on spec/verdict. Read at each step",
             additional_constraints=f"one of {', '.join(METHODS)}"))
         d("early_confidence", EARLY_THRESHOLD, _float(0.0, 1.0, "early-verdict confidence needed to draft preemptively"))
         d("max_new_tokens", 64, _int(1, 512, "token limit of one step's answer"))
@@ -302,9 +302,6 @@ class DrafterNode(Node):
         """Why ``method`` cannot be used here ('' when it can)."""
         if method not in METHODS:
             return f"parameter method={method!r} is not one of {METHODS}"
-        if method == CLOUD_AR and not callable(getattr(self._verifier, "open_autoregressive", None)):
-            return ("parameter method=cloud_ar needs a verifier that streams the target's tokens; the ROS bridge "
-                    "cannot (spec/open has no mode): use speculative or auto")
         return ""
 
     def _check_parameters(self, params) -> SetParametersResult:
@@ -631,7 +628,10 @@ class DrafterNode(Node):
         self._diag_pub.publish(DiagnosticArray(header=_stamped(self), status=[status]))
 
     def destroy_node(self) -> None:
-        self._action.destroy()
+        # A constructor that refused its parameters leaves no action server, but the node is
+        # registered with the context, which destroys it at shutdown.
+        if hasattr(self, "_action"):
+            self._action.destroy()
         super().destroy_node()
 
 

@@ -3,6 +3,8 @@
 Blocks go out on ``spec/draft``, verdicts come back on ``spec/verdict``, sessions are opened and
 closed through the bridge's ``spec/open`` / ``spec/close`` services. Because the whole exchange
 crosses the ROS graph it can be watched (``ros2 topic echo spec/verdict``) and recorded in a bag.
+``open_autoregressive`` opens a session in the AUTOREGRESSIVE mode (cloud autoregressive): the bridge
+streams the target's own tokens as TOKEN verdicts on ``spec/verdict``, read with ``next_token``.
 The node that owns this adapter must be spun by a multi-threaded executor: the decoding thread
 blocks here while the executor delivers verdicts.
 """
@@ -12,12 +14,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage
 
+from speculative_vlm.decoding.inprocess import StreamedToken
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
     Draining,
@@ -42,31 +47,43 @@ _ERRORS = {"SESSION_NOT_FOUND": SessionNotFound, "LINK_LOST": LinkLost, "TIMEOUT
            Draining.code: Draining}
 
 
+# Messages for a session the drafter has not registered yet are kept for this many sessions: the
+# open's response and the session's first messages travel separately, and a stream starts at once.
+_UNCLAIMED_SESSIONS = 16
+
+
 def error_from(code: str, reason: str) -> Exception:
     cls = _ERRORS.get(code)
     return cls(reason) if cls else Refused(code, reason)
 
 
-class RosVerifierSession(VerifierSession):
-    def __init__(self, owner: RosVerifier, session_id: str):
+@dataclass(frozen=True)
+class Opened:
+    """What spec/open reported about a session (the field the loop reads from the gRPC Opened)."""
+
+    prefill_time_s: float  # the verifier's prompt prefill, s; the rest of the open is the link
+
+
+class _RosSession:
+    """A session's messages from spec/verdict, in order, and spec/close."""
+
+    def __init__(self, owner: RosVerifier, session_id: str, opened: Opened):
         self.session_id = session_id
+        self.opened = opened
         self._owner = owner
         self._verdicts: queue.Queue[VerdictMsg] = queue.Queue()
         self._closed = False
 
-    def submit(self, block: DraftBlock) -> None:
+    def _next(self, timeout: float | None, what: str) -> VerdictMsg:
         if self._closed:
             raise SessionNotFound(f"session {self.session_id} is closed; open a new one")
-        self._owner._draft_pub.publish(block_to_msg(self.session_id, block, stamp=self._owner.now()))
-
-    def next_verdict(self, timeout: float | None = None) -> Verdict:
         try:
             msg = self._verdicts.get(timeout=timeout)
         except queue.Empty:
-            raise VerifierTimeout(f"no verdict for session {self.session_id} within {timeout} s") from None
+            raise VerifierTimeout(f"no {what} for session {self.session_id} within {timeout} s") from None
         if msg.kind == VerdictMsg.ERROR:
             raise error_from(msg.code, msg.reason)
-        return msg_to_verdict(msg)
+        return msg
 
     def close(self) -> None:
         if self._closed:
@@ -75,6 +92,31 @@ class RosVerifierSession(VerifierSession):
         self._owner._forget(self.session_id)
         self._owner._call(self._owner._close_client, CloseSession.Request(session_id=self.session_id), 2.0,
                           raise_on_timeout=False)
+
+
+class RosVerifierSession(_RosSession, VerifierSession):
+    """A SPECULATIVE session: blocks out on spec/draft, verdicts back on spec/verdict."""
+
+    def submit(self, block: DraftBlock) -> None:
+        if self._closed:
+            raise SessionNotFound(f"session {self.session_id} is closed; open a new one")
+        self._owner._draft_pub.publish(block_to_msg(self.session_id, block, stamp=self._owner.now()))
+
+    def next_verdict(self, timeout: float | None = None) -> Verdict:
+        msg = self._next(timeout, "verdict")
+        if msg.kind == VerdictMsg.TOKEN:
+            raise Refused("protocol_error", f"session {self.session_id}: a streamed token in a speculative session")
+        return msg_to_verdict(msg)
+
+
+class RosStreamSession(_RosSession):
+    """An AUTOREGRESSIVE session: the target's tokens, one TOKEN verdict each; closing it stops the stream."""
+
+    def next_token(self, timeout: float | None = None) -> StreamedToken:
+        msg = self._next(timeout, "token")
+        if msg.kind != VerdictMsg.TOKEN:
+            raise Refused("protocol_error", f"session {self.session_id}: expected a TOKEN verdict, got kind {msg.kind}")
+        return StreamedToken(index=msg.round, token=msg.token, eos=msg.eos)
 
 
 class RosVerifier(Verifier):
@@ -89,7 +131,8 @@ class RosVerifier(Verifier):
                                              callback_group=group)
         self._open_client = node.create_client(OpenSession, "spec/open", callback_group=group)
         self._close_client = node.create_client(CloseSession, "spec/close", callback_group=group)
-        self._sessions: dict[str, RosVerifierSession] = {}
+        self._sessions: dict[str, _RosSession] = {}
+        self._unclaimed: OrderedDict[str, list[VerdictMsg]] = OrderedDict()  # see _UNCLAIMED_SESSIONS
         self._lock = threading.Lock()
 
     def now(self):
@@ -97,10 +140,23 @@ class RosVerifier(Verifier):
         return self._node.get_clock().now().to_msg()
 
     def _on_verdict(self, msg: VerdictMsg) -> None:
-        with self._lock:
+        with self._lock:  # held while queueing, so _register cannot slip in between: order is kept
             session = self._sessions.get(msg.session_id)
-        if session is not None:
-            session._verdicts.put(msg)
+            if session is not None:
+                session._verdicts.put(msg)
+                return
+            # Perhaps a session whose open has not returned yet (a stream's first tokens race the
+            # service response), or one closed already; the oldest are forgotten.
+            self._unclaimed.setdefault(msg.session_id, []).append(msg)
+            self._unclaimed.move_to_end(msg.session_id)
+            while len(self._unclaimed) > _UNCLAIMED_SESSIONS:
+                self._unclaimed.popitem(last=False)
+
+    def _register(self, session: _RosSession) -> None:
+        with self._lock:
+            self._sessions[session.session_id] = session
+            for msg in self._unclaimed.pop(session.session_id, ()):
+                session._verdicts.put(msg)
 
     def _forget(self, session_id: str) -> None:
         with self._lock:
@@ -124,18 +180,24 @@ class RosVerifier(Verifier):
         return future.result()
 
     def open(self, request: SessionRequest) -> RosVerifierSession:
+        return self._open(request, OpenSession.Request.SPECULATIVE, RosVerifierSession)
+
+    def open_autoregressive(self, request: SessionRequest) -> RosStreamSession:
+        """A session in which the cloud target generates alone; read its tokens with ``next_token``."""
+        return self._open(request, OpenSession.Request.AUTOREGRESSIVE, RosStreamSession)
+
+    def _open(self, request: SessionRequest, mode: int, kind: type[_RosSession]):
         s = request.settings
         image = CompressedImage(format="jpeg", data=list(request.image or b""))
         req = OpenSession.Request(
             system=request.system, prompt=request.prompt, image=image, temperature=float(s.temperature),
             top_k=int(s.top_k), top_p=float(s.top_p), max_new_tokens=int(s.max_new_tokens),
-            grammar=s.grammar, seed=int(s.seed),
+            grammar=s.grammar, seed=int(s.seed), mode=mode,
         )
         response = self._call(self._open_client, req, self.service_timeout_s)
         if not response.success:
             code, _, reason = response.reason.partition(": ")
-            raise error_from(code, reason or response.reason)
-        session = RosVerifierSession(self, response.session_id)
-        with self._lock:
-            self._sessions[response.session_id] = session
+            raise error_from(response.code or code, reason or response.reason)
+        session = kind(self, response.session_id, Opened(prefill_time_s=float(response.prefill_time_s)))
+        self._register(session)
         return session
