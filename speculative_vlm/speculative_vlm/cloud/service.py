@@ -16,6 +16,11 @@ that fails authentication too often is locked out. An Open is admitted by its le
 tokens (after the chat template and the image) and by the KV-cache memory it reserves;
 its prefill then runs a chunk at a time in background turns on the model
 (``cloud.turns``), so other sessions' verification passes wait for one chunk at most.
+
+Restarts (:meth:`VerificationService.drain`, on SIGTERM): new streams, Opens and Drafts are
+turned away, the blocks already queued or in a pass are answered, and each session is then
+ended with the retryable ``draining`` code, so its robot decodes the step again elsewhere or
+here once the server is back; the drain has a deadline and never waits for the model past it.
 """
 
 from __future__ import annotations
