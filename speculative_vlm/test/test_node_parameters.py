@@ -36,8 +36,8 @@ READ_ONLY = {
     "bridge": {"cloud_address", "fallback_addresses", "auth_token_env", "auth_token_file", "tls_ca", "tls_cert",
                "tls_key"},
     "monitor": {"image_topic", "text_topic", "command_topic", "stats_topic", "odom_topic", "base_frame"},
-    "drafter": {"draft_model", "perception", "grammar", "on_link_lost", "execute_unverified", "torch_threads",
-                "image_topic"},
+    "drafter": {"draft_model", "draft_device", "draft_dtype", "perception", "grammar", "on_link_lost",
+                "execute_unverified", "torch_threads", "image_topic"},
 }
 
 
@@ -95,6 +95,7 @@ def test_exactly_the_start_only_parameters_are_read_only(ros, name):
     ("bridge", "cloud_address", "10.0.0.1:50561"),
     ("monitor", "image_topic", "other/image"),
     ("drafter", "draft_model", "another-draft"),
+    ("drafter", "draft_dtype", "bfloat16"),
 ])
 def test_ros2_param_set_on_a_start_only_parameter_is_refused_and_changes_nothing(ros, name, param, value):
     ns = "/t" + uuid.uuid4().hex[:8]

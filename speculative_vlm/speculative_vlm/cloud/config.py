@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from speculative_vlm.decoding import placement
+
 
 class ConfigError(ValueError):
     """The server configuration is unusable; the message names the field and the fix."""
@@ -56,6 +58,10 @@ class ServerConfig:
     model: str = "smollm2-135m-instruct"  # a folder or a model-store name
     exit_layers: tuple[int, ...] = ()
     exit_heads: str | None = None  # trained exit adapters; None = shared norm + LM head
+    # Where the target (and its exit heads) runs: cpu, cuda or cuda:N; float32, bfloat16 or float16.
+    # Checked here for spelling only; the machine is checked when the model loads.
+    device: str = "cpu"
+    dtype: str = "float32"
     max_batch: int = 8  # 1 = unbatched
     max_wait_ms: float = 5.0  # longest a block waits for others to join its batch
     bind: str = "127.0.0.1:50051"  # port 0 picks a free one
@@ -114,6 +120,10 @@ class ServerConfig:
                 raise ConfigError(f"metrics_bind must be host:port (port 0 picks one), got {self.metrics_bind!r}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1 (1 = unbatched), got {self.max_batch}")
+        try:
+            placement.parse(self.device, self.dtype)
+        except placement.PlacementError as exc:
+            raise ConfigError(str(exc)) from None
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if ":" not in self.bind:

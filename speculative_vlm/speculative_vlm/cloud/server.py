@@ -33,6 +33,7 @@ from speculative_vlm.cloud.auth import AuthConfigError, TokenAuthenticator, load
 from speculative_vlm.cloud.config import ConfigError, Limits, ServerConfig, from_yaml
 from speculative_vlm.cloud.metrics import ServerMetrics
 from speculative_vlm.cloud.service import SERVICE_NAME, VerificationService
+from speculative_vlm.decoding.placement import PlacementError
 
 log = logging.getLogger("speculative_vlm.cloud.server")
 
@@ -72,7 +73,8 @@ def build_engine(config: ServerConfig) -> Any:
     from speculative_vlm.decoding.models import load_model
     from speculative_vlm.decoding.target_engine import TargetEngine
 
-    return TargetEngine(load_model(config.model), exit_layers=list(config.exit_layers), exit_heads=config.exit_heads,
+    return TargetEngine(load_model(config.model, dtype=config.dtype, device=config.device),
+                        exit_layers=list(config.exit_layers), exit_heads=config.exit_heads,
                         max_batch=config.max_batch, prefill_chunk_tokens=config.prefill_chunk_tokens)
 
 
@@ -204,6 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="target model folder or model-store name")
     p.add_argument("--exit-layers", help="comma-separated decoder layer indices with early exits")
     p.add_argument("--exit-heads", help="trained exit adapters checkpoint")
+    p.add_argument("--device", help="where the target runs: cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", help="the target's dtype: float32, bfloat16 or float16 (default float32)")
     p.add_argument("--max-batch", type=int, help="blocks per forward pass (1 = unbatched)")
     p.add_argument("--max-wait-ms", type=float, help="longest added wait for a batch to fill")
     p.add_argument("--bind", help="host:port (port 0 picks one)")
@@ -246,8 +250,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--config-section names a section of --config: give --config too")
     config = from_yaml(args.config, args.config_section) if args.config else ServerConfig()
     changes: dict[str, Any] = {}
-    for name in ("model", "exit_heads", "max_batch", "max_wait_ms", "bind", "tls_cert", "tls_key", "allow_insecure",
-                 "tls_client_ca", "tokens_file", "tokens_env", "metrics_bind", "metrics_port",
+    for name in ("model", "exit_heads", "device", "dtype", "max_batch", "max_wait_ms", "bind", "tls_cert", "tls_key",
+                 "allow_insecure", "tls_client_ca", "tokens_file", "tokens_env", "metrics_bind", "metrics_port",
                  "session_idle_s", "open_timeout_s", "prefill_chunk_tokens", "torch_threads", "log_level",
                  "drain_timeout_s"):
         value = getattr(args, name)
@@ -294,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                  gpus_per_replica=args.gpus_per_replica)
         else:
             handle = serve(config)
-    except (ConfigError, AuthConfigError) as exc:
+    except (ConfigError, AuthConfigError, PlacementError) as exc:
         log.error(str(exc), extra={"event": "refused_to_start"})
         return 2
     done, abandon = threading.Event(), threading.Event()

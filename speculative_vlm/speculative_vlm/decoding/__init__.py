@@ -5,7 +5,8 @@ Modules, one job each:
 - ``verifier``: the contract between the loop and any verifier (requests, blocks, verdicts, errors)
 - ``admission``: every field of a request and a block checked before any work (fail closed)
 - ``models``: Hugging Face adapters (causal LM, Idefics3-style VLM), KV cache per sequence,
-  rollback by cropping, batched forward with layer hooks; ``load_model(name_or_path)``
+  rollback by cropping, batched forward with layer hooks; ``load_model(name_or_path, dtype, device)``
+- ``placement``: the ``device`` and ``dtype`` settings, parsed and checked on this machine
 - ``exits``: early-exit heads (shared norm + LM head, or trained adapters from a checkpoint)
 - ``rules``: temperature/top-k/top-p warping, greedy and rejection-sampling verification
 - ``grammar``: xgrammar matcher per sequence (masks, rollback, forced tokens)

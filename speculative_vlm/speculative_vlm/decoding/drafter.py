@@ -38,7 +38,7 @@ class Drafter:
             request = dataclasses.replace(request, image=None)
         self.kv = model.start(model.encode(request))
         self.out = make_tracker(model, request)  # the drafter's view: committed + drafted
-        self.generator = torch.Generator().manual_seed(int(request.settings.seed) + 7919)
+        self.generator = torch.Generator(device=model.device).manual_seed(int(request.settings.seed) + 7919)
 
     @property
     def tokens(self) -> list[int]:

@@ -5,6 +5,10 @@ untrained). A trained exit adds a small adapter per layer in front of that share
 ``h + W2 silu(W1 norm(h))``, zero-initialised so that an untrained adapter is exactly the
 default head. ``speculative-vlm train-exits`` trains the adapters by self-distillation and
 writes a checkpoint that :func:`load_exit_heads` reads.
+
+Exit heads run where the target runs: :func:`load_exit_heads` puts the adapters on the
+target's device in its dtype (a checkpoint is saved from float32 on the CPU), and an adapter
+is applied in its own dtype, so adapters being trained in float32 next to a bfloat16 target work too.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class ExitHeads(nn.Module):
         tokens only (the rest -inf)."""
         adapter = self.adapters[str(layer)] if str(layer) in self.adapters else None
         if adapter is not None:
-            hidden = adapter(hidden.float())
+            hidden = adapter(hidden.to(adapter.norm.weight.dtype))
         return self._head(hidden, narrow)
 
 
@@ -84,7 +88,8 @@ def save_exit_heads(heads: ExitHeads, path: str | os.PathLike, target: ModelAdap
 
 
 def load_exit_heads(path: str | os.PathLike, target: ModelAdapter, layers=None) -> ExitHeads:
-    """Load trained exit adapters; ``layers`` (optional) must be a subset of the trained ones."""
+    """Load trained exit adapters onto the target's device, in its dtype; ``layers`` (optional)
+    must be a subset of the trained ones."""
     path = model_store.resolve_file(path)
     data = torch.load(path, map_location="cpu", weights_only=True)
     if data.get("hidden_size") != target.hidden_size or data.get("num_layers") != target.num_layers:
@@ -105,5 +110,5 @@ def load_exit_heads(path: str | os.PathLike, target: ModelAdapter, layers=None) 
     for layer in layers:
         a = ExitAdapter(target.hidden_size, int(data["inner"][str(layer)]))
         a.load_state_dict(data["state"][str(layer)])
-        adapters[layer] = a.eval()
+        adapters[layer] = a.to(device=target.device, dtype=target.dtype).eval()
     return ExitHeads(target, layers, adapters)

@@ -33,7 +33,8 @@ class GrammarConstraint:
         return bool(self._matcher.is_terminated())
 
     def allowed(self) -> torch.Tensor:
-        """Bool mask (vocab_size,) of the tokens allowed next."""
+        """Bool mask (vocab_size,) of the tokens allowed next, on the host (xgrammar runs there);
+        :func:`apply_mask` and the narrowed heads take it to the logits' device."""
         return torch.from_numpy(self._allowed())
 
     def _allowed(self) -> np.ndarray:
@@ -68,7 +69,7 @@ class GrammarConstraint:
         Past the first disallowed token the remaining masks are all-False (those positions
         can never be accepted).
         """
-        masks = torch.zeros((len(tokens) + 1, self.vocab_size), dtype=torch.bool)
+        masks = torch.zeros((len(tokens) + 1, self.vocab_size), dtype=torch.bool, device="cpu")  # host-side
         advanced = 0
         for i, t in enumerate(tokens):
             masks[i] = self.allowed()
@@ -83,9 +84,13 @@ class GrammarConstraint:
 
 
 def apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits (..., V') with disallowed tokens at -inf; V' may exceed the mask's vocabulary."""
+    """Logits (..., V') with disallowed tokens at -inf; V' may exceed the mask's vocabulary.
+
+    The mask is taken to the logits' device (a no-op when it is there already).
+    """
+    mask = mask.to(logits.device)
     if logits.shape[-1] != mask.shape[-1]:
-        full = torch.zeros(mask.shape[:-1] + (logits.shape[-1],), dtype=torch.bool)
+        full = torch.zeros(mask.shape[:-1] + (logits.shape[-1],), dtype=torch.bool, device=logits.device)
         full[..., : mask.shape[-1]] = mask
         mask = full
     return logits.masked_fill(~mask, float("-inf"))

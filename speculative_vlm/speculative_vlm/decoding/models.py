@@ -8,6 +8,12 @@ four things: :meth:`~ModelAdapter.encode` turns a :class:`SessionRequest` into p
 sequences in one pass (KV caches stacked with left padding, ragged inputs right-padded),
 and :meth:`KVState.truncate` rolls a sequence back to a prefix without recomputing it.
 
+The adapter runs where its model's weights are (:attr:`ModelAdapter.device`, ``.dtype``; see
+:mod:`~speculative_vlm.decoding.placement` and :meth:`ModelAdapter.to`): every tensor it makes
+(ids, attention masks, positions, pixel values, narrowed heads) is made on that device, and the
+logits it returns are float32 on that device, so the rules decide in float32 whatever the
+model's dtype.
+
 A sequence's cache always holds a prefix of its ids; the tokens after it are fed on the
 next pass. So rolling back after a rejection is a crop, and the prompt is computed once.
 """
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from speculative_vlm.decoding import model_store
+from speculative_vlm.decoding import model_store, placement
 from speculative_vlm.decoding.verifier import (
     EmptyPrompt,
     ImageNotSupported,
@@ -102,9 +108,28 @@ class ModelAdapter:
         self._head_owner, self._head_attr = _owner_of(model, self.lm_head)
         self.eos_token_ids: tuple[int, ...] = _eos_ids(model, tokenizer)
         self.pad_token_id: int = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        self.dtype = next(model.parameters()).dtype
         self._prefix_cache = PrefixCache()
         self.prefill_reused = 0  # prompt ids whose keys/values came from the prefix cache
+
+    # ---- placement -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (and every tensor the adapter makes)."""
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its LM head's; logits are returned in float32)."""
+        return self.lm_head.weight.dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> ModelAdapter:
+        """Move the model to ``device`` and ``dtype`` (None keeps the current one) after
+        :func:`placement.check`; returns self. Sequences started before keep their old caches:
+        start new ones."""
+        target = placement.check(self.device if device is None else device, self.dtype if dtype is None else dtype)
+        self.model.to(device=target.device, dtype=target.dtype)
+        self._prefix_cache.clear()  # keys/values of the old placement
+        return self
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(self, request: SessionRequest) -> Prompt:
@@ -128,7 +153,8 @@ class ModelAdapter:
             inputs = self.processor(text=text, images=[image], return_tensors="pt")
             ids = inputs.pop("input_ids")[0].tolist()
             inputs.pop("attention_mask", None)
-            extra = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+            extra = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                     for k, v in inputs.items()}
             shared = 0  # equal ids, other pixels: nothing of an image prompt is reusable
         else:
             template_owner = self.processor if (self.is_vlm and self.processor.chat_template) else self.tokenizer
@@ -208,7 +234,7 @@ class ModelAdapter:
 
     def _forward_one(self, s: KVState) -> torch.Tensor:
         new = s.ids[s.cached :]
-        out = self.model(input_ids=torch.tensor([new]), past_key_values=s.cache, use_cache=True)
+        out = self.model(input_ids=torch.tensor([new], device=self.device), past_key_values=s.cache, use_cache=True)
         s.cached = len(s.ids)
         return out.logits[0].float()
 
@@ -216,14 +242,15 @@ class ModelAdapter:
         lens = [s.cached for s in states]
         news = [s.ids[s.cached :] for s in states]
         lmax, tmax = max(lens), max(len(n) for n in news)
-        b = len(states)
-        input_ids = torch.full((b, tmax), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, lmax + tmax), dtype=torch.long)
-        positions = torch.zeros((b, tmax), dtype=torch.long)
-        for i, (length, new) in enumerate(zip(lens, news, strict=True)):
-            input_ids[i, : len(new)] = torch.tensor(new)
-            mask[i, lmax - length : lmax + len(new)] = 1
-            positions[i] = length + torch.arange(tmax)
+        # Built as lists and copied to the device once each: row-by-row writes into a device
+        # tensor would cost a copy (and on a GPU a kernel launch) per row.
+        pairs = list(zip(lens, news, strict=True))
+        input_ids = torch.tensor([new + [self.pad_token_id] * (tmax - len(new)) for _, new in pairs],
+                                 dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (lmax - length) + [1] * (length + len(new)) + [0] * (tmax - len(new))
+                             for length, new in pairs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([list(range(length, length + tmax)) for length, _ in pairs],
+                                 dtype=torch.long, device=self.device)
         stacked = None
         if lmax > 0:
             per_layer = []
@@ -333,7 +360,8 @@ class Prefill:
         extra = self.prompt.extra if s.cached == 0 else {}
         if extra:
             stop = max(stop, self._after_last_image_token())
-        self.adapter.model(input_ids=torch.tensor([ids[s.cached : stop]]), past_key_values=s.cache,
+        self.adapter.model(input_ids=torch.tensor([ids[s.cached : stop]], device=self.adapter.device),
+                           past_key_values=s.cache,
                            use_cache=True, logits_to_keep=1, **extra)
         s.cached = stop
         if self.shared and stop == self.shared:
@@ -376,6 +404,10 @@ class PrefixCache:
             while len(self._items) > self.entries:
                 self._items.pop(next(iter(self._items)))
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix that every sequence shares."""
@@ -388,11 +420,15 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 class RowsHead(torch.nn.Module):
-    """An LM head computed for some tokens only; every other logit is -inf."""
+    """An LM head computed for some tokens only; every other logit is -inf.
+
+    It is made on the head's device in the head's dtype, wherever ``rows`` were computed
+    (the grammar's masks come from the host).
+    """
 
     def __init__(self, head: torch.nn.Linear, rows: torch.Tensor, vocab_size: int):
         super().__init__()
-        self.rows = rows.to(torch.long)
+        self.rows = rows.to(device=head.weight.device, dtype=torch.long)
         self.weight = head.weight.index_select(0, self.rows)
         self.bias = head.bias.index_select(0, self.rows) if getattr(head, "bias", None) is not None else None
         self.vocab_size = vocab_size
@@ -448,22 +484,26 @@ def _decode_image(data: bytes):
         raise ImageNotSupported("bad_image", f"the image could not be decoded ({exc}); send a JPEG or PNG") from None
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> ModelAdapter:
-    """Load a model folder (or model-store name) as an adapter: a VLM when it has a vision config."""
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None) -> ModelAdapter:
+    """Load a model folder (or model-store name) as an adapter: a VLM when it has a vision config.
+
+    ``dtype`` (float32, bfloat16, float16; default float32) and ``device`` (cpu, cuda, cuda:N;
+    default cpu) are checked first (:func:`placement.check`: DeviceNotAvailable, DtypeNotSupported).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    where = placement.check(device, dtype)
     path = model_store.resolve(name_or_path)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "vision_config", None) is not None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=where.dtype).to(where.device)
         return ModelAdapter(model, processor.tokenizer, processor, name=str(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=where.dtype).to(where.device)
     return ModelAdapter(model, tokenizer, name=str(name_or_path))
 
 
@@ -477,6 +517,8 @@ def describe(adapter: ModelAdapter) -> dict:
                 "layers": adapter.num_layers,
                 "vocab": adapter.vocab_size,
                 "parameters": sum(p.numel() for p in adapter.model.parameters()),
+                "device": str(adapter.device),
+                "dtype": str(adapter.dtype).removeprefix("torch."),
                 "path": str(Path(adapter.name)) if adapter.name else "",
             }
         )

@@ -67,7 +67,8 @@ def _draft_distribution(q: dict[int, float] | None, token: int, like: torch.Tens
     """The draft's dense q for one position (checked), one-hot on ``token`` when it left ``token`` out."""
     q_vec = torch.zeros_like(like)
     if q:
-        q_vec[torch.tensor(list(q.keys()), dtype=torch.long)] = torch.tensor(list(q.values()), dtype=like.dtype)
+        ids = torch.tensor(list(q.keys()), dtype=torch.long, device=like.device)
+        q_vec[ids] = torch.tensor(list(q.values()), dtype=like.dtype, device=like.device)
     if not float(q_vec[token]) > 0.0:  # the draft left its own token out: a greedy (one-hot) draft
         q_vec.zero_()
         q_vec[token] = 1.0
@@ -102,9 +103,17 @@ def verify_greedy(logits: torch.Tensor, drafts: Sequence[int]) -> Outcome:
     """``logits`` (k+1, V): accept the longest prefix equal to the argmax; the next argmax is the token.
 
     A row that allows nothing accepts nothing and gives no token; nan or +inf logits raise.
+    Everything is decided on the logits' device and read back in one small copy (one wait on
+    a GPU, however long the block).
     """
-    allows = _check_logits(logits).tolist()
-    best = torch.argmax(logits, dim=-1).tolist()
+    broken = (torch.isnan(logits) | torch.isposinf(logits)).any().reshape(1)
+    allows = ~torch.isneginf(logits).all(dim=-1)
+    best = torch.argmax(logits, dim=-1)
+    read = torch.cat([broken.long(), allows.long(), best]).tolist()
+    if read[0]:
+        raise InvalidProbability("the target's logits hold nan or +inf; the model or its settings are broken")
+    k1 = logits.shape[0]
+    allows, best = read[1 : 1 + k1], read[1 + k1 :]
     accepted = 0
     while accepted < len(drafts) and allows[accepted] and best[accepted] == drafts[accepted]:
         accepted += 1
@@ -138,7 +147,7 @@ def verify_sampling(
         p = probs[i]
         q_vec = _draft_distribution(q[i] if q is not None else None, x, p)
         ratio = acceptance_probability(float(p[x]), float(q_vec[x]))
-        u = float(torch.rand((), generator=generator))
+        u = float(torch.rand((), generator=generator, device=generator.device))
         if u < ratio:
             continue
         residual = torch.clamp(p - q_vec, min=0.0)

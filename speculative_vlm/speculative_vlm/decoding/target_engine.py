@@ -20,6 +20,14 @@ others' and touch only its own session. An item that fails gets its exception in
 its verdict and its session is left as it was before the pass; every other item's verdict,
 output and cache are exactly what they would be had the failing item never been batched
 with it. Nothing is retried.
+
+The engine runs where its model runs (``model.device``, ``model.dtype``): sessions' caches,
+sampling generators, grammar masks (made on the host by xgrammar, copied to the device once
+per block), logits and probabilities all live there, and the rules decide on float32 logits.
+On a GPU the host waits for the device at chosen points only: once before a pass (which
+tokens the grammar allows, for the narrowed head, while the device is idle anyway), once per
+item for its verdict (``rules.verify_greedy`` reads back one small tensor), and once per item
+and exit for an early verdict.
 """
 
 from __future__ import annotations
@@ -192,7 +200,7 @@ class TargetEngine:
         if not pending.done:
             raise ValueError("finish_session() before the prefill is done; run prefill_step() until it is")
         kv, out, request = pending.prefill.state, pending.out, pending.request
-        gen = torch.Generator().manual_seed(int(request.settings.seed))
+        gen = torch.Generator(device=self.model.device).manual_seed(int(request.settings.seed))
         sess = TargetSession(f"t{next(self._ids)}", request, kv, out, gen)
         # Tokens the grammar forces before any choice are output at once, as the drafter does.
         kv.append(out.append_forced())
@@ -265,7 +273,7 @@ class TargetEngine:
             if t in self.model.eos_token_ids:
                 del tokens[j + 1 :]
                 break
-        masks = sess.out.grammar.masks_along(tokens) if sess.out.grammar is not None else None
+        masks = sess.out.grammar.masks_along(tokens).to(self.model.device) if sess.out.grammar is not None else None
         uncached = len(sess.kv.ids) - sess.kv.cached
         greedy = sess.request.settings.greedy
         return _Item(sess, block, tokens, max(uncached, 1) + len(tokens), masks, ids_before=len(sess.kv.ids),
@@ -368,7 +376,8 @@ class TargetEngine:
         outcome = rules.verify_greedy(logits, it.tokens)
         token = -1 if self._output_ends(it, outcome.accepted) else outcome.token
         chosen = list(it.tokens[: outcome.accepted]) + ([token] if token >= 0 else [])
-        confidence = float(probs[torch.arange(len(chosen)), torch.tensor(chosen, dtype=torch.long)].prod())
+        rows = torch.arange(len(chosen), device=probs.device)
+        confidence = float(probs[rows, torch.tensor(chosen, dtype=torch.long, device=probs.device)].prod())
         return Verdict(
             it.block.round, VerdictKind.EARLY, outcome.accepted, token, confidence=confidence, exit_layer=layer
         )

@@ -56,6 +56,7 @@ from speculative_vlm.commands.prompts import SYSTEM_PROMPT, Progress, user_messa
 from speculative_vlm.commands.scene_text import Pose, describe_image
 from speculative_vlm.commands.schema import CommandError, parse_command
 from speculative_vlm.commands.to_msg import from_msg, to_msg
+from speculative_vlm.decoding import placement
 from speculative_vlm.decoding.loop import Cancelled, GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import load_model
 from speculative_vlm.decoding.policy import AUTO, METHODS, AdaptiveLength, FixedLength
@@ -69,7 +70,7 @@ from speculative_vlm.decoding.verifier import (
     VerifierError,
 )
 from speculative_vlm.nodes.image_conversion import image_to_numpy
-from speculative_vlm.nodes.parameters import on_parameters_set
+from speculative_vlm.nodes.parameters import on_parameters_set, start_only
 from speculative_vlm.nodes.ros_verifier import RosVerifier
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.action import Instruct
@@ -168,6 +169,8 @@ class DrafterNode(Node):
         d = self.declare_parameter
         d("draft_model", "command-draft", ParameterDescriptor(read_only=True,
             description="draft model: a folder or a model-store name (the shipped draft is 'command-draft')"))
+        d("draft_device", "cpu", start_only("where the draft model runs: cpu, cuda or cuda:N (a Jetson's GPU is cuda)"))
+        d("draft_dtype", "float32", start_only("the draft model's dtype: float32, bfloat16 or float16"))
         d("perception", "scene_text", ParameterDescriptor(read_only=True,
             description=f"how a frame reaches the models, one of {PERCEPTIONS}: scene_text describes coloured "
             "objects in words (text-only target), image sends the JPEG (VLM target)"))
@@ -211,6 +214,10 @@ class DrafterNode(Node):
         d("progress_line", True, ParameterDescriptor(
             description="tell the model on every step how far the robot has moved and turned since the instruction "
             "(odometry from 'odom') and what its last command was, as the closed-loop evaluation does"))
+        try:
+            placement.parse(self.get_parameter("draft_device").value, self.get_parameter("draft_dtype").value)
+        except placement.PlacementError as exc:
+            raise ValueError(f"parameters draft_device/draft_dtype: {exc}") from None
         for name in ("perception", "on_link_lost"):
             allowed = PERCEPTIONS if name == "perception" else LINK_POLICIES
             if self.get_parameter(name).value not in allowed:
@@ -279,14 +286,15 @@ class DrafterNode(Node):
                 import torch
 
                 torch.set_num_threads(p("torch_threads").value)
-            draft = load_model(p("draft_model").value)
+            draft = load_model(p("draft_model").value, dtype=p("draft_dtype").value, device=p("draft_device").value)
             with self._decoder_lock:  # a parameter set meanwhile waits, then applies to this decoder
                 self._decoder = SpeculativeDecoder(
                     draft, self._verifier, policy=self._draft_policy(), preempt=p("preemptive").value,
                     pipeline=p("pipelining").value, early_threshold=p("early_confidence").value,
                     verdict_timeout_s=p("verdict_timeout_s").value, method=p("method").value,
                 )
-            self.get_logger().info(f"draft model {p('draft_model').value!r} loaded")
+            self.get_logger().info(f"draft model {p('draft_model').value!r} loaded ({draft.device}, "
+                                   f"{p('draft_dtype').value})")
         except Exception as exc:  # reported on every goal and in diagnostics
             self._load_error = f"cannot load draft model {p('draft_model').value!r}: {exc}"
             self.get_logger().error(self._load_error)
