@@ -54,6 +54,37 @@ def test_bandwidth_limit_paces_a_large_transfer(echo_server):
     assert 0.1 <= elapsed < 1.0
 
 
+def test_a_downlink_limit_paces_only_what_the_server_sends():
+    # The server takes 100 kB, notes when it had it all, and answers with 100 kB: at 1.6 Mbit/s
+    # down the answer takes 0.5 s, while the request goes up unlimited.
+    srv = socket.create_server(("127.0.0.1", 0))
+    received_at: list[float] = []
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            got = 0
+            while got < 100_000:
+                got += len(conn.recv(65536))
+            received_at.append(time.monotonic())
+            conn.sendall(b"y" * 100_000)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with DelayProxy(srv.getsockname(), LinkProfile(downlink_bps=1.6e6)) as proxy:
+            with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+                start = time.monotonic()
+                s.sendall(b"x" * 100_000)
+                got = 0
+                while got < 100_000:
+                    got += len(s.recv(65536))
+                done = time.monotonic()
+    finally:
+        srv.close()
+    assert received_at[0] - start < 0.25
+    assert 0.5 <= done - received_at[0] < 2.0
+
+
 def test_jitter_never_reorders_bytes(echo_server):
     with DelayProxy(echo_server, LinkProfile(delay_s=0.005, jitter_s=0.005), seed=1) as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port)) as s:

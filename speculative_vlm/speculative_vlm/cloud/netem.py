@@ -25,13 +25,16 @@ class LinkProfile:
     delay_s: float = 0.0  # one-way
     jitter_s: float = 0.0  # standard deviation of a normal jitter, clipped at 0 total delay
     bandwidth_bps: float | None = None  # bits per second; None = unlimited
+    # Server -> client only, when set (an asymmetric link); e.g. a narrow downlink paces a stream's
+    # messages while the requests still go out at bandwidth_bps.
+    downlink_bps: float | None = None
 
 
 class _Direction:
     """Moves bytes from ``src`` to ``dst`` through the link model."""
 
-    def __init__(self, proxy: DelayProxy, src: socket.socket, dst: socket.socket):
-        self.proxy, self.src, self.dst = proxy, src, dst
+    def __init__(self, proxy: DelayProxy, src: socket.socket, dst: socket.socket, downlink: bool):
+        self.proxy, self.src, self.dst, self.downlink = proxy, src, dst, downlink
         self.chunks: queue.Queue[tuple[float, bytes | None]] = queue.Queue()
         self.last_due = 0.0
         self.link_free = 0.0
@@ -62,7 +65,8 @@ class _Direction:
                     except OSError:
                         pass
                     return
-                bw = self.proxy.profile.bandwidth_bps
+                p = self.proxy.profile
+                bw = p.downlink_bps if self.downlink and p.downlink_bps else p.bandwidth_bps
                 start = max(due, self.link_free)
                 self.link_free = start + (len(data) * 8 / bw if bw else 0.0)
                 wait = self.link_free - time.monotonic()
@@ -120,8 +124,8 @@ class DelayProxy:
             with self._lock:
                 self._conns += [client, upstream]
                 self.connections_accepted += 1
-            _Direction(self, client, upstream)
-            _Direction(self, upstream, client)
+            _Direction(self, client, upstream, downlink=False)
+            _Direction(self, upstream, client, downlink=True)
 
     def drop_connections(self) -> int:
         """Reset every open connection (RST, like a cut link); new connections still work."""

@@ -247,7 +247,10 @@ class BridgeNode(Node):
             try:
                 if streamed:
                     item = session.next_token(timeout=0.5)
-                    self._verdict_pub.publish(token_msg(sid, item.index, item.token, item.eos, stamp=self._now()))
+                    with self._lock:  # a token read as the drafter closed the session goes nowhere
+                        if sid not in self._sessions:
+                            return
+                        self._verdict_pub.publish(token_msg(sid, item.index, item.token, item.eos, stamp=self._now()))
                     if item.eos:
                         return  # the stream is complete; the session stays open until the drafter closes it
                     continue
