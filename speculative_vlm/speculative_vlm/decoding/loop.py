@@ -13,9 +13,9 @@ Each session first picks its method (``method``: ``speculative``, ``cloud_ar`` o
 ``auto`` the :class:`~speculative_vlm.decoding.policy.MethodChooser` decides from the previous
 sessions' measurements (round trip, acceptance, drafting and verification times) whether to speculate,
 and with how many tokens per block, or to ask the verifier to stream the target's own tokens (its
-``open_autoregressive`` mode, which the gRPC client and the in-process verifier have). Both are
-lossless: a streamed token is the target's own choice. Every session, whatever its method, feeds the
-chooser.
+``open_autoregressive`` mode, which the gRPC client, the in-process verifier and the ROS bridge's
+adapter have). Both are lossless: a streamed token is the target's own choice. Every session,
+whatever its method, feeds the chooser.
 """
 
 from __future__ import annotations
