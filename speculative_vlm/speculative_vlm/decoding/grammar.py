@@ -24,7 +24,9 @@ class GrammarConstraint:
         import xgrammar as xgr
 
         self._matcher = xgr.GrammarMatcher(compiled)
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        # On the host whatever torch's default device is (xgrammar's allocate_token_bitmask takes the
+        # default, and the matcher fills the bitmask in host memory).
+        self._bitmask = torch.full(xgr.get_bitmask_shape(1, vocab_size), -1, dtype=xgr.bitmask_dtype, device="cpu")
         self.vocab_size = vocab_size
         self.steps = 0  # tokens accepted so far (rollback depth available)
 
