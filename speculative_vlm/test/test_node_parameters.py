@@ -116,6 +116,13 @@ def test_ros2_param_set_on_a_start_only_parameter_is_refused_and_changes_nothing
         client.destroy_node()
 
 
+@pytest.mark.parametrize(("param", "value", "says"), [("draft_dtype", "fp8", "dtype 'fp8' is not supported"),
+                                                   ("draft_device", "tpu", "use cpu, cuda or cuda:N")])
+def test_a_draft_device_or_dtype_that_does_not_exist_is_refused_at_start(ros, param, value, says):
+    with pytest.raises(ValueError, match=f"draft_device/draft_dtype: .*{says}"):
+        make_node("drafter", "/t" + uuid.uuid4().hex[:8], **{param: value})
+
+
 def test_max_vx_set_at_run_time_limits_the_next_command(ros):
     sim = SimProcess()
     sport, state = SportTap(), StateTap()
