@@ -26,8 +26,8 @@ sampling generators, grammar masks (made on the host by xgrammar, copied to the 
 per block), logits and probabilities all live there, and the rules decide on float32 logits.
 On a GPU the host waits for the device at chosen points only: once before a pass (which
 tokens the grammar allows, for the narrowed head, while the device is idle anyway), once per
-item for its verdict (``rules.verify_greedy`` reads back one small tensor), and once per item
-and exit for an early verdict.
+item for its verdict (``rules.verify_greedy`` reads back one small tensor), and twice per item
+and exit for an early verdict (its outcome, its confidence).
 """
 
 from __future__ import annotations
