@@ -38,7 +38,7 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class FitSettings:
-    epochs: float = 2.0  # passes over the data (a fraction runs part of the last one)
+    epochs: float = 1.0  # passes over the data (a fraction runs part of the last one)
     batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 20

@@ -39,8 +39,8 @@ _SOURCES = ("evaluation", "commands", "go2")  # the code that makes the rollouts
 class DataRecipe:
     """Which train-split rollouts make the data (episode indices ``[0, episodes + perturbed_episodes)``)."""
 
-    episodes: int = 600  # plain expert rollouts
-    perturbed_episodes: int = 300  # rollouts with some moves replaced by random ones
+    episodes: int = 900  # plain expert rollouts
+    perturbed_episodes: int = 400  # rollouts with some moves replaced by random ones
     perturb: float = 0.3  # chance that one of the expert's moves is replaced in those
     seed: int = 1  # episode seed (``speculative-vlm eval`` draws its train-like episodes from seed 0)
     split_seed: int = 0  # which colour/shape combinations are held out (as ``eval --split-seed``)
