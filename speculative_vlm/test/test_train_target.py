@@ -147,6 +147,27 @@ def test_lora_training_lowers_the_loss_and_the_merged_reload_answers_like_the_da
     assert before < 0.1 and after > 0.7  # greedy next tokens were the training answers' 86% of the time
 
 
+def test_batched_single_step_answers_are_the_engines_answers_one_at_a_time():
+    from dataclasses import replace
+
+    from speculative_vlm.evaluation.episodes import generate_episodes
+    from speculative_vlm.evaluation.policies import ModelPolicy
+    from speculative_vlm.evaluation.single_step import expert_states
+    from speculative_vlm.evaluation.splits import make_splits
+    from speculative_vlm.evaluation.world import WorldConfig
+
+    adapter = tiny_causal_lm(layers=2)
+    config = replace(WorldConfig.from_config(), progress_line=True)
+    states = expert_states(generate_episodes(make_splits(0)["heldout"], 3, 0), config, 5)
+    with torch.inference_mode():
+        rows = train_target.single_step(adapter.model, adapter.tokenizer, states, batch_size=3)
+    policy = ModelPolicy(adapter, max_new_tokens=64)
+    try:
+        assert [r["text"] for r in rows] == [policy.act(s.observation).text for s in states]
+    finally:
+        policy.close()
+
+
 def test_fit_stops_at_the_time_cap_and_says_so(tokens, tiny_folder):
     model = finetune.add_lora(AutoModelForCausalLM.from_pretrained(tiny_folder), finetune.LoraSettings(rank=2))
     settings = finetune.FitSettings(epochs=50, batch_size=4, minutes=0.0001)
