@@ -1,6 +1,7 @@
 """The model store merges a shipped LoRA adapter once into a full model folder, found by name."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -93,3 +94,12 @@ def test_the_merged_model_loads_where_peft_is_not_installed(store):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("LlamaForCausalLM")
+
+
+def test_shipped_models_are_found_without_a_ros_environment():
+    """scripts/setup runs prepare-models before any ROS environment is sourced (AMENT_PREFIX_PATH unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "AMENT_PREFIX_PATH"}
+    code = "from speculative_vlm.decoding.model_store import bundled_dirs; print([str(d) for d in bundled_dirs()])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "models" in out.stdout

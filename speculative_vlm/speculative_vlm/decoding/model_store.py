@@ -45,7 +45,7 @@ def bundled_dirs() -> list[Path]:
 
         try:
             dirs.append(Path(get_package_share_directory("speculative_vlm")) / "models")
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):  # OSError: no ament index set up (AMENT_PREFIX_PATH unset)
             pass
     except ImportError:  # no ROS at all (the cloud side): the source tree is the only place
         pass

@@ -96,8 +96,6 @@ ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in (
     ErrorKind("server_shutdown", S.UNAVAILABLE, LinkLost, "the server is stopping; reconnect"),
     ErrorKind("replica_lost", S.UNAVAILABLE, LinkLost,
               "the verifier replica holding the session died (Ray Serve); reopen it, another replica takes it"),
-    ErrorKind("replica_lost", S.UNAVAILABLE, LinkLost,
-              "the verifier replica holding the session died (Ray Serve); reopen it, another replica takes it"),
     ErrorKind("open_failed", S.INTERNAL, Refused, "the target failed to prefill the prompt"),
     ErrorKind("verify_failed", S.INTERNAL, Refused, "the target failed to verify a block"),
     ErrorKind("generate_failed", S.INTERNAL, Refused, "the target failed while generating alone"),
