@@ -52,11 +52,17 @@ from typing import Any
 
 import grpc
 
-from speculative_vlm.cloud.auth import AuthThrottle, AuthThrottled, TokenAuthenticator, Unauthenticated
+from speculative_vlm.cloud.auth import AuthThrottle, TokenAuthenticator
 from speculative_vlm.cloud.config import ConfigError, ServerConfig
 from speculative_vlm.cloud.limits import LimitExceeded
 from speculative_vlm.cloud.metrics import ServerMetrics
-from speculative_vlm.cloud.service import DRAINING_REASON, SERVICE_NAME, deserialize_client_message
+from speculative_vlm.cloud.service import (
+    DRAINING_REASON,
+    SERVICE_NAME,
+    authenticate_stream,
+    deserialize_client_message,
+    end_rpc,
+)
 from speculative_vlm.cloud.sessions import ServerSession, SessionStore
 from speculative_vlm.protocol import convert, errors
 
@@ -403,7 +409,7 @@ class FleetFront:
                                     "a new session")
             if self._draining.is_set():
                 raise LimitExceeded("draining", DRAINING_REASON)
-            client = self._authenticate(address, context)
+            client = authenticate_stream(self.auth, self.auth_throttle, address, context)
             place = ServerSession(client=client, peer=peer)
             limits = self.config.limits
             self.store.admit(place, limits.max_sessions, limits.max_sessions_per_client)
@@ -433,7 +439,7 @@ class FleetFront:
                     yield item
                 else:
                     _, code, reason = item
-                    self._end_rpc(context, code, reason)
+                    end_rpc(context, code, reason)
         except self.lost_errors as exc:
             if self._stopping.is_set():
                 yield from self._refuse(context, "server_shutdown", "the server is shutting down; reconnect and "
@@ -479,32 +485,13 @@ class FleetFront:
         except Exception as exc:  # the robot's side of the stream broke: the callback cancels the stream
             log.debug("front read ended", extra={"event": "read_end", "session": key, "error": repr(exc)})
 
-    def _authenticate(self, address: str, context: grpc.ServicerContext) -> str:
-        if self.auth is None:
-            return address
-        try:
-            self.auth_throttle.check(address)
-        except AuthThrottled as exc:
-            raise LimitExceeded("auth_throttled", str(exc)) from None
-        try:
-            return self.auth.client_for(context.invocation_metadata())
-        except Unauthenticated as exc:
-            self.auth_throttle.failed(address)
-            raise LimitExceeded("unauthenticated", str(exc)) from None
-
     def _refuse(self, context: grpc.ServicerContext, code: str, reason: str, client: str,
                 peer: str) -> Iterator[bytes]:
         self.metrics.refusals.labels(code).inc()
         log.warning("refused", extra={"event": "refused", "code": code, "reason": reason, "client": client,
                                       "peer": peer})
         yield convert.error(code, reason).SerializeToString()
-        self._end_rpc(context, code, reason)
-
-    @staticmethod
-    def _end_rpc(context: grpc.ServicerContext, code: str, reason: str) -> None:
-        context.set_trailing_metadata(errors.trailing_metadata(code))
-        context.set_code(errors.status_for(code))
-        context.set_details(reason)
+        end_rpc(context, code, reason)
 
     def drain(self, timeout_s: float, abandon: threading.Event | None = None) -> dict[str, int]:
         """What SIGTERM does (``ServerHandle.drain``), fleet-wide: new sessions are refused with

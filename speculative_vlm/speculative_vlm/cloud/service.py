@@ -83,6 +83,30 @@ def deserialize_client_message(data: bytes) -> pb.ClientMessage | Malformed:
     return msg
 
 
+def authenticate_stream(auth: TokenAuthenticator | None, throttle: AuthThrottle, address: str,
+                        context: grpc.ServicerContext) -> str:
+    """The client name of a new stream from ``address``; raises LimitExceeded (unauthenticated,
+    auth_throttled). Shared by the single-process service and the Ray Serve front."""
+    if auth is None:
+        return address  # without authentication a client is its address
+    try:
+        throttle.check(address)
+    except AuthThrottled as exc:
+        raise LimitExceeded("auth_throttled", str(exc)) from None
+    try:
+        return auth.client_for(context.invocation_metadata())
+    except Unauthenticated as exc:
+        throttle.failed(address)
+        raise LimitExceeded("unauthenticated", str(exc)) from None
+
+
+def end_rpc(context: grpc.ServicerContext, code: str, reason: str) -> None:
+    """End a refused stream with the code's gRPC status, the reason and the code (protocol.errors)."""
+    context.set_trailing_metadata(errors.trailing_metadata(code))
+    context.set_code(errors.status_for(code))
+    context.set_details(reason)
+
+
 class VerificationService:
     def __init__(self, config: ServerConfig, engine: Any, metrics: ServerMetrics,
                  authenticator: TokenAuthenticator | None):
@@ -127,7 +151,7 @@ class VerificationService:
         address = peer.rsplit(":", 1)[0]
         client = "?"
         try:
-            client = self._authenticate(address, context)
+            client = authenticate_stream(self.auth, self.auth_throttle, address, context)
             if self._draining.is_set():
                 raise LimitExceeded("draining", DRAINING_REASON)
             session = ServerSession(client=client, peer=peer)
@@ -136,7 +160,7 @@ class VerificationService:
         except LimitExceeded as exc:
             self._count_refusal(exc.code, exc.reason, client=client, peer=peer)
             yield convert.error(exc.code, exc.reason)
-            self._end_rpc(context, exc.code, exc.reason)
+            end_rpc(context, exc.code, exc.reason)
             return
         self.metrics.streams.inc()
         context.add_callback(lambda: self._cleanup(session))  # client cancelled or link died
@@ -159,30 +183,9 @@ class VerificationService:
                     break
                 yield message
             if session.refusal is not None:
-                self._end_rpc(context, *session.refusal)
+                end_rpc(context, *session.refusal)
         finally:
             self._cleanup(session)
-
-    def _authenticate(self, address: str, context: grpc.ServicerContext) -> str:
-        """The client name of a new stream; raises LimitExceeded (unauthenticated, auth_throttled)."""
-        if self.auth is None:
-            return address  # without authentication a client is its address
-        try:
-            self.auth_throttle.check(address)
-        except AuthThrottled as exc:
-            raise LimitExceeded("auth_throttled", str(exc)) from None
-        try:
-            return self.auth.client_for(context.invocation_metadata())
-        except Unauthenticated as exc:
-            self.auth_throttle.failed(address)
-            raise LimitExceeded("unauthenticated", str(exc)) from None
-
-    @staticmethod
-    def _end_rpc(context: grpc.ServicerContext, code: str, reason: str) -> None:
-        """End a refused stream with the code's gRPC status, the reason and the code (protocol.errors)."""
-        context.set_trailing_metadata(errors.trailing_metadata(code))
-        context.set_code(errors.status_for(code))
-        context.set_details(reason)
 
     def _read(self, session: ServerSession, requests: Iterator[Any]) -> None:
         try:
