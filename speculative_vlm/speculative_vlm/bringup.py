@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -149,6 +150,22 @@ def start_peers(config: BringupConfig, peers: Peers) -> None:
                               "--config-section", "cloud_server"], '"event": "serving"', timeout_s=300)
 
 
+def stop_graph(executor: Any, nodes: list[Any], peers: Peers) -> None:
+    """Take down what a bringup (or one graph evaluation episode) started: the nodes, ROS and the peers."""
+    import rclpy
+
+    # StopMove first, while everything still runs; then stop the executor before destroying
+    # nodes (destroying under a spinning executor races with its wait set).
+    for node in nodes:
+        if hasattr(node, "halt"):
+            node.halt()
+    executor.shutdown(timeout_sec=2.0)
+    for node in nodes:
+        node.destroy_node()
+    rclpy.try_shutdown()
+    peers.stop()
+
+
 def run_bringup(config: BringupConfig) -> int:
     import rclpy
 
@@ -180,16 +197,7 @@ def run_bringup(config: BringupConfig) -> int:
         stop.wait()
         return 0
     finally:
-        # StopMove first, while everything still runs; then stop the executor before destroying
-        # nodes (destroying under a spinning executor races with its wait set).
-        for node in nodes:
-            if hasattr(node, "halt"):
-                node.halt()
-        executor.shutdown(timeout_sec=2.0)
-        for node in nodes:
-            node.destroy_node()
-        rclpy.try_shutdown()
-        peers.stop()
+        stop_graph(executor, nodes, peers)
 
 
 def _target_object(config: BringupConfig, instruction: str):

@@ -172,7 +172,7 @@ def _worker(work: Path) -> int:
     from unitree_sdk2py.core.channel import ChannelSubscriber
     from unitree_sdk2py.idl.unitree_go.msg.dds_ import SportModeState_
 
-    from speculative_vlm.bringup import Peers, load_config, node_class, start_peers
+    from speculative_vlm.bringup import Peers, load_config, node_class, start_peers, stop_graph
     from speculative_vlm.go2.dds import init_domain
     from speculative_vlm.nodes.spin import PoolExecutor
     from speculative_vlm_msgs.action import Instruct
@@ -251,14 +251,7 @@ def _worker(work: Path) -> int:
         (work / "result.json").write_text(json.dumps(data))
         return 0
     finally:
-        for node in nodes:
-            if hasattr(node, "halt"):
-                node.halt()
-        executor.shutdown(timeout_sec=2.0)
-        for node in nodes:
-            node.destroy_node()
-        rclpy.try_shutdown()
-        peers.stop()
+        stop_graph(executor, nodes, peers)
 
 
 def _wait(predicate, timeout_s: float, what: str) -> None:
