@@ -1,5 +1,6 @@
 """Test support for the Go2 side: the simulated Go2 in a subprocess, a wire tap on the sport
-request topic, and an rclpy executor thread. Real DDS throughout, nothing mocked.
+request topic, an rclpy executor thread, a node in its own rclpy context, and video clips for
+the camera's file source. Real DDS throughout, nothing mocked.
 
 The SDK's DDS domain is process-wide, so this process and every sim it starts share one
 domain, derived from ROS_DOMAIN_ID (set per run by conftest) and the xdist worker, kept
@@ -8,15 +9,19 @@ apart from the ROS domains (1..100).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import cv2
+import numpy as np
 import rclpy
+from rclpy.node import Node
 from speculative_vlm.go2.dds import init_domain
 from speculative_vlm.nodes.spin import PoolExecutor
 from unitree_sdk2py.core.channel import ChannelSubscriber
@@ -163,3 +168,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.01) 
 def init_rclpy() -> None:
     if not rclpy.ok():
         rclpy.init()
+
+
+@contextlib.contextmanager
+def ros_node(name: str, namespace: str, ros_arguments: list[str]) -> Iterator[Node]:
+    """A node in its own rclpy context started the way launch_ros starts one (`--ros-args` and
+    ``ros_arguments``), declaring whatever parameters it was given."""
+    context = rclpy.Context()
+    rclpy.init(args=["--ros-args", *ros_arguments], context=context)
+    node = Node(name, namespace=namespace, context=context, automatically_declare_parameters_from_overrides=True)
+    try:
+        yield node
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def write_clip(path: str, frames: int, width: int, height: int, step: int) -> None:
+    """An MJPG clip at 10 fps whose frame i is grey level ``step * i``."""
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (width, height))
+    for i in range(frames):
+        writer.write(np.full((height, width, 3), step * i, np.uint8))
+    writer.release()

@@ -5,13 +5,11 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
-from go2_harness import SimProcess, Spinner, init_rclpy, join_domain, wait_for
+from go2_harness import SimProcess, Spinner, join_domain, wait_for, write_clip
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -20,14 +18,6 @@ from speculative_vlm.nodes.camera import CameraNode, CameraSourceError
 from speculative_vlm.nodes.image_conversion import image_to_numpy, numpy_to_image
 
 pytestmark = pytest.mark.ros
-
-
-@pytest.fixture(scope="module")
-def ros():
-    join_domain()
-    init_rclpy()
-    yield None
-    rclpy.try_shutdown()
 
 
 class CameraRig:
@@ -123,10 +113,7 @@ def test_an_image_topic_is_republished_as_bgr8_at_the_requested_size(ros):
 
 def test_a_video_file_is_published_frame_by_frame(ros, tmp_path):
     path = str(tmp_path / "clip.avi")
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
-    for i in range(5):
-        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
-    writer.release()
+    write_clip(path, frames=5, width=64, height=48, step=40)
     rig = CameraRig(source="file", video_path=path, rate_hz=30.0)
     try:
         assert wait_for(lambda: len(rig.images) >= 7, 10.0), (

@@ -7,23 +7,14 @@ import socket
 import uuid
 
 import pytest
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from go2_harness import Spinner, init_rclpy, join_domain, wait_for
+from go2_harness import Spinner, wait_for
 from rcl_interfaces.msg import Log
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 pytestmark = pytest.mark.ros
-
-
-@pytest.fixture(scope="module")
-def ros():
-    join_domain()
-    init_rclpy()
-    yield None
-    rclpy.try_shutdown()
 
 
 def test_two_namespaced_cameras_publish_statuses_that_do_not_collide(ros):

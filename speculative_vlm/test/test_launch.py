@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 from pathlib import Path
 
 import pytest
-import rclpy
 import yaml
-from rclpy.node import Node
+from go2_harness import ros_node
 from speculative_vlm.launch_graph import (
     GRAPH_NODES,
     NODE_EXECUTABLES,
@@ -120,19 +118,6 @@ def launch_file(name: str) -> LaunchFile:
 
 def sim_yaml() -> dict:
     return yaml.safe_load((CONFIG_DIR / "sim.yaml").read_text())
-
-
-@contextlib.contextmanager
-def ros_node(name: str, namespace: str, ros_arguments: list[str]):
-    """A node started the way launch_ros starts one: `--ros-args` with the plan's rules."""
-    context = rclpy.Context()
-    rclpy.init(args=["--ros-args", *ros_arguments], context=context)
-    node = Node(name, namespace=namespace, context=context, automatically_declare_parameters_from_overrides=True)
-    try:
-        yield node
-    finally:
-        node.destroy_node()
-        rclpy.shutdown(context=context)
 
 
 # ---- the launch files themselves -------------------------------------------------------------

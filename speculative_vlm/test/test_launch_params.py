@@ -3,12 +3,11 @@ parameter files and `-p` rules: what a launched node receives is what the file s
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
-import rclpy
 import yaml
+from go2_harness import ros_node
 from rclpy.node import Node
 from speculative_vlm.launch_params import (
     ParameterFileError,
@@ -20,19 +19,6 @@ from speculative_vlm.launch_params import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
-
-
-@contextlib.contextmanager
-def ros_node(name: str, namespace: str, args: list[str]):
-    """A node in its own rclpy context started with `args`, declaring whatever it was given."""
-    context = rclpy.Context()
-    rclpy.init(args=["--ros-args", *args], context=context)
-    node = Node(name, namespace=namespace, context=context, automatically_declare_parameters_from_overrides=True)
-    try:
-        yield node
-    finally:
-        node.destroy_node()
-        rclpy.shutdown(context=context)
 
 
 def received(node: Node) -> dict:

@@ -9,11 +9,8 @@ from __future__ import annotations
 import time
 import uuid
 
-import cv2
-import numpy as np
 import pytest
-import rclpy
-from go2_harness import SimProcess, Spinner, SportTap, StateTap, init_rclpy, join_domain, wait_for
+from go2_harness import SimProcess, Spinner, SportTap, StateTap, join_domain, wait_for, write_clip
 from rcl_interfaces.msg import SetParametersResult
 from rcl_interfaces.srv import SetParameters
 from rclpy.node import Node
@@ -39,14 +36,6 @@ READ_ONLY = {
     "drafter": {"draft_model", "draft_device", "draft_dtype", "perception", "grammar", "on_link_lost",
                 "execute_unverified", "torch_threads", "image_topic"},
 }
-
-
-@pytest.fixture(scope="module")
-def ros():
-    join_domain()
-    init_rclpy()
-    yield None
-    rclpy.try_shutdown()
 
 
 def make_node(name: str, namespace: str, **params):
@@ -154,10 +143,7 @@ def test_max_vx_set_at_run_time_limits_the_next_command(ros):
 
 def test_camera_rate_set_at_run_time_changes_the_frame_rate(ros, tmp_path):
     path = str(tmp_path / "clip.avi")
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (32, 24))
-    for i in range(10):
-        writer.write(np.full((24, 32, 3), 20 * i, np.uint8))
-    writer.release()
+    write_clip(path, frames=10, width=32, height=24, step=20)
     ns = "/t" + uuid.uuid4().hex[:8]
     node = make_node("camera", ns, source="file", video_path=path, rate_hz=20.0)
     client = Node("param_client", namespace=ns)
