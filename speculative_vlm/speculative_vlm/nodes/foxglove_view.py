@@ -69,7 +69,6 @@ from foxglove.messages import (
 )
 from foxglove.websocket import ServerListener
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import Log as RosLog
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -81,6 +80,7 @@ from speculative_vlm.bags.typestore import installed_typestore
 from speculative_vlm.go2.scene import Scene, SceneError, load_scene
 from speculative_vlm.nodes.image_conversion import ImageConversionError
 from speculative_vlm.nodes.monitor import to_bgr
+from speculative_vlm.nodes.parameters import float_range, int_range, start_only
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import DecodingStats, LocomotionCommand
 
@@ -110,16 +110,6 @@ FORWARDED = (
     Forwarded("motion/estop_engaged", Bool, "std_msgs/msg/Bool", LATCHED),
     Forwarded("/diagnostics", DiagnosticArray, "diagnostic_msgs/msg/DiagnosticArray", 10),
 )
-
-
-def _float_param(lo: float, hi: float, text: str, read_only: bool = False) -> ParameterDescriptor:
-    return ParameterDescriptor(description=text, read_only=read_only,
-                               floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi, step=0.0)])
-
-
-def _int_param(lo: int, hi: int, text: str, read_only: bool = False) -> ParameterDescriptor:
-    return ParameterDescriptor(description=text, read_only=read_only,
-                               integer_range=[IntegerRange(from_value=lo, to_value=hi, step=1)])
 
 
 def _stamp(stamp) -> Timestamp:
@@ -194,26 +184,22 @@ class FoxgloveViewNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("foxglove", **kwargs)
         d = self.declare_parameter
-        d("host", "127.0.0.1", ParameterDescriptor(
-            description="Address the WebSocket server binds (0.0.0.0: every interface; there is no authentication)",
-            read_only=True))
-        d("port", 8765, _int_param(0, 65535, "WebSocket port (0 picks a free one)", read_only=True))
-        d("scene", "", ParameterDescriptor(
-            description="Sim scene (packaged name or YAML path) drawn in the 3D view; empty: none", read_only=True))
-        d("odom_topic", "odom", ParameterDescriptor(description="Odometry giving pose, path and tf", read_only=True))
-        d("image_topic", "camera/image_raw", ParameterDescriptor(description="Camera image", read_only=True))
-        d("compressed_topic", "camera/image_raw/compressed", ParameterDescriptor(
-            description="The camera's JPEG; when it publishes, image_topic is not encoded here", read_only=True))
-        d("monitor_topic", "monitor/image", ParameterDescriptor(description="Annotated image", read_only=True))
-        d("odom_frame", "odom", ParameterDescriptor(
-            description="Frame of the scene and of odometry without a frame_id", read_only=True))
-        d("base_frame", "base_link", ParameterDescriptor(
-            description="Robot frame for odometry without a child_frame_id", read_only=True))
-        d("image_max_rate_hz", 10.0, _float_param(0.5, 60.0, "Most frames per second per image channel"))
-        d("jpeg_quality", 80, _int_param(10, 100, "JPEG quality of images encoded here"))
-        d("pose_max_rate_hz", 20.0, _float_param(1.0, 100.0, "Most pose and tf messages per second"))
-        d("path_min_step_m", 0.05, _float_param(0.0, 10.0, "Distance between recorded path poses, m"))
-        d("path_max_poses", 5000, _int_param(10, 1_000_000, "Path poses kept (oldest dropped)"))
+        d("host", "127.0.0.1", start_only(
+            "Address the WebSocket server binds (0.0.0.0: every interface; there is no authentication)"))
+        d("port", 8765, int_range(0, 65535, "WebSocket port (0 picks a free one)", read_only=True))
+        d("scene", "", start_only("Sim scene (packaged name or YAML path) drawn in the 3D view; empty: none"))
+        d("odom_topic", "odom", start_only("Odometry giving pose, path and tf"))
+        d("image_topic", "camera/image_raw", start_only("Camera image"))
+        d("compressed_topic", "camera/image_raw/compressed",
+          start_only("The camera's JPEG; when it publishes, image_topic is not encoded here"))
+        d("monitor_topic", "monitor/image", start_only("Annotated image"))
+        d("odom_frame", "odom", start_only("Frame of the scene and of odometry without a frame_id"))
+        d("base_frame", "base_link", start_only("Robot frame for odometry without a child_frame_id"))
+        d("image_max_rate_hz", 10.0, float_range(0.5, 60.0, "Most frames per second per image channel"))
+        d("jpeg_quality", 80, int_range(10, 100, "JPEG quality of images encoded here"))
+        d("pose_max_rate_hz", 20.0, float_range(1.0, 100.0, "Most pose and tf messages per second"))
+        d("path_min_step_m", 0.05, float_range(0.0, 10.0, "Distance between recorded path poses, m"))
+        d("path_max_poses", 5000, int_range(10, 1_000_000, "Path poses kept (oldest dropped)"))
 
         p = self.get_parameter
         # Its own foxglove context (not the SDK's global one): two views in one process stay apart.
