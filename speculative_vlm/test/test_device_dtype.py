@@ -37,8 +37,6 @@ from speculative_vlm.protocol.client import GrpcVerifier
 from tiny_models import noisy_copy, target_alone, tiny_causal_lm
 from torch.overrides import TorchFunctionMode
 
-import speculative_vlm
-
 PROMPTS = ["walk to the red ball", "sit down", "the blue chair is 3 m ahead, slightly right; go there"]
 EXACT_DTYPES = ["float32", "float16"]  # bfloat16: see test_bfloat16_output_is_the_targets_own_but_at_near_ties
 
@@ -297,7 +295,8 @@ def test_the_narrowed_head_in_bfloat16_matches_the_full_head_masked():
 
 
 # ---- the code that would run on a GPU -------------------------------------------------------------
-PACKAGE = Path(speculative_vlm.__file__).resolve().parent
+# (the package by one of its modules: from the repository root `speculative_vlm` is also a namespace package)
+PACKAGE = Path(placement.__file__).resolve().parents[1]
 TORCH = Path(torch.__file__).resolve().parent
 FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
              torch.rand, torch.randn, torch.randint, torch.randperm, torch.linspace, torch.eye}
