@@ -10,7 +10,7 @@ from go2_harness import SimProcess, join_domain, wait_for
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from speculative_vlm.nodes.image_conversion import image_to_numpy, numpy_to_image
-from test_camera_node import CameraRig, ros  # noqa: F401 - ros is the fixture CameraRig needs
+from test_camera_node import CameraRig
 
 pytestmark = pytest.mark.ros
 
