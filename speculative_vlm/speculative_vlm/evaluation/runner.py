@@ -20,7 +20,7 @@ from speculative_vlm.commands.schema import Action, CommandError, LocomotionComm
 from speculative_vlm.evaluation.episodes import Episode
 from speculative_vlm.evaluation.expert import Situation
 from speculative_vlm.evaluation.policies import Observation, Policy
-from speculative_vlm.evaluation.world import Executed, SimWorld, WorldConfig
+from speculative_vlm.evaluation.world import SimWorld, WorldConfig
 from speculative_vlm.go2.sim_model import Mode
 
 ENDINGS = ("done", "step_limit", "refused", "invalid", "failed")  # failed: a graph goal aborted otherwise
@@ -37,7 +37,7 @@ class StepRecord:
     progress: str
     text: str  # the policy's text
     command: LocomotionCommand | None  # None when the text was not a command
-    executed: Executed | None  # what the motion node ran (None for done or invalid text)
+    executed: LocomotionCommand | None  # what the motion node ran (clamped) (None for done or invalid text)
     pose_after: Pose
     mode_after: Mode
     seconds: float = 0.0

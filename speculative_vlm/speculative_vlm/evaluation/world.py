@@ -75,17 +75,6 @@ class ManualClock:
         return self.now
 
 
-@dataclass(frozen=True)
-class Executed:
-    """What the motion node made of a command: the clamped velocity and duration it ran."""
-
-    action: Action
-    vx: float = 0.0
-    vy: float = 0.0
-    vyaw: float = 0.0
-    duration: float = 0.0
-
-
 class SimWorld:
     """The simulated Go2 in a scene, driven command by command."""
 
@@ -125,8 +114,9 @@ class SimWorld:
         return image
 
     # ---- acting -------------------------------------------------------------------------------
-    def execute(self, command: LocomotionCommand) -> Executed:
-        """Run one command as the motion node would, then let the robot come to rest."""
+    def execute(self, command: LocomotionCommand) -> LocomotionCommand:
+        """Run one command as the motion node would, then let the robot come to rest; returns the command
+        as the motion node ran it (velocities and duration clamped to its limits)."""
         limits = self.config.limits
         if command.action == Action.MOVE:
             vx, vy, vyaw = limits.clamp_velocity(command.vx, command.vy, command.vyaw)
@@ -134,16 +124,16 @@ class SimWorld:
             if duration > 0.0:
                 self._stream_move(vx, vy, vyaw, duration)
             self._request("StopMove")
-            executed = Executed(Action.MOVE, vx, vy, vyaw, duration)
+            executed = LocomotionCommand(Action.MOVE, vx, vy, vyaw, duration)
         elif command.action == Action.STOP:
             self._request("StopMove")
-            executed = Executed(Action.STOP)
+            executed = LocomotionCommand(Action.STOP)
         elif command.action.value in SPORT_REQUESTS:
             for name in SPORT_REQUESTS[command.action.value]:
                 self._request(name)
-            executed = Executed(command.action)
+            executed = LocomotionCommand(command.action)
         else:  # DONE sends nothing
-            return Executed(command.action)
+            return LocomotionCommand(command.action)
         self._settle()
         return executed
 
