@@ -14,7 +14,7 @@ import pytest
 from action_msgs.msg import GoalStatus
 from go2_harness import wait_for
 from rclpy.parameter import Parameter
-from speculative_vlm.cloud.netem import LinkProfile
+from speculative_vlm.benchmark.netem import LinkProfile
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.nodes.ros_verifier import SPEC_QOS

@@ -11,8 +11,8 @@ import threading
 import time
 
 import pytest
+from speculative_vlm.benchmark.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.config import ServerConfig
-from speculative_vlm.cloud.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine

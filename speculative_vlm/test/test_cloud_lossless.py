@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
+from speculative_vlm.benchmark.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.config import ServerConfig
-from speculative_vlm.cloud.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.inprocess import InProcessVerifier
 from speculative_vlm.decoding.loop import SpeculativeDecoder

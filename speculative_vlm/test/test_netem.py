@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from speculative_vlm.cloud.netem import DelayProxy, LinkProfile
+from speculative_vlm.benchmark.netem import DelayProxy, LinkProfile
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
+from speculative_vlm.benchmark.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.config import ServerConfig
-from speculative_vlm.cloud.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.commands.schema import parse_command
 from speculative_vlm.decoding.target_engine import TargetEngine

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from speculative_vlm.benchmark import ladder
+from speculative_vlm.benchmark.netem import LinkProfile
 from speculative_vlm.benchmark.processes import (
     BenchProcessError,
     CloudServer,
@@ -31,7 +32,6 @@ from speculative_vlm.benchmark.processes import (
     progress,
     start_worker,
 )
-from speculative_vlm.cloud.netem import LinkProfile
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # speculative_vlm/ (the ament package)
 DEFAULT_DRAFT = PACKAGE_ROOT / "models" / "command-draft"
@@ -95,8 +95,8 @@ def resolve_draft(args: argparse.Namespace) -> tuple[str, str | None, bool]:
 def run(args: argparse.Namespace) -> int:
     from speculative_vlm.benchmark import report
     from speculative_vlm.benchmark.fleet import run_fleet
+    from speculative_vlm.benchmark.netem import DelayProxy
     from speculative_vlm.benchmark.workload import build_prompts, contact_sheet
-    from speculative_vlm.cloud.netem import DelayProxy
 
     started = time.time()
     load_before = os.getloadavg()[0]  # other work on the machine makes timings noisy; the report says how busy it was
@@ -288,7 +288,7 @@ def _replica_fleets(counts: list[int], target: str, robots: int, commands: list[
     """The largest fleet against each count of verifier replicas on Ray Serve (one local Ray
     cluster each, on the cloud's cores), batched like the batched server."""
     from speculative_vlm.benchmark.fleet import run_replicas
-    from speculative_vlm.cloud.netem import DelayProxy
+    from speculative_vlm.benchmark.netem import DelayProxy
 
     points = []
     for n in counts:

@@ -26,8 +26,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from speculative_vlm.benchmark.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.config import ServerConfig
-from speculative_vlm.cloud.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest, VerdictKind
 from speculative_vlm.protocol.client import GrpcVerifier
