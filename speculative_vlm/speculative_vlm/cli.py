@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gen-protocol": ("speculative_vlm.protocol.codegen", "regenerate the cloud protocol stubs from the .proto"),
     "cloud-certs": ("speculative_vlm.cloud.certs", "a CA and a server TLS pair signed by it; --client NAME: a client pair (mTLS)"),
     "netem": ("speculative_vlm.benchmark.netem", "run a loopback proxy adding delay, jitter, bandwidth limit"),
-    "bench-cloud-batching": ("speculative_vlm.cloud.batch_bench", "tokens/s of N robots, batched vs unbatched"),
+    "bench-cloud-batching": ("speculative_vlm.benchmark.cloud_batching", "tokens/s of N robots, batched vs unbatched"),
     "bench": ("speculative_vlm.benchmark.run", "every method side by side; writes bench/results (--quick: seconds)"),
     "eval": ("speculative_vlm.evaluation.run", "closed-loop episodes in the simulated Go2; writes eval/results"),
 }

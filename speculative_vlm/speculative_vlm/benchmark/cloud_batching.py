@@ -26,10 +26,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from speculative_vlm.benchmark.fleet_robot import first_divergence, replay
 from speculative_vlm.benchmark.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.config import ServerConfig
 from speculative_vlm.cloud.server import serve
-from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest, VerdictKind
+from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.protocol.client import GrpcVerifier
 
 PROMPTS = [
@@ -68,34 +69,18 @@ def _robot(address: str, token: str, request: SessionRequest, reference: list[in
 
     All robots open (prefill) first and start decoding together at the barrier, so the
     measured time is the decoding that batching can speed up, not the serialized prefills.
+    The decode is the fleet's robot (``fleet_robot.replay``) with no grammar: no token is forced.
     """
-    rng = random.Random(seed)
     verifier = GrpcVerifier(address, token=token, verdict_timeout_s=120)
     session = verifier.open(request)
     opened.wait()
-    out: list[int] = []
-    rounds = 0
     try:
-        while True:
-            truth = reference[len(out): len(out) + gamma]
-            block = tuple(t if rng.random() < acceptance else (t + 1 + rng.randrange(vocab - 1)) % vocab
-                          for t in truth)
-            time.sleep(draft_s_per_token * len(block))
-            session.submit(DraftBlock(round=rounds, base_length=len(out), base_tail=tuple(out[-4:]), tokens=block))
-            while (verdict := session.next_verdict()).kind is VerdictKind.EARLY:
-                pass
-            if verdict.kind is not VerdictKind.FINAL:
-                raise RuntimeError(f"round {rounds}: unexpected {verdict}")
-            out += list(block[: verdict.accepted]) + ([verdict.token] if verdict.token >= 0 else [])
-            rounds += 1
-            if verdict.eos or len(out) >= len(reference):
-                break
+        out, rounds = replay(session, reference, [False] * len(reference), gamma, acceptance, draft_s_per_token,
+                             random.Random(seed), vocab)
     finally:
         session.close()
         verifier.close()
-    diverged = next((i for i, (a, b) in enumerate(zip(out, reference, strict=False)) if a != b),
-                    -1 if len(out) == len(reference) else min(len(out), len(reference)))
-    return len(out), rounds, diverged
+    return len(out), rounds, first_divergence(out, reference)
 
 
 def _tokens_file(token: str) -> str:

@@ -2,12 +2,12 @@
 
 The fleet measures the verifier, not the robots' CPUs: eight real drafts on the one robot
 core this machine can spare would measure that core. So each robot replays the target's own
-answer to its prompt the way ``cloud/batch_bench.py`` does: each drafted token is right with
-the acceptance the real draft reached in the ladder, drafting takes the real draft's measured
-time per token (slept, as another CPU would spend it), blocks have the ladder's length, and
-the requests use the command grammar, so tokens the grammar forces are appended without
-drafting, exactly as the real drafter does (batch_bench's robots have no grammar). Every
-output is compared with the target's own.
+answer to its prompt: each drafted token is right with the acceptance the real draft reached
+in the ladder, drafting takes the real draft's measured time per token (slept, as another CPU
+would spend it), blocks have the ladder's length, and the requests use the command grammar,
+so tokens the grammar forces are appended without drafting, exactly as the real drafter does.
+Every output is compared with the target's own. ``cloud_batching.py``'s robots decode with
+the same :func:`replay`, without a grammar (no token forced).
 
     python -m speculative_vlm.benchmark.fleet_robot JOB.json   (started by `speculative-vlm bench`)
 """
@@ -54,6 +54,12 @@ def replay(session, reference: list[int], forced: list[bool], gamma: int, accept
             return out, passes
 
 
+def first_divergence(out: list[int], reference: list[int]) -> int:
+    """The first position where ``out`` differs from ``reference``, -1 when they are equal."""
+    return next((i for i, (a, b) in enumerate(zip(out, reference, strict=False)) if a != b),
+                -1 if len(out) == len(reference) else min(len(out), len(reference)))
+
+
 def main() -> int:
     job = read_job()
     pin(job["cores"])
@@ -82,9 +88,7 @@ def main() -> int:
                                  job["draft_s_per_token"], rng, job["vocab"])
         finally:
             session.close()
-        ref = command["reference"]
-        diverged = next((i for i, (a, b) in enumerate(zip(out, ref, strict=False)) if a != b),
-                        -1 if len(out) == len(ref) else min(len(out), len(ref)))
+        diverged = first_divergence(out, command["reference"])
         rows.append({"prompt": prompt.index, "started": start, "latency_s": time.monotonic() - start, "open_s": opened,
                      "tokens": len(out), "passes": passes, "exact": diverged == -1, "first_divergence": diverged})
     verifier.close()
