@@ -238,7 +238,7 @@ def follow_instruction(executor, config: BringupConfig) -> int:
     from rclpy.action import ActionClient
     from rclpy.node import Node
 
-    from speculative_vlm.commands.to_msg import from_msg
+    from speculative_vlm.nodes.command_messages import from_msg
     from speculative_vlm.nodes.drafter import outcome_name
     from speculative_vlm_msgs.action import Instruct
 

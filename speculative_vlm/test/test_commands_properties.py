@@ -16,7 +16,7 @@ from speculative_vlm.commands.schema import (
     LocomotionCommand,
     parse_command,
 )
-from speculative_vlm.commands.to_msg import UnknownActionError, from_msg, text_to_msg, to_msg
+from speculative_vlm.nodes.command_messages import UnknownActionError, from_msg, text_to_msg, to_msg
 
 from speculative_vlm_msgs.msg import LocomotionCommand as LocomotionCommandMsg
 

@@ -55,7 +55,6 @@ from std_msgs.msg import Bool, Header, String
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, Progress, user_message
 from speculative_vlm.commands.scene_text import Pose, describe_image
 from speculative_vlm.commands.schema import CommandError, parse_command
-from speculative_vlm.commands.to_msg import from_msg, to_msg
 from speculative_vlm.decoding import placement
 from speculative_vlm.decoding.loop import Cancelled, GenerationResult, SpeculativeDecoder
 from speculative_vlm.decoding.models import load_model
@@ -69,6 +68,7 @@ from speculative_vlm.decoding.verifier import (
     SessionRequest,
     VerifierError,
 )
+from speculative_vlm.nodes.command_messages import from_msg, to_msg
 from speculative_vlm.nodes.image_conversion import image_to_numpy
 from speculative_vlm.nodes.parameters import on_parameters_set, start_only
 from speculative_vlm.nodes.ros_verifier import RosVerifier
