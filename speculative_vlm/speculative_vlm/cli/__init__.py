@@ -1,4 +1,12 @@
-"""The `speculative-vlm` command: one entry point, subcommands imported on demand."""
+"""The `speculative-vlm` command: one entry point, subcommands imported on demand.
+
+Every subcommand's command line lives in this package, one module a subcommand
+(``speculative-vlm bench-cloud-batching`` is ``cli/bench_cloud_batching.py``), holding
+``add_arguments(parser)`` and ``run(args) -> int``; ``run`` turns the arguments into calls of
+library functions, which take no ``argparse`` objects. The standalone executables (the nodes,
+``speculative-vlm-sim-go2``, ``speculative-vlm-cloud``) keep their ``main`` in their own module,
+as ROS 2 packages do (``console_scripts`` ``module:main``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("speculative_vlm.bringup", "start the node graph of a YAML config in one process"),
     "prepare-models": ("speculative_vlm.decoding.model_store", "convert the SmolLM2 GGUF, merge shipped adapters (once)"),
     "generate": ("speculative_vlm.decoding.generate_command", "speculative decoding of one prompt, in one process"),
-    "train-exits": ("speculative_vlm.decoding.train_exits", "train early-exit adapters by self-distillation"),
+    "train-exits": ("speculative_vlm.training.train_exits", "self-distil early-exit adapters on the robot's prompts"),
     "train-draft": ("speculative_vlm.training.train_draft", "distil a small draft from the target's own answers"),
     "train-target": ("speculative_vlm.training.train_target", "fine-tune the target (LoRA) on the expert's commands"),
     "record": ("speculative_vlm.bags.record", "record topics into a rosbag2 MCAP bag"),
@@ -40,6 +48,3 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
