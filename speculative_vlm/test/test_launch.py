@@ -318,8 +318,7 @@ def test_the_robot_file_starts_no_peers():
 
 
 def test_replay_command_line_is_accepted_by_the_replay_subcommand():
-    from speculative_vlm.bags import replay
-    from speculative_vlm.cli import SUBCOMMANDS
+    from speculative_vlm.cli import SUBCOMMANDS, replay
 
     plan = replay_launch("/tmp/bag", namespace="go2_a", loop=True, log_level="warn")
     assert plan.executable == "speculative-vlm" and plan.arguments[0] == "replay"

@@ -18,12 +18,12 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("speculative_vlm.bringup", "start the node graph of a YAML config in one process"),
     "prepare-models": ("speculative_vlm.decoding.model_store", "convert the SmolLM2 GGUF, merge shipped adapters (once)"),
-    "generate": ("speculative_vlm.decoding.generate_command", "speculative decoding of one prompt, in one process"),
+    "generate": ("speculative_vlm.cli.generate", "speculative decoding of one prompt, in one process"),
     "train-exits": ("speculative_vlm.training.train_exits", "self-distil early-exit adapters on the robot's prompts"),
     "train-draft": ("speculative_vlm.training.train_draft", "distil a small draft from the target's own answers"),
     "train-target": ("speculative_vlm.training.train_target", "fine-tune the target (LoRA) on the expert's commands"),
-    "record": ("speculative_vlm.bags.record", "record topics into a rosbag2 MCAP bag"),
-    "replay": ("speculative_vlm.bags.replay", "play a rosbag2 bag with /clock"),
+    "record": ("speculative_vlm.cli.record", "record topics into a rosbag2 MCAP bag"),
+    "replay": ("speculative_vlm.cli.replay", "play a rosbag2 bag with /clock"),
     "gen-protocol": ("speculative_vlm.protocol.codegen", "regenerate the cloud protocol stubs from the .proto"),
     "cloud-certs": ("speculative_vlm.cloud.certs", "a CA and a server TLS pair signed by it; --client NAME: a client pair (mTLS)"),
     "netem": ("speculative_vlm.benchmark.netem", "run a loopback proxy adding delay, jitter, bandwidth limit"),
@@ -34,7 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="speculative-vlm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="speculative-vlm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     for name, (_, help_text) in SUBCOMMANDS.items():
