@@ -1,12 +1,20 @@
-"""`speculative-vlm train-exits`: train early-exit adapters by self-distillation.
+"""`speculative-vlm train-exits`: train the target's early-exit adapters by self-distillation on the robot's prompts.
 
-The target generates answers to robot-instruction prompts (greedy, optionally under the
-command grammar; all prompts batched through :meth:`TargetEngine.verify` with empty
-blocks). One pass over each prompt + answer then records, at every exit layer, the hidden
-state, and at the last layer the target's own next-token distribution (the teacher). Each
-exit adapter is trained to match the teacher (KL over the teacher's top tokens), the
-target itself frozen. Agreement = the share of answer positions where the exit's argmax
-equals the final layer's, measured on held-out prompts before and after training.
+The prompts are the requests the robot's drafter sends (``DrafterNode.request_for``): the system
+prompt of :mod:`speculative_vlm.commands.prompts` and its user message (instruction, scene text,
+progress line), with the grammar and token limit of the config's drafter section. The states they
+describe come from expert rollouts of the evaluation's *train* split
+(:func:`speculative_vlm.evaluation.examples.training_examples`, what ``train-target`` learns from),
+one step drawn from each rollout so every family and every point of an episode shows up; the
+held-out split is never used, so ``speculative-vlm eval``'s held-out results stay untouched by the
+exits. Agreement is measured on other train-split rollouts (the validation prompts).
+
+The target answers each prompt greedily (all sessions batched through :meth:`TargetEngine.verify`
+with empty blocks: the target's own continuation, as when it verifies). One pass over each prompt +
+answer then records, at every exit layer, the hidden state, and at the last layer the target's own
+next-token distribution (the teacher). Each exit adapter is trained to match the teacher (KL over
+the teacher's top tokens), the target frozen. Agreement = the share of answer positions where the
+exit's argmax equals the final layer's, before and after training.
 """
 
 from __future__ import annotations
@@ -15,44 +23,90 @@ import argparse
 import json
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
+from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
 from speculative_vlm.decoding.exits import ExitAdapter, ExitHeads, save_exit_heads
 from speculative_vlm.decoding.models import ModelAdapter
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest
+from speculative_vlm.evaluation.examples import Example, training_examples
+from speculative_vlm.evaluation.world import SIM_CONFIG, WorldConfig
 
-OBJECTS = ["red ball", "blue chair", "green box", "open door", "person in a yellow jacket", "orange cone", "black bag"]
-PLACES = ["ahead", "ahead, slightly left", "ahead, slightly right", "to the left", "to the right", "behind you"]
-VERBS = ["walk to", "go to", "approach", "move towards", "come close to"]
-OTHERS = ["sit down", "stand up", "stop", "lie down", "turn around slowly", "back up a little", "you are done, rest"]
-
-
-def instruction_prompts(n: int, seed: int = 0) -> list[str]:
-    """Robot instructions from templates (objects, distances, directions, other commands)."""
-    rng = random.Random(seed)
-    prompts = []
-    while len(prompts) < n:
-        if rng.random() < 0.2:
-            prompts.append(rng.choice(OTHERS))
-        else:
-            d = rng.choice([0.5, 1, 1.5, 2, 3, 4])
-            prompts.append(f"the {rng.choice(OBJECTS)} is {d} m {rng.choice(PLACES)}; {rng.choice(VERBS)} it")
-    return prompts
+DEFAULT_LAYERS = (12, 18, 22, 26)  # the shipped heads' layers (models/exit-heads/card.md)
+VALIDATION_START = 10_000  # validation rollouts' first episode index: far from the training ones
 
 
-SYSTEM = (
-    "You control a quadruped robot. Answer with one JSON command: action (move, stop, stand_up, "
-    "stand_down, sit, done), vx and vy in m/s, vyaw in rad/s, duration in s."
-)
+class ImagePerceptionNotSupported(ValueError):
+    """The config's drafter sends camera images; train-exits builds the text prompts of a text-only target."""
 
 
-def generate_answers(engine: TargetEngine, prompts: list[str], settings: GenerationSettings) -> list[list[int]]:
-    """Full ids (prompt + greedy answer) per prompt, all sessions batched per step."""
-    sessions = [engine.open_session(SessionRequest(p, system=SYSTEM, settings=settings)) for p in prompts]
+def _drafter_settings() -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=64, grammar="command")  # the drafter's parameter defaults
+
+
+@dataclass(frozen=True)
+class RobotRequests:
+    """How the robot's drafter asks the target, and which train-split rollouts supply the states it asks about."""
+
+    system_prompt: str = SYSTEM_PROMPT
+    progress_line: bool = True  # the drafter's ``progress_line``
+    settings: GenerationSettings = field(default_factory=_drafter_settings)  # greedy: the target's own answer
+    world: WorldConfig = field(default_factory=WorldConfig)
+    seed: int = 2  # episode seed of the rollouts
+    split_seed: int = 0  # which colour/shape combinations are held out (as ``eval --split-seed``)
+
+    @classmethod
+    def from_config(cls, path: str | Path = SIM_CONFIG, **overrides) -> RobotRequests:
+        """The drafter section (system prompt, progress line, grammar, token limit) and world of a bringup config."""
+        sections = yaml.safe_load(Path(path).read_text()) or {}
+        drafter = (sections.get("drafter") or {}).get("ros__parameters") or {}
+        if drafter.get("perception", "scene_text") != "scene_text":
+            raise ImagePerceptionNotSupported(
+                f"{path}: the drafter sends camera images (perception {drafter['perception']!r}); train-exits "
+                "builds the scene-text prompts of a text-only target: use a config with perception scene_text"
+            )
+        settings = GenerationSettings(max_new_tokens=int(drafter.get("max_new_tokens", 64)),
+                                      grammar=str(drafter.get("grammar", "command")))
+        fields = dict(system_prompt=drafter.get("system_prompt") or SYSTEM_PROMPT,
+                      progress_line=bool(drafter.get("progress_line", True)), settings=settings,
+                      world=WorldConfig.from_config(path))
+        return cls(**{**fields, **overrides})
+
+    def examples(self, count: int, start: int = 0) -> list[Example]:
+        """One robot state from each of ``count`` train-split rollouts (episode indices from ``start``).
+
+        Rollouts whose instruction is blank are skipped (the robot refuses those before any model
+        sees them) and more are drawn. Deterministic for the same arguments.
+        """
+        rng = random.Random(f"exit-prompts:{self.seed}:{self.split_seed}:{start}")
+        chosen: list[Example] = []
+        index = start
+        while len(chosen) < count:
+            batch = count - len(chosen)
+            episodes: dict[str, list[Example]] = {}
+            for example in training_examples(batch, self.seed, self.split_seed, self.world, start=index):
+                if example.instruction.strip():
+                    episodes.setdefault(example.episode, []).append(example)
+            chosen.extend(rng.choice(steps) for steps in episodes.values())
+            index += batch
+        return chosen[:count]
+
+    def request(self, example: Example) -> SessionRequest:
+        """The session request the drafter sends for this state (``DrafterNode.request_for``)."""
+        progress = example.progress if self.progress_line else ""
+        return SessionRequest(prompt=user_message(example.instruction, example.scene_text, progress),
+                              system=self.system_prompt, settings=self.settings)
+
+
+def generate_answers(engine: TargetEngine, requests: list[SessionRequest]) -> list[list[int]]:
+    """Full ids (prompt + the target's greedy answer) per request, all sessions batched per step."""
+    sessions = [engine.open_session(r) for r in requests]
     step = 0
     while True:
         live = [s for s in sessions if not s.done]
@@ -139,42 +193,51 @@ def train_exits(
     target: ModelAdapter,
     layers: list[int],
     train_prompts: int = 48,
-    heldout_prompts: int = 12,
+    validation_prompts: int = 12,
     steps: int = 300,
     lr: float = 3e-3,
     inner: int = 256,
     top_k: int = 32,
-    grammar: str = "command",
-    max_new_tokens: int = 64,
-    log=print,
+    robot: RobotRequests | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[ExitHeads, dict]:
+    """Exit adapters for ``layers`` trained on the robot's requests (see the module docstring), and a report."""
     start = time.monotonic()
+    robot = robot or RobotRequests()
     for p in target.model.parameters():
         p.requires_grad_(False)
     engine = TargetEngine(target, max_batch=64)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, grammar=grammar)
-    prompts = instruction_prompts(train_prompts + heldout_prompts, seed=1)
+    train_examples = robot.examples(train_prompts)
+    validation_examples = robot.examples(validation_prompts, start=VALIDATION_START)
+    requests = [robot.request(e) for e in (*train_examples, *validation_examples)]
     seqs = []
-    for p, ids in zip(prompts, generate_answers(engine, prompts, settings), strict=True):
-        plen = len(target.encode(SessionRequest(p, system=SYSTEM, settings=settings)).ids)
-        seqs.append((ids, plen))
+    for request, ids in zip(requests, generate_answers(engine, requests), strict=True):
+        seqs.append((ids, len(target.encode(request).ids)))
     generated_at = time.monotonic()
     log(f"generated {len(seqs)} answers ({sum(len(i) - n for i, n in seqs)} tokens) in {generated_at - start:.0f} s")
     train = collect(target, seqs[:train_prompts], layers, top_k)
-    held = collect(target, seqs[train_prompts:], layers, top_k)
+    validation = collect(target, seqs[train_prompts:], layers, top_k)
     collected_at = time.monotonic()
-    before = agreement(ExitHeads(target, layers), held)
+    before = agreement(ExitHeads(target, layers), validation)
     train_before = agreement(ExitHeads(target, layers), train)
     adapters = {layer: ExitAdapter(target.hidden_size, inner) for layer in layers}
     for layer in layers:
         train_layer(target, adapters[layer], train.hidden[layer], train, steps, lr)
     heads = ExitHeads(target, layers, adapters)
-    after = agreement(heads, held)
+    after = agreement(heads, validation)
     train_after = agreement(heads, train)
     report = {
         "layers": layers,
+        "prompts": {
+            "source": "the drafter's requests (commands/prompts.py) for states of train-split expert rollouts",
+            "seed": robot.seed, "split_seed": robot.split_seed, "progress_line": robot.progress_line,
+            "system_prompt_is_default": robot.system_prompt == SYSTEM_PROMPT,
+            "grammar": robot.settings.grammar, "max_new_tokens": robot.settings.max_new_tokens,
+            "train_episodes": [e.episode for e in train_examples],
+            "validation_episodes": [e.episode for e in validation_examples],
+        },
         "train_positions": int(train.final_argmax.shape[0]),
-        "heldout_positions": int(held.final_argmax.shape[0]),
+        "validation_positions": int(validation.final_argmax.shape[0]),
         "agreement_before": {str(k): round(v, 4) for k, v in before.items()},
         "agreement_after": {str(k): round(v, 4) for k, v in after.items()},
         "train_agreement_before": {str(k): round(v, 4) for k, v in train_before.items()},
@@ -188,41 +251,65 @@ def train_exits(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="target model folder or model-store name")
-    parser.add_argument("--layers", type=int, nargs="+", required=True, help="exit layers to train")
+    parser.add_argument("--config", type=Path, default=SIM_CONFIG,
+                        help="bringup config: its drafter section says how the robot asks (system prompt, progress "
+                             "line, grammar, token limit), its cloud_server model is the default target")
+    parser.add_argument("--target", default=None,
+                        help="target model folder or model-store name (default: the config's cloud_server model)")
+    parser.add_argument("--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS), help="exit layers to train")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (for --exit-heads)")
-    parser.add_argument("--train-prompts", type=int, default=48)
-    parser.add_argument("--heldout-prompts", type=int, default=12)
+    parser.add_argument("--train-prompts", type=int, default=48, help="training prompts (one per train-split rollout)")
+    parser.add_argument("--validation-prompts", type=int, default=12,
+                        help="prompts from other train-split rollouts on which agreement is measured")
+    parser.add_argument("--progress-line", action=argparse.BooleanOptionalAction, default=None,
+                        help="prompts carry the progress line (default: the config drafter's progress_line; a "
+                             "target trained by train-target reads it)")
+    parser.add_argument("--seed", type=int, default=2, help="episode seed of the rollouts")
+    parser.add_argument("--split-seed", type=int, default=0, help="which combinations are held out (as eval's)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--inner", type=int, default=256, help="adapter width")
-    parser.add_argument("--grammar", default="command", choices=["", "command"])
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def config_target(path: str | Path) -> str:
+    """The target a bringup config's verifier serves (its cloud_server ``model``)."""
+    sections = yaml.safe_load(Path(path).read_text()) or {}
+    model = ((sections.get("cloud_server") or {}).get("ros__parameters") or {}).get("model")
+    if not model:
+        raise ValueError(f"{path} has no cloud_server model; pass --target")
+    return str(model)
 
 
 def run(args: argparse.Namespace) -> int:
     from speculative_vlm.decoding.models import load_model
 
-    target = load_model(args.target)
+    torch.set_num_threads(args.threads)
+    overrides = {} if args.progress_line is None else {"progress_line": args.progress_line}
+    robot = RobotRequests.from_config(args.config, seed=args.seed, split_seed=args.split_seed, **overrides)
+    target_name = args.target or config_target(args.config)
+    target = load_model(target_name)
+    log = (lambda *_: None) if args.json else (lambda s: print(s, flush=True))
+    log(f"[train-exits] target {target_name}; prompts as the drafter of {args.config} sends them "
+        f"(progress line {'on' if robot.progress_line else 'off'}, grammar {robot.settings.grammar!r})")
     heads, report = train_exits(
         target,
         args.layers,
         train_prompts=args.train_prompts,
-        heldout_prompts=args.heldout_prompts,
+        validation_prompts=args.validation_prompts,
         steps=args.steps,
         lr=args.lr,
         inner=args.inner,
-        grammar=args.grammar,
-        max_new_tokens=args.max_new_tokens,
-        log=(lambda *_: None) if args.json else print,
+        robot=robot,
+        log=log,
     )
     path = save_exit_heads(heads, args.out, target, report)
     report["checkpoint"] = str(path)
     if args.json:
         print(json.dumps(report))
     else:
-        print("layer  agreement before -> after (held-out answer positions)")
+        print("layer  agreement before -> after (validation answer positions)")
         for layer in report["layers"]:
             print(f"{layer:5d}  {report['agreement_before'][str(layer)]:.3f} -> {report['agreement_after'][str(layer)]:.3f}")
         print(f"checkpoint: {path}")
