@@ -38,7 +38,7 @@ def test_walk_to_the_red_ball_brings_the_robot_nearer_and_prints_a_summary(tmp_p
     path = tmp_path / "sim.yaml"
     path.write_text(yaml.safe_dump(config))
     plot = tmp_path / "plots" / "topdown.png"
-    proc = subprocess.run([sys.executable, "-m", "speculative_vlm.bringup", str(path), "--plot", str(plot)],
+    proc = subprocess.run([sys.executable, "-m", "speculative_vlm.cli", "up", str(path), "--plot", str(plot)],
                           capture_output=True, text=True, timeout=900, env=os.environ.copy())
     out = proc.stdout + proc.stderr
     assert proc.returncode in (0, GOAL_NOT_ACHIEVED), out[-3000:]

@@ -16,17 +16,17 @@ import sys
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("speculative_vlm.bringup", "start the node graph of a YAML config in one process"),
-    "prepare-models": ("speculative_vlm.decoding.model_store", "convert the SmolLM2 GGUF, merge shipped adapters (once)"),
+    "up": ("speculative_vlm.cli.up", "start the node graph of a YAML config in one process"),
+    "prepare-models": ("speculative_vlm.cli.prepare_models", "convert the SmolLM2 GGUF, merge shipped adapters (once)"),
     "generate": ("speculative_vlm.cli.generate", "speculative decoding of one prompt, in one process"),
     "train-exits": ("speculative_vlm.training.train_exits", "self-distil early-exit adapters on the robot's prompts"),
     "train-draft": ("speculative_vlm.training.train_draft", "distil a small draft from the target's own answers"),
     "train-target": ("speculative_vlm.training.train_target", "fine-tune the target (LoRA) on the expert's commands"),
     "record": ("speculative_vlm.cli.record", "record topics into a rosbag2 MCAP bag"),
     "replay": ("speculative_vlm.cli.replay", "play a rosbag2 bag with /clock"),
-    "gen-protocol": ("speculative_vlm.protocol.codegen", "regenerate the cloud protocol stubs from the .proto"),
-    "cloud-certs": ("speculative_vlm.cloud.certs", "a CA and a server TLS pair signed by it; --client NAME: a client pair (mTLS)"),
-    "netem": ("speculative_vlm.benchmark.netem", "run a loopback proxy adding delay, jitter, bandwidth limit"),
+    "gen-protocol": ("speculative_vlm.cli.gen_protocol", "regenerate the cloud protocol stubs from the .proto"),
+    "cloud-certs": ("speculative_vlm.cli.cloud_certs", "a CA and a server TLS pair signed by it; --client NAME: a client pair (mTLS)"),
+    "netem": ("speculative_vlm.cli.netem", "run a loopback proxy adding delay, jitter, bandwidth limit"),
     "bench-cloud-batching": ("speculative_vlm.benchmark.cloud_batching", "tokens/s of N robots, batched vs unbatched"),
     "bench": ("speculative_vlm.benchmark.run", "every method side by side; writes bench/results (--quick: seconds)"),
     "eval": ("speculative_vlm.evaluation.run", "closed-loop episodes in the simulated Go2; writes eval/results"),

@@ -12,7 +12,6 @@ makes a lone self-signed server pair, which a robot pins as its root.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import re
 import shutil
@@ -102,29 +101,3 @@ def make_client_cert(ca: CertPair, out_dir: str | Path, name: str, days: int = 3
         raise ValueError(f"client name {name!r}: use letters, digits, '.', '_' and '-' (it names the files)")
     out = Path(out_dir)
     return _signed(ca, CertPair(out / f"{name}.crt", out / f"{name}.key"), name, "clientAuth", [], days)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", help="folder for ca.crt/ca.key and server.crt/server.key (or a client pair)")
-    parser.add_argument("--host", action="append", default=None, help="server DNS name or IP (repeatable)")
-    parser.add_argument("--client", help="mint <CLIENT>.crt/.key from out_dir's CA instead (mutual TLS)")
-    parser.add_argument("--days", type=int, default=365)
-
-
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out_dir)
-    if args.client:
-        ca = CertPair(out / "ca.crt", out / "ca.key")
-        if not (ca.cert.exists() and ca.key.exists()):
-            print(f"speculative-vlm cloud-certs: no ca.crt/ca.key in {out}; run `speculative-vlm cloud-certs {out}` "
-                  "first, then mint client pairs from that CA")
-            return 2
-        pair = make_client_cert(ca, out, args.client, args.days)
-        print(f"client certificate {pair.cert}\nclient key         {pair.key}\n"
-              f"(the bridge's tls_cert/tls_key; the server needs --tls-client-ca {ca.cert})")
-        return 0
-    ca = make_ca(out)
-    pair = make_server_cert(ca, out, tuple(args.host or ("localhost", "127.0.0.1")), args.days)
-    print(f"CA certificate {ca.cert}  (robots: tls_ca; mutual TLS: --tls-client-ca)\nCA key         {ca.key}\n"
-          f"certificate    {pair.cert}\nkey            {pair.key}")
-    return 0

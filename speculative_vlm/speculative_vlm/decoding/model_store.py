@@ -189,15 +189,3 @@ def prepare_merged(name: str = ROBOT_TARGET, adapter_dir: Path | None = None, fo
     tmp.replace(out) if not out.exists() else _replace_dir(tmp, out)
     print(f"merged in {time.monotonic() - start:.0f} s", flush=True)
     return out
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--force", action="store_true", help="convert and merge again even if present")
-
-
-def run(args) -> int:
-    print(prepare_smollm2(force=args.force))
-    for name, adapter in MERGED_MODELS.items():
-        merged = prepare_merged(name, force=args.force)
-        print(merged if merged is not None else f"{name}: skipped, adapter {adapter!r} is not shipped yet")
-    return 0

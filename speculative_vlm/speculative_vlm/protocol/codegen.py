@@ -7,7 +7,6 @@ a temporary folder and fails when the committed ones are stale. Run
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from importlib.resources import files
 from pathlib import Path
@@ -54,20 +53,3 @@ def stale_files() -> list[str]:
         fresh = generate(Path(tmp))
     return [name for name, data in fresh.items()
             if not (protocol_dir() / name).exists() or (protocol_dir() / name).read_bytes() != data]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--check", action="store_true", help="only report stale stubs (exit 1 if any)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.check:
-        stale = stale_files()
-        for name in stale:
-            print(f"stale: {name}")
-        return 1 if stale else 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in generate(Path(tmp)).items():
-            (protocol_dir() / name).write_bytes(data)
-            print(f"wrote {protocol_dir() / name}")
-    return 0
