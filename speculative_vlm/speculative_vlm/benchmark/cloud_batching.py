@@ -15,7 +15,6 @@ Optionally the traffic goes through the netem proxy (``--delay-ms``).
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import os
@@ -43,6 +42,27 @@ PROMPTS = [
     "Stand up and look around.",
     "Follow the person in the blue jacket.",
 ]
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """What to measure (``speculative-vlm bench-cloud-batching`` sets each from its flag of the same name)."""
+
+    model: str = "smollm2-135m-instruct"  # target folder or model-store name
+    exit_layers: tuple[int, ...] = ()  # early verdicts from these layers
+    clients: int = 4  # robots
+    max_batch: int = 0  # the batched phase's largest batch (0 = clients)
+    max_wait_ms: float = 25.0  # the batched phase's longest added wait
+    max_new_tokens: int = 32
+    gamma: int = 4  # draft tokens per block
+    acceptance: float = 0.8  # chance that a draft token is right
+    draft_ms_per_token: float = 3.0  # emulated drafting time on the robot
+    delay_ms: float = 0.0  # one-way link delay through the delay proxy (0 = no proxy)
+    jitter_ms: float = 0.0
+    repeats: int = 1  # alternating batched/unbatched runs; the medians are the result
+    threads: int = 0  # torch threads (0 = leave as is)
+    replicas: int = 0  # also 1 against this many verifier replicas on Ray Serve (0 = skip)
+    json_path: str | None = None  # also write the report here
 
 
 @dataclass
@@ -93,13 +113,13 @@ def _tokens_file(token: str) -> str:
 
 
 def run_phase(engine, max_batch: int, requests: list[SessionRequest], references: list[list[int]],
-              args: argparse.Namespace) -> PhaseResult:
+              options: BatchingOptions) -> PhaseResult:
     token = secrets.token_hex(16)
     engine.max_batch = max_batch
-    config = ServerConfig(bind="127.0.0.1:0", max_batch=max_batch, max_wait_ms=args.max_wait_ms,
+    config = ServerConfig(bind="127.0.0.1:0", max_batch=max_batch, max_wait_ms=options.max_wait_ms,
                           exit_layers=tuple(engine.exit_layers), tokens_file=_tokens_file(token))
     handle = serve(config, engine=engine)
-    results, wall = _drive(handle.port, token, requests, references, args, engine.model.vocab_size)
+    results, wall = _drive(handle.port, token, requests, references, options, engine.model.vocab_size)
     sched = handle.service.scheduler
 
     def histogram_sum(histogram) -> float:
@@ -117,18 +137,18 @@ def run_phase(engine, max_batch: int, requests: list[SessionRequest], references
 
 
 def run_replicas_phase(replicas: int, exit_layers: list[int], requests: list[SessionRequest],
-                       references: list[list[int]], vocab: int, args: argparse.Namespace) -> dict:
+                       references: list[list[int]], vocab: int, options: BatchingOptions) -> dict:
     """The same robots against ``replicas`` verifier replicas on Ray Serve behind one address
-    (``cloud.ray_serve``); each replica loads ``args.model`` and batches its own sessions."""
+    (``cloud.ray_serve``); each replica loads ``options.model`` and batches its own sessions."""
     from speculative_vlm.cloud.ray_serve import serve_fleet
 
     token = secrets.token_hex(16)
-    config = ServerConfig(model=args.model, bind="127.0.0.1:0", max_batch=args.max_batch or args.clients,
-                          max_wait_ms=args.max_wait_ms, exit_layers=tuple(exit_layers), tokens_file=_tokens_file(token),
-                          torch_threads=args.threads or 1)
+    config = ServerConfig(model=options.model, bind="127.0.0.1:0", max_batch=options.max_batch or options.clients,
+                          max_wait_ms=options.max_wait_ms, exit_layers=tuple(exit_layers),
+                          tokens_file=_tokens_file(token), torch_threads=options.threads or 1)
     handle = serve_fleet(config, replicas)
     try:
-        results, wall = _drive(handle.port, token, requests, references, args, vocab)
+        results, wall = _drive(handle.port, token, requests, references, options, vocab)
         placed = len(set(handle.service.placements.values()))
     finally:
         handle.stop()
@@ -139,13 +159,14 @@ def run_replicas_phase(replicas: int, exit_layers: list[int], requests: list[Ses
 
 
 def _drive(port: int, token: str, requests: list[SessionRequest], references: list[list[int]],
-           args: argparse.Namespace, vocab: int) -> tuple[list[tuple[int, int, int]], float]:
+           options: BatchingOptions, vocab: int) -> tuple[list[tuple[int, int, int]], float]:
     """Every robot decodes once through the server on ``port`` (through the delay proxy when
     asked); their results and the wall time from all sessions open to the last robot's end."""
     proxy = None
     address = f"127.0.0.1:{port}"
-    if args.delay_ms > 0:
-        proxy = DelayProxy(("127.0.0.1", port), LinkProfile(args.delay_ms / 1000, args.jitter_ms / 1000)).start()
+    if options.delay_ms > 0:
+        profile = LinkProfile(options.delay_ms / 1000, options.jitter_ms / 1000)
+        proxy = DelayProxy(("127.0.0.1", port), profile).start()
         address = proxy.address
     results: list[tuple[int, int, int] | BaseException] = [None] * len(requests)  # type: ignore[list-item]
 
@@ -154,8 +175,8 @@ def _drive(port: int, token: str, requests: list[SessionRequest], references: li
 
     def work(i: int) -> None:
         try:
-            results[i] = _robot(address, token, requests[i], references[i], args.gamma, args.acceptance,
-                                args.draft_ms_per_token / 1000, seed=i, vocab=vocab, opened=opened)
+            results[i] = _robot(address, token, requests[i], references[i], options.gamma, options.acceptance,
+                                options.draft_ms_per_token / 1000, seed=i, vocab=vocab, opened=opened)
         except BaseException as exc:
             results[i] = exc
             opened.abort()
@@ -178,38 +199,21 @@ def _drive(port: int, token: str, requests: list[SessionRequest], references: li
     return results, wall  # type: ignore[return-value]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="target folder or model-store name")
-    parser.add_argument("--exit-layers", default="", help="comma-separated exit layers (early verdicts)")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--max-batch", type=int, default=0, help="batched phase's max batch (0 = clients)")
-    parser.add_argument("--max-wait-ms", type=float, default=25.0, help="batched phase's longest added wait")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per block")
-    parser.add_argument("--acceptance", type=float, default=0.8, help="per-token chance a draft token is right")
-    parser.add_argument("--draft-ms-per-token", type=float, default=3.0, help="emulated robot drafting time")
-    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way link delay through the netem proxy")
-    parser.add_argument("--jitter-ms", type=float, default=0.0)
-    parser.add_argument("--repeats", type=int, default=1, help="alternating batched/unbatched runs (median)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    parser.add_argument("--replicas", type=int, default=0, help="also 1 against this many verifier replicas on "
-                        "Ray Serve behind one address (cloud/ray_serve.py; 0 = skip)")
-    parser.add_argument("--json", help="also write the results here")
-
-
-def run(args: argparse.Namespace) -> int:
+def run_batching(options: BatchingOptions) -> int:
+    """Run the benchmark, print its report (JSON) and write it to ``options.json_path``; 1 when an
+    output differs from the target's own."""
     import torch
 
     from speculative_vlm.decoding.models import load_model
     from speculative_vlm.decoding.target_engine import TargetEngine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    layers = [int(x) for x in args.exit_layers.split(",") if x.strip()]
-    engine = TargetEngine(load_model(args.model), exit_layers=layers, max_batch=max(1, args.clients))
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    layers = list(options.exit_layers)
+    engine = TargetEngine(load_model(options.model), exit_layers=layers, max_batch=max(1, options.clients))
     requests = [SessionRequest(prompt=PROMPTS[i % len(PROMPTS)],
-                               settings=GenerationSettings(max_new_tokens=args.max_new_tokens))
-                for i in range(args.clients)]
+                               settings=GenerationSettings(max_new_tokens=options.max_new_tokens))
+                for i in range(options.clients)]
     # The references come through the server's autoregressive mode: also the cloud-AR baseline.
     token = secrets.token_hex(16)
     handle = serve(ServerConfig(bind="127.0.0.1:0", tokens_file=_tokens_file(token)), engine=engine)
@@ -223,14 +227,14 @@ def run(args: argparse.Namespace) -> int:
     # Phases alternate (batched, unbatched, batched, ...) so that a burst of load from other
     # processes on a shared machine hits both alike; the medians are the result.
     runs: list[tuple[PhaseResult, PhaseResult]] = []
-    for _ in range(max(1, args.repeats)):
-        runs.append((run_phase(engine, args.max_batch or args.clients, requests, references, args),
-                     run_phase(engine, 1, requests, references, args)))
+    for _ in range(max(1, options.repeats)):
+        runs.append((run_phase(engine, options.max_batch or options.clients, requests, references, options),
+                     run_phase(engine, 1, requests, references, options)))
     batched = sorted((b for b, _ in runs), key=lambda r: r.tokens_per_s)[len(runs) // 2]
     unbatched = sorted((u for _, u in runs), key=lambda r: r.tokens_per_s)[len(runs) // 2]
     report = {
-        "model": args.model, "clients": args.clients, "gamma": args.gamma, "acceptance": args.acceptance,
-        "draft_ms_per_token": args.draft_ms_per_token, "delay_ms": args.delay_ms,
+        "model": options.model, "clients": options.clients, "gamma": options.gamma, "acceptance": options.acceptance,
+        "draft_ms_per_token": options.draft_ms_per_token, "delay_ms": options.delay_ms,
         "torch_threads": torch.get_num_threads(),
         "cloud_autoregressive_sequential": {"tokens": ar_tokens, "wall_s": round(ar_wall, 3),
                                             "tokens_per_s": round(ar_tokens / ar_wall, 2)},
@@ -239,14 +243,14 @@ def run(args: argparse.Namespace) -> int:
         "speedup_batched_over_unbatched": round(batched.tokens_per_s / unbatched.tokens_per_s, 3),
         "all_runs_tokens_per_s": [[b.tokens_per_s, u.tokens_per_s] for b, u in runs],
     }
-    if args.replicas:
+    if options.replicas:
         from speculative_vlm.cloud.ray_serve import init_ray
 
         # One local Ray cluster for both fleets; each replica is a process with its own torch threads.
         started_ray = init_ray(num_cpus=os.cpu_count())
         try:
-            fleets = [run_replicas_phase(n, layers, requests, references, engine.model.vocab_size, args)
-                      for n in sorted({1, args.replicas})]
+            fleets = [run_replicas_phase(n, layers, requests, references, engine.model.vocab_size, options)
+                      for n in sorted({1, options.replicas})]
         finally:
             if started_ray:
                 import ray
@@ -259,8 +263,8 @@ def run(args: argparse.Namespace) -> int:
         report["cpu_cores"] = os.cpu_count()
     text = json.dumps(report, indent=2)
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
+    if options.json_path:
+        with open(options.json_path, "w") as f:
             f.write(text + "\n")
     exact = all(b.exact and u.exact for b, u in runs) and all(f["exact"] for f in report.get("replicas", []))
     return 0 if exact else 1
