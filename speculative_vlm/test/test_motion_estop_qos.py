@@ -92,6 +92,6 @@ def test_one_estop_from_another_process_stops_the_moving_robot_and_latches_whate
         assert MOVE not in requests[first_stop:], "Move sent after the e-stop's StopMove"
         assert not rig.sport.moves_since(t_new)
         rig.wait_still(2.0)
-        assert rig.node._estop
+        assert rig.node.stream.estop_engaged
     finally:
         publisher.close()

@@ -209,7 +209,7 @@ def test_an_unverified_command_is_refused(rig):
     t0 = rig.move(0.4, 1.0, verified=False)
     time.sleep(0.3)
     assert not rig.sport.moves_since(t0)
-    assert rig.node._unverified_refused == 1
+    assert rig.node.stream.unverified_refused == 1
 
 
 def test_an_unverified_stop_is_still_obeyed(rig):
@@ -350,5 +350,23 @@ def test_the_shipped_parameter_file_sets_exactly_the_declared_parameters():
         assert declared == set(params)
         for name in declared:
             assert node.describe_parameter(name).description, f"{name} has no description"
+    finally:
+        node.destroy_node()
+
+
+def test_the_limit_parameters_default_to_the_command_schemas_bounds_and_refuse_values_past_them(ros):
+    from speculative_vlm.commands.schema import DEFAULT_LIMITS
+    from speculative_vlm.go2.motion_rules import LIMIT_RANGES
+
+    node = MotionNode(namespace="/t" + uuid.uuid4().hex[:8])
+    try:
+        assert node.get_parameter("max_vx").value == DEFAULT_LIMITS.max_vx
+        assert node.get_parameter("max_duration_s").value == DEFAULT_LIMITS.max_duration
+        for name, (lo, hi) in LIMIT_RANGES.items():
+            [span] = node.describe_parameter(name).floating_point_range
+            assert (span.from_value, span.to_value) == (lo, hi), name
+        assert node.set_parameters([Parameter("max_vx", value=DEFAULT_LIMITS.max_vx / 2)])[0].successful
+        past = node.set_parameters([Parameter("max_vx", value=DEFAULT_LIMITS.max_vx + 0.5)])[0]
+        assert not past.successful and node.get_parameter("max_vx").value == DEFAULT_LIMITS.max_vx / 2
     finally:
         node.destroy_node()

@@ -26,7 +26,13 @@ class Action(StrEnum):
 
 @dataclass(frozen=True)
 class Limits:
-    """Hard bounds of a command; the motion node clamps again with its own parameters."""
+    """Hard bounds of a command, and the one place the command limits are written.
+
+    The grammar (``commands/grammar.py``), :func:`json_schema` and :func:`parse_command` take their
+    ranges from here; the motion node's default clamps are these bounds and its limit parameters
+    may only tighten them (``go2/motion_rules.py``), so the robot never runs faster than a verified
+    command can say.
+    """
 
     max_vx: float = 1.0  # m/s forward
     min_vx: float = -0.5  # m/s backward

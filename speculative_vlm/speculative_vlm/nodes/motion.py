@@ -1,29 +1,32 @@
-"""The motion node: verified LocomotionCommands and cmd_vel -> Go2 sport requests, safely.
+"""The motion node: LocomotionCommands (an action or a topic) and cmd_vel -> Go2 sport requests, safely.
 
-A lifecycle node (configure connects to the robot, activate starts the Move stream).
-Safety lives here, not in the models:
+A lifecycle node (configure connects to the robot, activate starts the Move stream) and a thin
+shell around :class:`~speculative_vlm.go2.move_stream.MoveStream`, the plain class that holds the
+safety rules and is unit-tested with a fake clock (``test_motion_stream.py``):
 - every velocity is clamped to the ``max_*``/``min_vx`` parameters, every duration to
-  ``max_duration_s``;
+  ``max_duration_s``; each may only tighten the command schema's bound (``go2/motion_rules.py``);
 - Move is re-sent at ``move_rate_hz`` (the Go2 stops 1-2 s after the last Move) from a
   dedicated thread on the steady clock, so executor load cannot starve it;
 - StopMove is sent when a command's duration ends, when cmd_vel goes stale
-  (``stale_timeout_s``), on e-stop, on deactivate and on shutdown;
+  (``stale_timeout_s``), on e-stop, on cancel, on deactivate and on shutdown;
 - with ``require_verified`` (default) only commands the target verified are executed;
 - the e-stop latches: ``motion/estop`` (std_msgs/Bool, True engages) or the
   ``motion/engage_estop`` service engage it; only the ``motion/release_estop`` service
   releases it, and while it is engaged nothing reaches the robot but StopMove.
 
 Interfaces (relative names, so a namespace applies):
-  subscribes  motion/command (speculative_vlm_msgs/LocomotionCommand), cmd_vel (geometry_msgs/Twist),
-              motion/estop (std_msgs/Bool, any QoS: see ESTOP_QOS)
+  action      motion/execute (speculative_vlm_msgs/ExecuteCommand): a command as a goal; feedback
+              is its progress and the velocity streamed, the result how it ended (COMPLETED,
+              CANCELED, PREEMPTED, ESTOPPED, STOPPED, REJECTED, FAILED) with a reason. One command
+              runs at a time: a newer goal, motion/command or cmd_vel preempts it.
+  subscribes  motion/command (speculative_vlm_msgs/LocomotionCommand, for publishers that need no
+              result), cmd_vel (geometry_msgs/Twist), motion/estop (std_msgs/Bool, any QoS: see ESTOP_QOS)
   publishes   odom (nav_msgs/Odometry, from rt/sportmodestate), /diagnostics,
               motion/idle (std_msgs/Bool, transient local): True when nothing is executing,
               motion/active_command (LocomotionCommand, transient local): the command being
               executed, clamped, with the header stamp of the command it came from,
               motion/estop_engaged (std_msgs/Bool, transient local)
   services    motion/engage_estop, motion/release_estop (std_srvs/Trigger)
-How a client knows a command finished: publish it with a fresh header stamp, wait for
-``motion/active_command`` with that stamp, then for ``motion/idle`` == True.
 TF: the odom -> base_link transform goes on ``tf`` (relative, so remappable and namespaced;
 tf2_msgs/TFMessage) when tf2_msgs is installed, as on every ROS 2 install; it is not on PyPI, so
 where the PyPI wheels stand in for ROS the pose is on ``odom`` only (``publish_tf`` turns it off
@@ -37,14 +40,15 @@ import math
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Twist
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.action import ActionServer, CancelResponse
+from rclpy.action.server import ServerGoalHandle
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -52,8 +56,10 @@ from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
 from speculative_vlm.go2.dds import MAX_DOMAIN_ID, DdsDomainError
-from speculative_vlm.go2.motion_rules import SPORT_REQUESTS, MotionLimits
+from speculative_vlm.go2.motion_rules import LIMIT_RANGES, MotionLimits
+from speculative_vlm.go2.move_stream import Execution, MoveStream, Outcome, needs_verification
 from speculative_vlm.go2.sdk_backend import RobotState, SportBackend, code_name
+from speculative_vlm.nodes.command_messages import UnknownActionError, from_msg
 from speculative_vlm.nodes.frames import TF_TOPIC, TFMessage, odom_transform
 from speculative_vlm.nodes.parameters import (
     float_range,
@@ -63,6 +69,7 @@ from speculative_vlm.nodes.parameters import (
     start_only,
 )
 from speculative_vlm.nodes.spin import spin_node
+from speculative_vlm_msgs.action import ExecuteCommand
 from speculative_vlm_msgs.msg import LocomotionCommand
 
 try:  # rclpy >= 7 (Iron)
@@ -120,19 +127,26 @@ def _diagonal(variances: Sequence[float]) -> list[float]:
     return matrix
 
 
-@dataclass
-class _Velocity:
-    """A velocity being streamed to the robot as Move."""
-
-    vx: float
-    vy: float
-    vyaw: float
-    end: float | None  # monotonic deadline (LocomotionCommand) or None (cmd_vel, ends when stale)
-    last_input: float  # monotonic time of the input that set it
+# What each limit parameter is, in words (its default and range come from motion_rules).
+LIMIT_DESCRIPTIONS = {
+    "max_vx": "Largest forward velocity sent to the robot, m/s",
+    "min_vx": "Most negative (backward) velocity sent to the robot, m/s",
+    "max_vy": "Largest lateral speed (either side) sent to the robot, m/s",
+    "max_vyaw": "Largest yaw rate (either way) sent to the robot, rad/s",
+    "max_duration_s": "Longest a single LocomotionCommand MOVE may run, s",
+}
+# How often a running motion/execute goal publishes feedback, and how often it looks for a cancel.
+FEEDBACK_PERIOD_S = 0.1
+CANCEL_POLL_S = 0.02
 
 
 class MotionNode(LifecycleNode):
-    """Lifecycle node driving a Go2 (real or simulated) through unitree_sdk2py's SportClient."""
+    """Lifecycle node driving a Go2 (real or simulated) through unitree_sdk2py's SportClient.
+
+    A thin shell around :class:`~speculative_vlm.go2.move_stream.MoveStream`, which holds every
+    safety rule: this node turns messages, services and goals into its inputs, runs its Move thread
+    while active, and publishes what it does (odometry, idle, the active command, diagnostics).
+    """
 
     def __init__(self, **kwargs) -> None:
         super().__init__("motion", **kwargs)
@@ -145,11 +159,11 @@ class MotionNode(LifecycleNode):
                                             read_only=True))
         d("move_rate_hz", 25.0, float_range(5.0, 50.0, "Rate at which Move is re-sent while moving (Go2 needs 20-30 Hz)"))
         d("stale_timeout_s", 0.5, float_range(0.05, 5.0, "cmd_vel older than this (steady clock) stops the robot"))
-        d("max_vx", 1.0, float_range(0.0, 3.0, "Largest forward velocity sent to the robot, m/s"))
-        d("min_vx", -0.5, float_range(-3.0, 0.0, "Most negative (backward) velocity sent to the robot, m/s"))
-        d("max_vy", 0.5, float_range(0.0, 1.5, "Largest lateral speed (either side) sent to the robot, m/s"))
-        d("max_vyaw", 1.5, float_range(0.0, 4.0, "Largest yaw rate (either way) sent to the robot, rad/s"))
-        d("max_duration_s", 5.0, float_range(0.1, 60.0, "Longest a single LocomotionCommand MOVE may run, s"))
+        defaults = MotionLimits()
+        for name, text in LIMIT_DESCRIPTIONS.items():
+            lo, hi = LIMIT_RANGES[name]
+            d(name, getattr(defaults, name), float_range(
+                lo, hi, f"{text}; at most the command schema's bound, so a value may only tighten it"))
         d("state_timeout_s", 0.5, float_range(0.05, 10.0, "rt/sportmodestate older than this means the robot is lost"))
         d("diagnostics_period_s", 1.0, float_range(0.1, 10.0, "Period of /diagnostics messages, s"))
         d("odom_frame", "odom", start_only("frame_id of published odometry"))
@@ -168,28 +182,16 @@ class MotionNode(LifecycleNode):
         d("autostart", False, start_only(
             "Configure and activate right after start (for bringups without a lifecycle manager)"))
 
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self.stream: MoveStream | None = None  # the safety core; made by configure, kept across cleanup
         self._stop_loop = threading.Event()
         self._loop: threading.Thread | None = None
         self._backend: SportBackend | None = None
-        self._velocity: _Velocity | None = None
-        self._actions: deque[str] = deque()
-        self._stop_pending = False
-        self._restart_ticks = False  # a new motion starts its Move stream at once, not at the next tick
-        self._estop = False
-        self._active = False
         self._idle: bool | None = None
-        self._last_command_time: float | None = None
-        self._rejected = 0
-        self._unverified_refused = 0
-        self._last_codes: dict[str, int] = {}
-        self._error_counts: dict[str, int] = {}
-        self._move_times: deque[float] = deque(maxlen=200)
         # What configure creates and cleanup destroys. Not named _services/_timers: those are
         # rclpy.Node's own lists, and replacing them dropped the node's parameter services.
         self._subs: list = []
         self._estop_services: list = []
+        self._action: ActionServer | None = None
         self._diag_timer = None
         self._odom_pub = self._idle_pub = self._active_pub = self._estop_pub = self._diag_pub = None
         self._tf_pub = None
@@ -199,7 +201,6 @@ class MotionNode(LifecycleNode):
             if problem:
                 raise ValueError(problem)
         self.add_on_set_parameters_callback(self._check_parameters)
-        # Limits, rates and timeouts are read where they are used; the diagnostics timer is told.
         on_parameters_set(self, self._on_parameters_set)
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.01, self._autostart)
@@ -212,8 +213,18 @@ class MotionNode(LifecycleNode):
         return SetParametersResult(successful=True)
 
     def _on_parameters_set(self, values: dict[str, object]) -> None:
+        # Limits, rate and staleness apply from the stream's next command or tick.
         if "diagnostics_period_s" in values:
             set_timer_period(self._diag_timer, values["diagnostics_period_s"])
+        stream = self.stream
+        if stream is None:
+            return  # configure builds the stream from the parameters
+        if LIMIT_RANGES.keys() & values.keys():
+            stream.limits = self._limits()
+        if "move_rate_hz" in values:
+            stream.move_rate_hz = values["move_rate_hz"]
+        if "stale_timeout_s" in values:
+            stream.stale_timeout_s = values["stale_timeout_s"]
 
     # ---- lifecycle ----------------------------------------------------------------
     @property
@@ -234,6 +245,14 @@ class MotionNode(LifecycleNode):
         except DdsDomainError as exc:
             self.get_logger().error(f"cannot connect to the Go2: {exc}")
             return TransitionCallbackReturn.FAILURE
+        previous = self.stream
+        self.stream = MoveStream(
+            self._backend, time.monotonic, limits=self._limits(), move_rate_hz=p["move_rate_hz"],
+            stale_timeout_s=p["stale_timeout_s"], require_verified=self.get_parameter("require_verified").value,
+            on_idle=self._set_idle, on_request_error=self._on_request_error, describe_code=code_name,
+        )
+        if previous is not None and previous.estop_engaged:  # the e-stop latches across a reconfigure
+            self.stream.engage_estop("an e-stop engaged before the node was configured again")
         self._odom_pub = self.create_lifecycle_publisher(Odometry, "odom", 10)
         if TFMessage is not None and self.get_parameter("publish_tf").value:
             self._tf_pub = self.create_lifecycle_publisher(TFMessage, TF_TOPIC, 10)
@@ -255,8 +274,14 @@ class MotionNode(LifecycleNode):
             self.create_service(Trigger, "motion/engage_estop", self._on_engage_srv),
             self.create_service(Trigger, "motion/release_estop", self._on_release_srv),
         ]
+        # Each goal waits in its execute callback until its command has ended: a reentrant group
+        # lets goals, cancels and the topics run beside it.
+        self._action = ActionServer(
+            self, ExecuteCommand, "motion/execute", execute_callback=self._execute_goal,
+            cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=ReentrantCallbackGroup(),
+        )
         self._diag_timer = self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
-        self._estop_pub.publish(Bool(data=self._estop))
+        self._estop_pub.publish(Bool(data=self.stream.estop_engaged))
         self._set_idle(True)
         self.get_logger().info(
             f"connected to Go2 SDK on DDS domain {p['dds_domain_id']} via {p['network_interface']!r}"
@@ -265,8 +290,9 @@ class MotionNode(LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_loop.clear()
-        self._active = True
-        self._loop = threading.Thread(target=self._run, name="motion_move_stream", daemon=True)
+        self.stream.activate()
+        self._loop = threading.Thread(target=self.stream.run, args=(self._stop_loop,), name="motion_move_stream",
+                                      daemon=True)
         self._loop.start()
         return super().on_activate(state)
 
@@ -286,23 +312,22 @@ class MotionNode(LifecycleNode):
 
     def halt(self) -> None:
         """Stop streaming and send StopMove (synchronously); safe to call any time, repeatedly."""
-        self._active = False
         self._stop_loop.set()
-        self._wake.set()
+        stream = self.stream
+        if stream is not None:
+            stream.wake()
         if self._loop is not None and self._loop is not threading.current_thread():
             self._loop.join(timeout=5.0)
         self._loop = None
-        with self._lock:
-            self._velocity = None
-            self._actions.clear()
-            self._stop_pending = False
-        if self._backend is not None:
-            self._call("StopMove", self._backend.stop_move)
+        if stream is not None and self._backend is not None:
+            stream.halt("the motion node stopped (deactivated or shut down)")
         self._set_idle(True)
 
     def _release_interfaces(self) -> None:
         if self._diag_timer is not None:
             self.destroy_timer(self._diag_timer)
+        if self._action is not None:
+            self._action.destroy()
         for sub in self._subs:
             self.destroy_subscription(sub)
         for srv in self._estop_services:
@@ -312,101 +337,89 @@ class MotionNode(LifecycleNode):
         for pub in pubs:
             if pub is not None:
                 self.destroy_publisher(pub)
-        self._subs, self._estop_services, self._diag_timer = [], [], None
+        self._subs, self._estop_services, self._diag_timer, self._action = [], [], None, None
         if self._backend is not None:
             self._backend.close()
             self._backend = None
 
     def _params(self) -> dict:
         names = (
-            "network_interface", "dds_domain_id", "sdk_timeout_s", "move_rate_hz", "stale_timeout_s", "max_vx",
-            "min_vx", "max_vy", "max_vyaw", "max_duration_s", "state_timeout_s", "diagnostics_period_s",
-            "odom_frame", "base_frame",
+            "network_interface", "dds_domain_id", "sdk_timeout_s", "move_rate_hz", "stale_timeout_s",
+            *LIMIT_RANGES, "state_timeout_s", "diagnostics_period_s", "odom_frame", "base_frame",
         )
         return {n: self.get_parameter(n).value for n in names}
 
-    # ---- inputs -------------------------------------------------------------------
     def _limits(self) -> MotionLimits:
-        # Read on every command, so that limits changed at run time apply to the next one.
         return MotionLimits.from_params(self._params())
 
-    def _accepting(self, what: str) -> bool:
-        if not self._active:
-            self.get_logger().warning(f"{what} ignored: node is not active", throttle_duration_sec=2.0)
-            return False
-        if self._estop:
-            self._rejected += 1
-            self.get_logger().warning(
-                f"{what} refused: e-stop engaged; call motion/release_estop first", throttle_duration_sec=1.0
-            )
-            return False
-        return True
+    # ---- inputs -------------------------------------------------------------------
+    def _submit(self, msg: LocomotionCommand, source: str) -> Execution:
+        """Hand a command to the stream; echo it (clamped) on motion/active_command when it is accepted."""
+        stream = self.stream
+        try:
+            command = from_msg(msg)
+        except UnknownActionError as exc:
+            self.get_logger().error(f"LocomotionCommand refused: {exc}")
+            return stream.refuse(str(exc))
+        execution = stream.execute(command, msg.verified, source)
+        if execution.outcome == Outcome.REJECTED:
+            self.get_logger().warning(f"LocomotionCommand refused ({execution.reason}): {msg.text!r}",
+                                      throttle_duration_sec=1.0)
+            return execution
+        if not msg.verified and needs_verification(command):
+            self.get_logger().warning(f"executing an UNVERIFIED command: {msg.text!r}")
+        self._active_pub.publish(self._echo(msg, execution))
+        return execution
+
+    @staticmethod
+    def _echo(msg: LocomotionCommand, execution: Execution) -> LocomotionCommand:
+        """The command as executed (clamped), with the header, verified flag and text of ``msg``."""
+        executed = execution.command
+        return LocomotionCommand(header=msg.header, action=msg.action, verified=msg.verified, text=msg.text,
+                                 vx=executed.vx, vy=executed.vy, vyaw=executed.vyaw, duration=executed.duration)
 
     def _on_command(self, msg: LocomotionCommand) -> None:
-        if not self._accepting("LocomotionCommand"):
-            return
-        if not msg.verified and msg.action not in (LocomotionCommand.STOP, LocomotionCommand.DONE):
-            # Stopping is always safe, so only commands that move the robot need verification.
-            if self.get_parameter("require_verified").value:
-                self._unverified_refused += 1
-                self.get_logger().warning(
-                    f"unverified command refused: {msg.text!r}; set require_verified:=false to allow"
-                )
-                return
-            self.get_logger().warning(f"executing an UNVERIFIED command: {msg.text!r}")
-        now = time.monotonic()
-        self._last_command_time = now
-        echo = LocomotionCommand(header=msg.header, action=msg.action, verified=msg.verified, text=msg.text)
-        with self._lock:
-            self._actions.clear()
-            self._velocity = None
-            if msg.action == LocomotionCommand.MOVE:
-                limits = self._limits()
-                vx, vy, vyaw = limits.clamp_velocity(msg.vx, msg.vy, msg.vyaw)
-                duration = limits.clamp_duration(msg.duration)
-                echo.vx, echo.vy, echo.vyaw, echo.duration = vx, vy, vyaw, duration
-                if duration > 0.0:
-                    self._velocity = _Velocity(vx, vy, vyaw, now + duration, now)
-                    self._restart_ticks = True
-                else:
-                    self._stop_pending = True
-            elif msg.action == LocomotionCommand.STOP:
-                self._stop_pending = True
-            elif msg.action == LocomotionCommand.STAND_UP:
-                self._actions.extend(SPORT_REQUESTS["stand_up"])
-            elif msg.action == LocomotionCommand.STAND_DOWN:
-                self._actions.extend(SPORT_REQUESTS["stand_down"])
-            elif msg.action == LocomotionCommand.SIT:
-                self._actions.extend(SPORT_REQUESTS["sit"])
-            elif msg.action == LocomotionCommand.DONE:
-                pass
-            else:
-                self.get_logger().error(f"LocomotionCommand with unknown action {msg.action} ignored")
-                return
-            busy = self._velocity is not None or bool(self._actions) or self._stop_pending
-        self._active_pub.publish(echo)
-        if busy:
-            self._set_idle(False)
-        self._wake.set()
+        self._submit(msg, "a motion/command message")
 
     def _on_cmd_vel(self, msg: Twist) -> None:
-        if not self._accepting("cmd_vel"):
-            return
-        now = time.monotonic()
-        self._last_command_time = now
-        vx, vy, vyaw = self._limits().clamp_velocity(msg.linear.x, msg.linear.y, msg.angular.z)
-        with self._lock:
-            self._actions.clear()
-            if self._velocity is None:
-                self._restart_ticks = True
-            self._velocity = _Velocity(vx, vy, vyaw, None, now)
-        self._set_idle(False)
-        self._wake.set()
+        refusal = self.stream.cmd_vel(msg.linear.x, msg.linear.y, msg.angular.z)
+        if refusal:
+            self.get_logger().warning(f"cmd_vel refused: {refusal}", throttle_duration_sec=1.0)
+
+    def _execute_goal(self, handle: ServerGoalHandle) -> ExecuteCommand.Result:
+        """One motion/execute goal: the command runs until it ends; feedback every FEEDBACK_PERIOD_S."""
+        result = ExecuteCommand.Result()
+        if handle.is_cancel_requested:
+            handle.canceled()
+            result.outcome, result.reason = ExecuteCommand.Result.CANCELED, "cancelled before it started"
+            return result
+        execution = self._submit(handle.request.command, "a newer motion/execute goal")
+        feedback = ExecuteCommand.Feedback()
+        next_feedback = 0.0
+        while not execution.done.wait(CANCEL_POLL_S):
+            if handle.is_cancel_requested:
+                self.stream.cancel(execution)
+            elif time.monotonic() >= next_feedback:
+                next_feedback = time.monotonic() + FEEDBACK_PERIOD_S
+                progress = self.stream.progress(execution)
+                feedback.elapsed_s, feedback.remaining_s = progress.elapsed_s, progress.remaining_s
+                feedback.vx, feedback.vy, feedback.vyaw = progress.vx, progress.vy, progress.vyaw
+                handle.publish_feedback(feedback)
+        result.outcome, result.reason, result.elapsed_s = int(execution.outcome), execution.reason, execution.elapsed_s
+        if execution.command is not None:
+            result.executed = self._echo(handle.request.command, execution)
+        if execution.outcome == Outcome.COMPLETED:
+            handle.succeed()
+        elif execution.outcome == Outcome.CANCELED and handle.is_cancel_requested:
+            handle.canceled()
+        else:
+            handle.abort()
+        return result
 
     def _on_estop_topic(self, msg: Bool) -> None:
         if msg.data:
             self.engage_estop("motion/estop topic")
-        elif self._estop:
+        elif self.stream.estop_engaged:
             self.get_logger().warning("motion/estop False ignored: release is explicit, call motion/release_estop")
 
     def _on_engage_srv(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
@@ -415,8 +428,7 @@ class MotionNode(LifecycleNode):
         return response
 
     def _on_release_srv(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        was = self._estop
-        self._estop = False
+        was = self.stream.release_estop()
         if self._estop_pub is not None:
             self._estop_pub.publish(Bool(data=False))
         if was:
@@ -426,78 +438,18 @@ class MotionNode(LifecycleNode):
 
     def engage_estop(self, source: str) -> None:
         """Latch the e-stop: drop everything queued, StopMove at once, refuse commands until released."""
-        was = self._estop
-        self._estop = True
-        with self._lock:
-            self._velocity = None
-            self._actions.clear()
-            self._stop_pending = True
-        self._wake.set()
-        if was:  # the same e-stop again (one message heard by several subscriptions, or repeated)
-            return
+        if not self.stream.engage_estop(source):
+            return  # the same e-stop again (one message heard by several subscriptions, or repeated)
         if self._estop_pub is not None:
             self._estop_pub.publish(Bool(data=True))
         self.get_logger().error(f"E-STOP engaged by {source}")
 
-    # ---- the Move stream ----------------------------------------------------------
-    def _run(self) -> None:
-        next_tick = time.monotonic()
-        while not self._stop_loop.is_set():
-            # Read every pass so that rate and staleness changes apply at once.
-            period = 1.0 / self.get_parameter("move_rate_hz").value
-            stale = self.get_parameter("stale_timeout_s").value
-            self._wake.wait(max(0.0, next_tick - time.monotonic()))
-            self._wake.clear()
-            if self._stop_loop.is_set():
-                break
-            now = time.monotonic()
-            with self._lock:
-                stop = self._stop_pending
-                self._stop_pending = False
-                actions = list(self._actions)
-                self._actions.clear()
-                if self._restart_ticks:
-                    self._restart_ticks = False
-                    next_tick = now
-                v = self._velocity
-                if v is not None and (
-                    (v.end is not None and now >= v.end) or (v.end is None and now - v.last_input > stale)
-                ):
-                    self._velocity, v, stop = None, None, True
-            backend = self._backend
-            if backend is None:
-                break
-            if stop:
-                self._call("StopMove", backend.stop_move)
-            for name in actions:
-                self._call(name, getattr(backend, _ACTION_METHODS[name]))
-            if now >= next_tick:
-                if v is not None and not self._estop:
-                    self._call("Move", lambda b=backend, v=v: b.move(v.vx, v.vy, v.vyaw))
-                    self._move_times.append(time.monotonic())
-                next_tick += period
-                # A late wake-up (busy CPU) is caught up on the next pass, keeping the average
-                # rate; after a long stall (e.g. a blocked send) the schedule restarts instead
-                # of bursting a backlog of Moves at the robot.
-                if next_tick < now - period:
-                    next_tick = now
-            if v is None and (stop or actions):
-                with self._lock:
-                    done = self._velocity is None and not self._actions and not self._stop_pending
-                if done:
-                    self._set_idle(True)
-
-    def _call(self, name: str, fn) -> int:
-        try:
-            code = int(fn())
-        except Exception as exc:  # the SDK raises bare exceptions on DDS errors; keep streaming
-            self.get_logger().error(f"{name} raised {exc!r}", throttle_duration_sec=1.0)
-            code = -1
-        self._last_codes[name] = code
-        if code != 0:
-            self._error_counts[name] = self._error_counts.get(name, 0) + 1
+    # ---- outputs ------------------------------------------------------------------
+    def _on_request_error(self, name: str, code: int, error: Exception | None) -> None:
+        if error is not None:
+            self.get_logger().error(f"{name} raised {error!r}", throttle_duration_sec=1.0)
+        else:
             self.get_logger().warning(f"{name} -> {code} ({code_name(code)})", throttle_duration_sec=1.0)
-        return code
 
     def _set_idle(self, idle: bool) -> None:
         if idle != self._idle and self._idle_pub is not None:
@@ -505,10 +457,9 @@ class MotionNode(LifecycleNode):
             if self.context.ok():  # halt() also runs after Ctrl-C has shut the context down
                 self._idle_pub.publish(Bool(data=idle))
 
-    # ---- outputs ------------------------------------------------------------------
     def _on_state(self, s: RobotState) -> None:
         pub = self._odom_pub
-        if not self._active or pub is None:
+        if self.stream is None or not self.stream.active or pub is None:
             return
         p = self.get_parameter
         msg = odometry_from_state(
@@ -546,41 +497,31 @@ class MotionNode(LifecycleNode):
             KeyValue(key="states_received", value=str(backend.states_received if backend else 0)),
         ]
 
+        status = self.stream.status()
         cmd = DiagnosticStatus(name=f"{me}: commands", hardware_id=hw)
-        last_age = now - self._last_command_time if self._last_command_time is not None else math.inf
-        recent = [t for t in self._move_times if now - t <= 1.0]
-        cmd.level = DiagnosticStatus.WARN if self._estop else DiagnosticStatus.OK
-        cmd.message = "E-STOP ENGAGED" if self._estop else ("moving" if self._velocity else "idle")
+        last_age = now - status.last_input if status.last_input is not None else math.inf
+        cmd.level = DiagnosticStatus.WARN if status.estop_engaged else DiagnosticStatus.OK
+        cmd.message = "E-STOP ENGAGED" if status.estop_engaged else ("moving" if status.moving else "idle")
         cmd.values = [
             KeyValue(key="last_command_age_s", value=f"{last_age:.3f}"),
-            KeyValue(key="move_rate_hz_last_1s", value=str(len(recent))),
-            KeyValue(key="estop_engaged", value=str(self._estop)),
-            KeyValue(key="refused_while_estop", value=str(self._rejected)),
-            KeyValue(key="unverified_refused", value=str(self._unverified_refused)),
+            KeyValue(key="move_rate_hz_last_1s", value=str(status.moves_last_second)),
+            KeyValue(key="estop_engaged", value=str(status.estop_engaged)),
+            KeyValue(key="refused_while_estop", value=str(status.refused_while_estop)),
+            KeyValue(key="unverified_refused", value=str(status.unverified_refused)),
         ]
 
         sdk = DiagnosticStatus(name=f"{me}: SDK return codes", hardware_id=hw)
-        failing = {k: c for k, c in self._last_codes.items() if c != 0}
+        failing = {k: c for k, c in status.last_codes.items() if c != 0}
         sdk.level = DiagnosticStatus.ERROR if failing else DiagnosticStatus.OK
         sdk.message = (
             "; ".join(f"{k} -> {c} ({code_name(c)})" for k, c in sorted(failing.items())) if failing else "all OK"
         )
-        sdk.values = [KeyValue(key=f"{k}_last_code", value=str(c)) for k, c in sorted(self._last_codes.items())]
-        sdk.values += [KeyValue(key=f"{k}_errors", value=str(c)) for k, c in sorted(self._error_counts.items())]
+        sdk.values = [KeyValue(key=f"{k}_last_code", value=str(c)) for k, c in sorted(status.last_codes.items())]
+        sdk.values += [KeyValue(key=f"{k}_errors", value=str(c)) for k, c in sorted(status.error_counts.items())]
 
         array = DiagnosticArray(status=[conn, cmd, sdk])
         array.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(array)
-
-
-_ACTION_METHODS = {
-    "StopMove": "stop_move",
-    "StandUp": "stand_up",
-    "StandDown": "stand_down",
-    "BalanceStand": "balance_stand",
-    "Sit": "sit",
-    "RiseSit": "rise_sit",
-}
 
 
 def main(args: list[str] | None = None) -> int:
