@@ -13,13 +13,13 @@ is written, so the report shows where.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from speculative_vlm.benchmark import ladder
@@ -39,60 +39,56 @@ DEFAULT_OUT = PACKAGE_ROOT / "bench" / "results"
 STAND_IN_DRAFT = "smollm2-135m-instruct"  # in bfloat16, until a trained draft is shipped
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to run (``speculative-vlm bench`` sets each from its flag of the same name; its help says more).
+
+    Lists are comma-separated, as on the command line; None picks the mode's default (quick or full).
+    """
+
+    quick: bool = False  # tiny random models and few prompts (CI)
+    out: Path | None = None  # results folder (None: DEFAULT_OUT; quick: a temporary folder)
+    target: str = "smollm2-135m-instruct"
+    draft: str | None = None  # None: DEFAULT_DRAFT when it holds a model, else STAND_IN_DRAFT in bfloat16
+    draft_dtype: str | None = None
+    exit_layers: str | None = None  # None: the earliest trained layer, or 3/4 depth without trained heads
+    exit_heads: str | None = None  # None: the checkpoint shipped under models/, if any
+    early_threshold: float = ladder.EARLY_THRESHOLD
+    prompts: int | None = None  # per method and RTT (full: 10)
+    free_prompts: int | None = None  # for the grammar-off rung (full: 3)
+    rtts: str = "5,20,60,150"  # RTT profiles, ms
+    methods: str = ",".join(m.key for m in ladder.NETWORKED)  # the ladder's rungs decoded at every RTT
+    bandwidth_mbps: float = 20.0
+    jitter_ms: float = 0.0
+    gamma: int = 4
+    max_new_tokens: int = 64
+    fleet: str = "1,2,4,8"  # robot counts
+    fleet_commands: int | None = None  # per fleet robot (full: 3)
+    fleet_rtt: float = 20.0
+    fleet_max_wait_ms: float = 10.0
+    fleet_replicas: str | None = None  # verifier replica counts on Ray Serve (full: 1,2; quick: none)
+    ros_rtt: float = 20.0
+    no_ros: bool = False
+    robot_core: int = 0
+    cloud_core: int = 1
+    inprocess_threads: int = 2
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny random models and few prompts (CI)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results folder (default {DEFAULT_OUT}; --quick: a temporary folder)")
-    parser.add_argument("--target", default="smollm2-135m-instruct", help="target model folder or store name")
-    parser.add_argument("--draft", default=None,
-                        help=f"draft model folder (default {DEFAULT_DRAFT} when it holds a model, "
-                             f"else {STAND_IN_DRAFT} in bfloat16 as a stand-in)")
-    parser.add_argument("--draft-dtype", default=None, help="load the draft in this dtype (e.g. bfloat16)")
-    parser.add_argument("--exit-layers", default=None,
-                        help="target layers with early exits (default: one, the earliest trained layer, or 3/4 "
-                             "depth without trained heads)")
-    parser.add_argument("--exit-heads", default=None,
-                        help=f"trained exit adapters (a train-exits checkpoint; default: the one shipped under "
-                             f"{PACKAGE_ROOT / 'models'} if any, else the untrained shared head)")
-    parser.add_argument("--early-threshold", type=float, default=ladder.EARLY_THRESHOLD,
-                        help="exit confidence needed to draft preemptively")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts per method and RTT (full: 10)")
-    parser.add_argument("--free-prompts", type=int, default=None, help="prompts for the grammar-off rung (full: 3)")
-    parser.add_argument("--rtts", default="5,20,60,150", help="RTT profiles in ms")
-    parser.add_argument("--methods", default=",".join(m.key for m in ladder.NETWORKED),
-                        help="the ladder's rungs to decode at every RTT (a quick look at a few; the report's "
-                             "checks of rungs left out read 'not measured')")
-    parser.add_argument("--bandwidth-mbps", type=float, default=20.0, help="link bandwidth limit each way")
-    parser.add_argument("--jitter-ms", type=float, default=0.0, help="one-way jitter (std dev)")
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per block (initial, when adaptive)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--fleet", default="1,2,4,8", help="robot counts for the fleet")
-    parser.add_argument("--fleet-commands", type=int, default=None, help="commands per fleet robot (full: 3)")
-    parser.add_argument("--fleet-rtt", type=float, default=20.0, help="RTT of the fleet's link, ms")
-    parser.add_argument("--fleet-max-wait-ms", type=float, default=10.0, help="batching wait of the batched server")
-    parser.add_argument("--fleet-replicas", default=None, help="verifier replica counts on Ray Serve for the largest "
-                        "fleet (full: 1,2; quick: none; '' = none)")
-    parser.add_argument("--ros-rtt", type=float, default=20.0, help="RTT of the ROS-hop line, ms")
-    parser.add_argument("--no-ros", action="store_true", help="skip the ROS-hop line")
-    parser.add_argument("--robot-core", type=int, default=0, help="CPU core of the robot side")
-    parser.add_argument("--cloud-core", type=int, default=1, help="CPU core of the cloud side")
-    parser.add_argument("--inprocess-threads", type=int, default=2, help="torch threads of the one-process run")
-
-
-def resolve_draft(args: argparse.Namespace) -> tuple[str, str | None, bool]:
+def resolve_draft(options: BenchOptions) -> tuple[str, str | None, bool]:
     """(draft path, dtype, is_stand_in)."""
-    if args.draft:
-        return args.draft, args.draft_dtype, False
+    if options.draft:
+        return options.draft, options.draft_dtype, False
     if (DEFAULT_DRAFT / "config.json").exists():
-        return str(DEFAULT_DRAFT), args.draft_dtype, False
-    return STAND_IN_DRAFT, args.draft_dtype or "bfloat16", True
+        return str(DEFAULT_DRAFT), options.draft_dtype, False
+    return STAND_IN_DRAFT, options.draft_dtype or "bfloat16", True
 
 
-def run(args: argparse.Namespace) -> int:
+def run_bench(options: BenchOptions) -> int:
+    """Run every phase, write the report to ``options.out``; 1 when a lossless method's output differs."""
     from speculative_vlm.benchmark import report
     from speculative_vlm.benchmark.fleet import run_fleet
     from speculative_vlm.benchmark.netem import DelayProxy
@@ -101,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     load_before = os.getloadavg()[0]  # other work on the machine makes timings noisy; the report says how busy it was
     workdir = Path(tempfile.mkdtemp(prefix="spec-bench-"))
-    quick = args.quick
-    out = args.out or (workdir / "results" if quick else DEFAULT_OUT)
+    quick = options.quick
+    out = options.out or (workdir / "results" if quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     if quick:
         from speculative_vlm.benchmark.quick_models import build
@@ -110,30 +106,30 @@ def run(args: argparse.Namespace) -> int:
         target, draft = build(workdir)
         draft_dtype, stand_in = None, False
     else:
-        target = args.target
-        draft, draft_dtype, stand_in = resolve_draft(args)
-    n_prompts = args.prompts or (2 if quick else 10)
-    free_prompts = min(n_prompts, args.free_prompts if args.free_prompts is not None else (1 if quick else 3))
-    per_robot = args.fleet_commands or (1 if quick else 3)
-    rtts = _ints(args.rtts) if not quick or args.rtts != "5,20,60,150" else [5, 20]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        target = options.target
+        draft, draft_dtype, stand_in = resolve_draft(options)
+    n_prompts = options.prompts or (2 if quick else 10)
+    free_prompts = min(n_prompts, options.free_prompts if options.free_prompts is not None else (1 if quick else 3))
+    per_robot = options.fleet_commands or (1 if quick else 3)
+    rtts = _ints(options.rtts) if not quick or options.rtts != BenchOptions.rtts else [5, 20]
+    methods = [m.strip() for m in options.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - {m.key for m in ladder.NETWORKED})
     if unknown:
         raise SystemExit(f"unknown --methods {unknown}; the rungs are {[m.key for m in ladder.NETWORKED]}")
-    fleet_sizes = _ints(args.fleet) if not quick or args.fleet != "1,2,4,8" else [1, 2]
+    fleet_sizes = _ints(options.fleet) if not quick or options.fleet != BenchOptions.fleet else [1, 2]
     layers = _target_layers(target)
-    exit_heads = None if quick else (args.exit_heads or _shipped_exit_heads())
+    exit_heads = None if quick else (options.exit_heads or _shipped_exit_heads())
     # One exit by default: every exit adds a full-vocabulary head product to each verification
     # pass. Trained: the earliest trained layer, because preemption only pays when the early
     # verdict leaves time to draft the next block before the pass ends (and then a miss costs
     # nothing but that hidden drafting). Untrained: 3/4 depth, as earlier ones are mostly wrong.
-    if args.exit_layers:
-        exit_layers = tuple(_ints(args.exit_layers))
+    if options.exit_layers:
+        exit_layers = tuple(_ints(options.exit_layers))
     elif exit_heads:
         exit_layers = (min(_checkpoint_layers(exit_heads)),)
     else:
         exit_layers = (max(0, min(layers - 2, (3 * layers) // 4)),)
-    robot_cores, cloud_cores = [args.robot_core], [args.cloud_core]
+    robot_cores, cloud_cores = [options.robot_core], [options.cloud_core]
     cpus = sorted(os.sched_getaffinity(0))
     progress("bench", f"{'quick' if quick else 'full'} run: target {target}, draft {draft}"
                       f"{' (stand-in, ' + str(draft_dtype) + ')' if stand_in else ''}, {n_prompts} prompts, "
@@ -141,13 +137,13 @@ def run(args: argparse.Namespace) -> int:
     prompts, frames = build_prompts(n_prompts)
     prompt_json = [p.to_json() for p in prompts]
     common = {"target": target, "draft": draft, "draft_dtype": draft_dtype, "prompts": prompt_json,
-              "gamma": args.gamma, "max_new_tokens": args.max_new_tokens, "free_prompts": free_prompts,
-              "early_threshold": args.early_threshold}
+              "gamma": options.gamma, "max_new_tokens": options.max_new_tokens, "free_prompts": free_prompts,
+              "early_threshold": options.early_threshold}
 
     # (1) One process: target alone (the references) against speculative decoding.
     progress("bench", "phase 1/3: one process, target alone vs speculative (references)")
     inproc = start_worker("inprocess", "speculative_vlm.benchmark.inprocess_side", common, workdir, cpus,
-                          args.inprocess_threads).result()
+                          options.inprocess_threads).result()
     references = inproc["references"]
 
     # (2) Robot and cloud processes through the delay proxy.
@@ -163,20 +159,20 @@ def run(args: argparse.Namespace) -> int:
         for s in servers.values():
             s.wait_ready()
         addresses: dict[str, dict[str, str]] = {}
-        for rtt in sorted(set(rtts) | {int(args.ros_rtt)}):
+        for rtt in sorted(set(rtts) | {int(options.ros_rtt)}):
             addresses[str(rtt)] = {}
             for kind, server in servers.items():
-                proxy = DelayProxy(server.address, _profile(rtt, args)).start()
+                proxy = DelayProxy(server.address, _profile(rtt, options)).start()
                 proxies.append(proxy)
                 addresses[str(rtt)][kind] = proxy.address
         token = tokens[0]
         ros = None
         env = {}
-        if not args.no_ros:
+        if not options.no_ros:
             domain = str(secrets.randbelow(100) + 101)  # away from the test suite's 1..100
             env = {"ROS_DOMAIN_ID": domain, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-            bridge = _start_bridge(addresses[str(int(args.ros_rtt))]["exits"], token, workdir, robot_cores, env)
-            ros = {"rtt_ms": args.ros_rtt}
+            bridge = _start_bridge(addresses[str(int(options.ros_rtt))]["exits"], token, workdir, robot_cores, env)
+            ros = {"rtt_ms": options.ros_rtt}
         robot_job = dict(common, references=references, rtts_ms=rtts, addresses=addresses, token=token, methods=methods,
                          free_rtt_ms=20 if 20 in rtts else rtts[0], ros=ros)
         robot = start_worker("robot", "speculative_vlm.benchmark.robot_side", robot_job, workdir, robot_cores, 1,
@@ -190,14 +186,14 @@ def run(args: argparse.Namespace) -> int:
             s.stop()
 
     # (3) The fleet, with the acceptance and drafting speed the real draft reached above.
-    load = _fleet_load(robot["rows"], args, quick)
+    load = _fleet_load(robot["rows"], options, quick)
     progress("bench", f"phase 3/3: fleet {fleet_sizes} robots, batched and unbatched "
                       f"(replayed drafts: acceptance {load['acceptance']:.2f}, {load['draft_s_per_token'] * 1e3:.1f} "
                       f"ms/token, {load['gamma']} per block)")
     commands = [{"prompt": p.to_json(), "reference": references[str(p.index)]["command"],
                  "forced": references[str(p.index)]["command_forced"]} for p in prompts]
     fleet_servers = {True: ServerSpec("fleet-batched", target, max_batch=max(fleet_sizes),
-                                      max_wait_ms=args.fleet_max_wait_ms, metrics=True),
+                                      max_wait_ms=options.fleet_max_wait_ms, metrics=True),
                      False: ServerSpec("fleet-unbatched", target, max_batch=1, metrics=True)}
     running = {b: CloudServer(spec, cloud_cores, workdir, clients=max(fleet_sizes)).start()
                for b, spec in fleet_servers.items()}
@@ -206,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         endpoints = {}
         for b, server in running.items():
             server.wait_ready()
-            proxy = DelayProxy(server.address, _profile(args.fleet_rtt, args)).start()
+            proxy = DelayProxy(server.address, _profile(options.fleet_rtt, options)).start()
             fleet_proxies.append(proxy)
             endpoints[b] = (server, proxy.address)
         load["vocab"] = _vocab(target)
@@ -216,20 +212,20 @@ def run(args: argparse.Namespace) -> int:
             p.stop()
         for s in running.values():
             s.stop()
-    replica_counts = _ints(args.fleet_replicas if args.fleet_replicas is not None else ("" if quick else "1,2"))
-    replica_points = _replica_fleets(replica_counts, target, max(fleet_sizes), commands, per_robot, load, args,
+    replica_counts = _ints(options.fleet_replicas if options.fleet_replicas is not None else ("" if quick else "1,2"))
+    replica_points = _replica_fleets(replica_counts, target, max(fleet_sizes), commands, per_robot, load, options,
                                      workdir, cloud_cores, robot_cores)
 
     meta = {"quick": quick, "target": target, "draft": draft, "draft_dtype": draft_dtype, "stand_in": stand_in,
             "prompts": n_prompts, "free_prompts": free_prompts, "rtts_ms": rtts, "methods": methods,
-            "bandwidth_mbps": args.bandwidth_mbps,
-            "jitter_ms": args.jitter_ms, "exit_layers": list(exit_layers), "exit_heads": exit_heads,
-            "early_threshold": args.early_threshold,
-            "target_layers": layers, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
-            "fleet_sizes": fleet_sizes, "fleet_commands_per_robot": per_robot, "fleet_rtt_ms": args.fleet_rtt,
-            "fleet_max_wait_ms": args.fleet_max_wait_ms, "fleet_replicas": replica_counts, "fleet_load": load, "ros_rtt_ms": None if args.no_ros
-            else args.ros_rtt, "robot_cores": robot_cores, "cloud_cores": cloud_cores,
-            "inprocess_threads": args.inprocess_threads, "inprocess_cores": cpus,
+            "bandwidth_mbps": options.bandwidth_mbps,
+            "jitter_ms": options.jitter_ms, "exit_layers": list(exit_layers), "exit_heads": exit_heads,
+            "early_threshold": options.early_threshold,
+            "target_layers": layers, "gamma": options.gamma, "max_new_tokens": options.max_new_tokens,
+            "fleet_sizes": fleet_sizes, "fleet_commands_per_robot": per_robot, "fleet_rtt_ms": options.fleet_rtt,
+            "fleet_max_wait_ms": options.fleet_max_wait_ms, "fleet_replicas": replica_counts, "fleet_load": load, "ros_rtt_ms": None if options.no_ros
+            else options.ros_rtt, "robot_cores": robot_cores, "cloud_cores": cloud_cores,
+            "inprocess_threads": options.inprocess_threads, "inprocess_cores": cpus,
             "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
             "minutes": round((time.time() - started) / 60, 1), "prompt_list": prompt_json,
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpus": len(cpus)}
@@ -261,9 +257,9 @@ def _checkpoint_layers(path: str) -> list[int]:
     return sorted(int(k) for k in torch.load(path, map_location="cpu", weights_only=True)["state"])
 
 
-def _profile(rtt_ms: float, args: argparse.Namespace) -> LinkProfile:
-    return LinkProfile(rtt_ms / 2000, args.jitter_ms / 1000,
-                       args.bandwidth_mbps * 1e6 if args.bandwidth_mbps > 0 else None)
+def _profile(rtt_ms: float, options: BenchOptions) -> LinkProfile:
+    return LinkProfile(rtt_ms / 2000, options.jitter_ms / 1000,
+                       options.bandwidth_mbps * 1e6 if options.bandwidth_mbps > 0 else None)
 
 
 def _target_layers(target: str) -> int:
@@ -284,7 +280,7 @@ def _vocab(target: str) -> int:
 
 
 def _replica_fleets(counts: list[int], target: str, robots: int, commands: list[dict], per_robot: int, load: dict,
-                    args: argparse.Namespace, workdir: Path, cloud_cores: list[int], robot_cores: list[int]) -> list:
+                    options: BenchOptions, workdir: Path, cloud_cores: list[int], robot_cores: list[int]) -> list:
     """The largest fleet against each count of verifier replicas on Ray Serve (one local Ray
     cluster each, on the cloud's cores), batched like the batched server."""
     from speculative_vlm.benchmark.fleet import run_replicas
@@ -294,12 +290,12 @@ def _replica_fleets(counts: list[int], target: str, robots: int, commands: list[
     for n in counts:
         progress("bench", f"fleet on Ray Serve: {robots} robots against {n} verifier replica(s)")
         server = CloudServer(ServerSpec(f"fleet-replicas-{n}", target, max_batch=robots,
-                                        max_wait_ms=args.fleet_max_wait_ms, replicas=n),
+                                        max_wait_ms=options.fleet_max_wait_ms, replicas=n),
                              cloud_cores, workdir, clients=robots).start()
         proxy = None
         try:
             server.wait_ready()
-            proxy = DelayProxy(server.address, _profile(args.fleet_rtt, args)).start()
+            proxy = DelayProxy(server.address, _profile(options.fleet_rtt, options)).start()
             points += run_replicas({n: (server, proxy.address)}, robots, commands, per_robot, load, workdir,
                                    robot_cores)
         finally:
@@ -309,14 +305,14 @@ def _replica_fleets(counts: list[int], target: str, robots: int, commands: list[
     return points
 
 
-def _fleet_load(rows: list[dict], args: argparse.Namespace, quick: bool) -> dict:
+def _fleet_load(rows: list[dict], options: BenchOptions, quick: bool) -> dict:
     """The replay robots' drafting: the full method's measured acceptance and time per drafted token."""
     full = [r for r in rows if r["method"] == ladder.PIPELINE.key and r["transport"] == "grpc"]
     drafted = sum(r["drafted"] for r in full)
     acceptance = sum(r["accepted"] for r in full) / drafted if drafted else 0.7
     per_token = sum(r["draft_s"] for r in full) / drafted if drafted else 0.01
-    return {"acceptance": round(acceptance, 4), "draft_s_per_token": round(per_token, 5), "gamma": args.gamma,
-            "max_new_tokens": args.max_new_tokens}
+    return {"acceptance": round(acceptance, 4), "draft_s_per_token": round(per_token, 5), "gamma": options.gamma,
+            "max_new_tokens": options.max_new_tokens}
 
 
 def _start_bridge(address: str, token: str, workdir: Path, cores: list[int], env: dict[str, str]):
@@ -335,4 +331,4 @@ def _start_bridge(address: str, token: str, workdir: Path, cores: list[int], env
         preexec_fn=lambda: os.sched_setaffinity(0, set(cores) & os.sched_getaffinity(0) or os.sched_getaffinity(0)))
 
 
-__all__ = ["add_arguments", "run", "BenchProcessError"]
+__all__ = ["BenchOptions", "run_bench", "BenchProcessError"]
