@@ -16,14 +16,7 @@ import time
 from PIL import Image, UnidentifiedImageError
 
 from speculative_vlm.cloud.config import Limits
-from speculative_vlm.decoding.verifier import DraftBlock, SessionRequest
-
-
-class LimitExceeded(Exception):
-    def __init__(self, code: str, reason: str):
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
+from speculative_vlm.decoding.verifier import DraftBlock, LimitExceeded, SessionRequest
 
 
 def check_image(jpeg: bytes, limits: Limits) -> tuple[int, int]:

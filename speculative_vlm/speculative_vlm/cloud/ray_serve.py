@@ -63,7 +63,7 @@ from speculative_vlm.cloud.service import (
     deserialize_client_message,
     end_rpc,
 )
-from speculative_vlm.cloud.sessions import ServerSession, SessionStore
+from speculative_vlm.decoding.sessions import ServedSession, SessionStore
 from speculative_vlm.protocol import convert, errors
 
 try:  # the cloud's optional extra: the robot never imports this module
@@ -410,7 +410,7 @@ class FleetFront:
             if self._draining.is_set():
                 raise LimitExceeded("draining", DRAINING_REASON)
             client = authenticate_stream(self.auth, self.auth_throttle, address, context)
-            place = ServerSession(client=client, peer=peer)
+            place = ServedSession(client=client, peer=peer)
             limits = self.config.limits
             self.store.admit(place, limits.max_sessions, limits.max_sessions_per_client)
         except LimitExceeded as exc:

@@ -1,5 +1,11 @@
-"""The gRPC service: one bidirectional stream per session, on top of the session store and
-the batch scheduler.
+"""The gRPC service: one bidirectional stream per session, on top of the verification core
+(``decoding.sessions``' store and ``decoding.scheduler``'s batch scheduler, the same the
+in-process verifier runs on).
+
+This module and ``protocol`` are the only places a protobuf message exists on the server: each
+client message is converted once on the way in (``protocol.convert``), and each event of a
+session's outbox (engine dataclasses: ``Opened``, ``Verdict``, ``StreamedToken``, the error
+that ended it) once on the way out.
 
 Each stream has two threads: the gRPC handler thread drains the session's outbox into the
 response stream, and a reader thread takes the client's messages (so an Early verdict can
@@ -47,11 +53,11 @@ from speculative_vlm.cloud.limits import (
     return_free_memory,
 )
 from speculative_vlm.cloud.metrics import ServerMetrics
-from speculative_vlm.cloud.scheduler import BatchScheduler
-from speculative_vlm.cloud.sessions import ServerSession, SessionStore, Stage
 from speculative_vlm.cloud.turns import ModelTurns
 from speculative_vlm.decoding import admission
-from speculative_vlm.decoding.verifier import Refused
+from speculative_vlm.decoding.scheduler import BatchScheduler, PassRecord
+from speculative_vlm.decoding.sessions import Opened, ServedSession, SessionStore, Stage, StreamedToken
+from speculative_vlm.decoding.verifier import Refused, Verdict, VerdictKind
 from speculative_vlm.protocol import convert, errors
 from speculative_vlm.protocol import verifier_pb2 as pb
 
@@ -100,6 +106,32 @@ def authenticate_stream(auth: TokenAuthenticator | None, throttle: AuthThrottle,
         raise LimitExceeded("unauthenticated", str(exc)) from None
 
 
+def record_pass(metrics: ServerMetrics, record: PassRecord) -> None:
+    """A verification pass in the server's metrics (the scheduler's ``on_pass``)."""
+    for item in record.items:
+        metrics.queue_wait.observe(item.waited_s)
+        for verdict in item.early:
+            metrics.early_verdicts.labels(str(verdict.exit_layer)).inc()
+    metrics.batch_size.observe(len(record.items))
+    metrics.verify_latency.observe(record.seconds)
+    finals = [(item, item.result) for item in record.items
+              if isinstance(item.result, Verdict) and item.result.kind is VerdictKind.FINAL]
+    metrics.accepted_per_pass.observe(sum(verdict.accepted for _, verdict in finals))
+    for item in record.items:
+        if isinstance(item.result, Verdict) and item.result.kind is VerdictKind.DROPPED:
+            metrics.rounds_total.labels("dropped").inc()
+    for item, final in finals:
+        metrics.rounds_total.labels("verified").inc()
+        metrics.accepted_tokens.observe(final.accepted)
+        metrics.observe_verified(len(item.block.tokens), final.accepted)
+        for verdict in item.early:
+            metrics.observe_early(verdict.exit_layer, verdict.accepted == final.accepted
+                                  and verdict.token == final.token)
+        if item.first_output:
+            metrics.time_to_first_token.labels("speculative").observe(
+                item.session.first_output - item.session.open_received)
+
+
 def end_rpc(context: grpc.ServicerContext, code: str, reason: str) -> None:
     """End a refused stream with the code's gRPC status, the reason and the code (protocol.errors)."""
     context.set_trailing_metadata(errors.trailing_metadata(code))
@@ -122,8 +154,10 @@ class VerificationService:
         # The model's turns: the scheduler's passes (and closes, and autoregressive steps) are
         # urgent, prefill chunks are background work between them.
         self.engine_lock = ModelTurns(observe_wait=metrics.model_wait.observe)
-        self.scheduler = BatchScheduler(engine, config.max_batch, config.max_wait_ms / 1000, metrics,
-                                        self.engine_lock, on_failed=self._fail)
+        self.scheduler = BatchScheduler(engine, self.store, max_batch=config.max_batch,
+                                        max_wait_s=config.max_wait_ms / 1000, engine_lock=self.engine_lock,
+                                        on_failed=self._block_failed, on_pass=lambda r: record_pass(metrics, r))
+        self.scheduler.watch(lambda _reason: metrics.scheduler_up.set(0))
         model = getattr(engine, "model", None)
         self.vocab_size: int | None = getattr(model, "vocab_size", None)
         self.kv_budget = KVBudget(int(limits.kv_budget_mb * 2**20), getattr(engine, "kv_bytes_per_token", 0),
@@ -154,7 +188,7 @@ class VerificationService:
             client = authenticate_stream(self.auth, self.auth_throttle, address, context)
             if self._draining.is_set():
                 raise LimitExceeded("draining", DRAINING_REASON)
-            session = ServerSession(client=client, peer=peer)
+            session = ServedSession(client=client, peer=peer)
             limits = self.config.limits
             self.store.admit(session, limits.max_sessions, limits.max_sessions_per_client)
         except LimitExceeded as exc:
@@ -181,13 +215,13 @@ class VerificationService:
                     continue
                 if message is None:
                     break
-                yield message
-            if session.refusal is not None:
-                end_rpc(context, *session.refusal)
+                yield convert.event_to_pb(message)
+            if session.error is not None:
+                end_rpc(context, session.error.code, session.error.reason)
         finally:
             self._cleanup(session)
 
-    def _read(self, session: ServerSession, requests: Iterator[Any]) -> None:
+    def _read(self, session: ServedSession, requests: Iterator[Any]) -> None:
         try:
             for message in requests:
                 session.touch()
@@ -210,7 +244,7 @@ class VerificationService:
             if not session.closed and session.target is None:
                 session.end()
 
-    def _open(self, session: ServerSession, msg: pb.Open) -> None:
+    def _open(self, session: ServedSession, msg: pb.Open) -> None:
         session.open_received = time.monotonic()
         if self._draining.is_set():
             self._fail(session, "draining", DRAINING_REASON)
@@ -274,12 +308,11 @@ class VerificationService:
         self.metrics.sessions_total.inc()
         self.metrics.sessions_open.inc()
         model = getattr(self.engine, "model", None)
-        session.send(pb.ServerMessage(opened=pb.Opened(
-            session_id=session.id, protocol_version=convert.PROTOCOL_VERSION,
+        session.send(Opened(
+            session_id=session.id, prefill_time_s=prefill,
             target_model=str(getattr(model, "name", "") or self.config.model),
-            exit_layers=list(getattr(self.engine, "exit_layers", self.config.exit_layers)),
-            prefill_time_s=prefill, vocab_size=self.vocab_size or 0,
-            eos_token_ids=list(getattr(model, "eos_token_ids", ())))))
+            exit_layers=tuple(getattr(self.engine, "exit_layers", self.config.exit_layers)),
+            vocab_size=self.vocab_size or 0, eos_token_ids=tuple(getattr(model, "eos_token_ids", ()))))
         log.info("session opened", extra={"event": "open", "session": session.id, "client": session.client,
                                           "peer": session.peer, "prefill_s": round(prefill, 4),
                                           "prompt_tokens": pending.prompt_tokens,
@@ -290,7 +323,7 @@ class VerificationService:
             threading.Thread(target=self._generate, args=(session,), daemon=True,
                              name=f"generate-{session.id}").start()
 
-    def _generate(self, session: ServerSession) -> None:
+    def _generate(self, session: ServedSession) -> None:
         """The cloud-autoregressive baseline: stream the target's own tokens as they are decided.
 
         The engine lock is taken per token, so verification passes of other sessions
@@ -310,16 +343,16 @@ class VerificationService:
                     session.first_output = time.monotonic()
                     self.metrics.time_to_first_token.labels("autoregressive").observe(
                         session.first_output - session.open_received)
-                session.send(pb.ServerMessage(token=pb.Token(index=index, token=int(token), eos=False)))
+                session.send(StreamedToken(index=index, token=int(token), eos=False))
                 self.metrics.tokens_generated.inc()
                 session.touch()
                 index += 1
-            session.send(pb.ServerMessage(token=pb.Token(index=index, token=-1, eos=True)))
+            session.send(StreamedToken(index=index, token=-1, eos=True))
         except Exception as exc:
             log.exception("generation failed", extra={"event": "generate_failed", "session": session.id})
             self._fail(session, "generate_failed", f"target generation failed ({exc!r}); open a new session")
 
-    def _draft(self, session: ServerSession, msg: pb.Draft) -> None:
+    def _draft(self, session: ServedSession, msg: pb.Draft) -> None:
         if session.target is None:
             self._fail(session, "no_session", "Draft before Open: this stream has no session; send Open first")
             return
@@ -347,16 +380,25 @@ class VerificationService:
         log.warning("refused", extra={"event": "refused", "code": code, "reason": reason, "client": client,
                                       "peer": peer, "session": session})
 
-    def _fail(self, session: ServerSession, code: str, reason: str) -> None:
+    def _fail(self, session: ServedSession, code: str, reason: str) -> None:
         self._count_refusal(code, reason, session.client, session.peer, session.id)
-        session.refuse(code, reason)
+        session.fail(errors.exception_for(code, reason))
         self._cleanup(session)
 
-    def _release(self, session: ServerSession) -> None:
+    def _block_failed(self, session: ServedSession, error: Exception) -> None:
+        """The scheduler's ``on_failed``: a refused block keeps its code, anything else is ``verify_failed``."""
+        if isinstance(error, Refused):
+            self._fail(session, error.code, error.reason)
+            return
+        log.warning("verification of one block failed", extra={
+            "event": "verify_failed", "session": session.id, "error": repr(error)})
+        self._fail(session, "verify_failed", f"verification failed ({error!r}); open a new session")
+
+    def _release(self, session: ServedSession) -> None:
         self.kv_budget.release(session.id)
         self.metrics.kv_reserved_bytes.set(self.kv_budget.used_bytes)
 
-    def _cleanup(self, session: ServerSession) -> None:
+    def _cleanup(self, session: ServedSession) -> None:
         session.end()
         self._release(session)
         if not self.store.remove(session):
@@ -418,10 +460,10 @@ class VerificationService:
         self.scheduler.stop(timeout_s=0.0)
         return {"sessions_ended": ended, "sessions_cut_at_deadline": cut}
 
-    def _tell_draining(self, session: ServerSession, reason: str) -> None:
+    def _tell_draining(self, session: ServedSession, reason: str) -> None:
         """End the session's stream with ``draining``; its stream thread then frees the session."""
         self._count_refusal("draining", reason, session.client, session.peer, session.id)
-        session.refuse("draining", reason)
+        session.fail(errors.exception_for("draining", reason))
 
     def shutdown(self) -> None:
         self._stopped.set()

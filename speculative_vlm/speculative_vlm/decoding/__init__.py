@@ -13,7 +13,9 @@ Modules, one job each:
 - ``sequence``: output rules both sides share (EOS, budget, grammar end, forced tokens)
 - ``target_engine``: ``TargetEngine`` (sessions, batched verify with early verdicts, generate)
 - ``drafter``: the draft side of one session
-- ``inprocess``: ``InProcessVerifier`` (a ``Verifier`` over a ``TargetEngine`` in a thread; also streams)
+- ``sessions``: the verifier's ``SessionStore`` of ``ServedSession``s (target, queued blocks, outbox of events)
+- ``scheduler``: ``BatchScheduler``, the one loop that batches sessions' blocks into target passes
+- ``inprocess``: ``InProcessVerifier`` (a ``Verifier`` over the store and the scheduler, no wire; also streams)
 - ``loop``: ``SpeculativeDecoder`` (the session's method, preemption, pipelining, cloud AR streaming,
   telemetry, draft-only fallback)
 - ``policy``: fixed and adaptive draft lengths; ``MethodChooser``: per session, speculation (with the

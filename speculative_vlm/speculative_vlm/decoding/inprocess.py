@@ -1,8 +1,15 @@
-"""An in-process :class:`Verifier` over a :class:`TargetEngine`: a worker thread and queues.
+"""An in-process :class:`Verifier` over a :class:`TargetEngine`: the verification core without a wire.
 
-Blocks are queued per session and verified by one worker that batches the heads of all
-sessions' queues into one pass, exactly as the cloud server does; early verdicts are
-queued from inside the pass, so the drafter sees them before the pass ends.
+The same core as the cloud's gRPC service: sessions live in a
+:class:`~speculative_vlm.decoding.sessions.SessionStore` and one
+:class:`~speculative_vlm.decoding.scheduler.BatchScheduler` thread batches the heads of every
+session's queue into one pass, as the server does (by default without waiting for late
+blocks: ``max_wait_s`` 0). Early verdicts reach the session's outbox from inside the pass, so
+the drafter sees them before the pass ends. Events are handed to the loop as they are (no
+conversion): verdicts, and a failed block's own exception (``InvalidArgument``, ...)::
+
+    with InProcessVerifier(TargetEngine(target, exit_layers=[12])) as verifier:
+        result = SpeculativeDecoder(draft, verifier).generate(request)
 
 ``open_autoregressive`` is the cloud-autoregressive mode, as the gRPC client offers it: the target
 generates alone and the session hands its tokens out one by one (computed in the caller's thread).
@@ -10,13 +17,12 @@ generates alone and the session hands its tokens out one by one (computed in the
 
 from __future__ import annotations
 
-import itertools
 import queue
-import threading
-from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterator
 
-from speculative_vlm.decoding.target_engine import TargetEngine, TargetSession
+from speculative_vlm.decoding.scheduler import BatchScheduler
+from speculative_vlm.decoding.sessions import ServedSession, SessionStore, StreamedToken
+from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
     SessionNotFound,
@@ -27,43 +33,42 @@ from speculative_vlm.decoding.verifier import (
     VerifierTimeout,
 )
 
+__all__ = ["InProcessSession", "InProcessStream", "InProcessVerifier", "StreamedToken"]
+
 
 class InProcessSession(VerifierSession):
-    def __init__(self, owner: InProcessVerifier, target: TargetSession):
+    """A SPECULATIVE session: blocks to the scheduler, verdicts from the session's outbox."""
+
+    def __init__(self, owner: InProcessVerifier, served: ServedSession):
         self._owner = owner
-        self.target = target
-        self.session_id = target.session_id
-        self.verdicts: queue.Queue = queue.Queue()
-        self.pending: deque[DraftBlock] = deque()
-        self.closed = False
+        self.served = served
+        self.target = served.target
+        self.session_id = served.id
 
     def submit(self, block: DraftBlock) -> None:
-        if self.closed:
-            raise SessionNotFound(f"session {self.session_id} is closed; open a new one")
-        self._owner._enqueue(self, block)
+        if self.served.closed:
+            raise self._ended()
+        self._owner.scheduler.submit(self.served, block)
 
     def next_verdict(self, timeout: float | None = None) -> Verdict:
         try:
-            item = self.verdicts.get(timeout=timeout)
+            event = self.served.outbox.get(timeout=timeout)
         except queue.Empty:
             raise VerifierTimeout(f"no verdict from session {self.session_id} within {timeout} s") from None
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        if event is None:  # ended: every later call fails the same way
+            self.served.outbox.put(None)
+            raise self._ended()
+        if isinstance(event, BaseException):
+            raise event
+        if not isinstance(event, Verdict):
+            raise TypeError(f"session {self.session_id}: {event!r} in a speculative session's outbox")
+        return event
+
+    def _ended(self) -> Exception:
+        return self.served.error or SessionNotFound(f"session {self.session_id} is closed; open a new one")
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._owner._close(self)
-
-
-@dataclass(frozen=True)
-class StreamedToken:
-    """One token of an autoregressive session (the fields of the wire's Token message)."""
-
-    index: int
-    token: int  # -1: none (the end marker)
-    eos: bool
+        self._owner._close(self.served)
 
 
 class InProcessStream:
@@ -71,16 +76,20 @@ class InProcessStream:
 
     opened = None  # no wire: nothing to report about the open
 
-    def __init__(self, owner: InProcessVerifier, target: TargetSession):
+    def __init__(self, owner: InProcessVerifier, served: ServedSession):
         self._owner = owner
-        self.target = target
-        self.session_id = target.session_id
-        self._tokens = owner.engine.generate(target)
+        self.served = served
+        self.target = served.target
+        self.session_id = served.id
+        self._tokens: Iterator[int] = owner.engine.generate(served.target)
         self._index = 0
-        self.closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self.served.closed
 
     def next_token(self, timeout: float | None = None) -> StreamedToken:
-        if self.closed:
+        if self.served.closed:
             raise SessionNotFound(f"session {self.session_id} is closed; open a new one")
         token = next(self._tokens, None)
         if token is None:
@@ -89,78 +98,48 @@ class InProcessStream:
         return StreamedToken(self._index - 1, int(token), False)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._owner.engine.close_session(self.target)
+        self._owner._close(self.served)
 
 
 class InProcessVerifier(Verifier):
-    def __init__(self, engine: TargetEngine):
+    """A verifier in this process: ``engine`` verifies, the core (store + scheduler) serves its sessions."""
+
+    def __init__(self, engine: TargetEngine, max_wait_s: float = 0.0):
         self.engine = engine
-        self._cv = threading.Condition()
-        self._sessions: dict[str, InProcessSession] = {}
-        self._stopping = False
-        self._rr = itertools.count()
-        self._worker = threading.Thread(target=self._run, name="inprocess-verifier", daemon=True)
-        self._worker.start()
+        self.store = SessionStore()
+        self.scheduler = BatchScheduler(engine, self.store, max_batch=engine.max_batch, max_wait_s=max_wait_s,
+                                        on_failed=lambda session, error: session.fail(error))
+
+    def _served(self, request: SessionRequest) -> ServedSession:
+        served = ServedSession(client="in-process")
+        served.attach(self.engine.open_session(request))  # bad input raises here, typed
+        self.store.add(served)
+        return served
 
     def open(self, request: SessionRequest) -> InProcessSession:
-        session = InProcessSession(self, self.engine.open_session(request))
-        with self._cv:
-            self._sessions[session.session_id] = session
-        return session
+        served = self._served(request)
+        self.scheduler.register(served)
+        return InProcessSession(self, served)
 
     def open_autoregressive(self, request: SessionRequest) -> InProcessStream:
         """A session in which the target generates alone (cloud autoregressive); read it with ``next_token``."""
-        return InProcessStream(self, self.engine.open_session(request))
+        return InProcessStream(self, self._served(request))
 
-    def _enqueue(self, session: InProcessSession, block: DraftBlock) -> None:
-        with self._cv:
-            session.pending.append(block)
-            self._cv.notify()
-
-    def _close(self, session: InProcessSession) -> None:
-        with self._cv:
-            self._sessions.pop(session.session_id, None)
-            session.pending.clear()
-        self.engine.close_session(session.target)
+    def _close(self, served: ServedSession) -> None:
+        """End ``served`` and free its target; idempotent."""
+        served.end()
+        if not self.store.remove(served):
+            return
+        self.scheduler.unregister(served)
+        self.engine.close_session(served.target)
 
     def shutdown(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        self._worker.join(timeout=10)
-        for s in list(self._sessions.values()):
-            s.close()
+        self.scheduler.stop(timeout_s=10)
+        for served in self.store.all():
+            self._close(served)
 
     def __enter__(self) -> InProcessVerifier:
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stopping and not any(s.pending for s in self._sessions.values()):
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                ready = [s for s in self._sessions.values() if s.pending]
-                # Rotate the start so no session waits behind the others when over max_batch.
-                shift = next(self._rr) % len(ready)
-                ready = (ready[shift:] + ready[:shift])[: self.engine.max_batch]
-                batch = [(s, s.pending.popleft()) for s in ready]
-            by_target = {id(s.target): s for s, _ in batch}
-
-            def on_early(target: TargetSession, verdict: Verdict, by_target=by_target) -> None:
-                by_target[id(target)].verdicts.put(verdict)
-
-            # The engine isolates items: a bad block fails its own session only (its exception
-            # comes back in its place), never the batch.
-            try:
-                results = self.engine.verify([(s.target, b) for s, b in batch], on_early=on_early)
-            except Exception as exc:  # a bug must reach the caller, not kill the worker silently
-                results = [exc] * len(batch)
-            for (s, _), result in zip(batch, results, strict=True):
-                s.verdicts.put(result)

@@ -43,8 +43,8 @@ from speculative_vlm.decoding.target_engine import make_tracker
 from speculative_vlm.decoding.verifier import (
     EARLY_THRESHOLD,
     DraftBlock,
-    Refused,
     SessionRequest,
+    StreamingUnavailable,
     Verdict,
     VerdictKind,
     Verifier,
@@ -54,13 +54,6 @@ from speculative_vlm.decoding.verifier import (
 
 class ProtocolViolation(VerifierError):
     """The verifier sent a verdict that does not fit the blocks in flight (a verifier bug)."""
-
-
-class StreamingUnavailable(Refused):
-    """Cloud autoregressive decoding was asked of a verifier that cannot stream (code ``streaming_unavailable``)."""
-
-    def __init__(self, reason: str):
-        super().__init__("streaming_unavailable", reason)
 
 
 class Cancelled(Exception):
@@ -227,8 +220,8 @@ class SpeculativeDecoder:
         """The method (and draft length) the next session of ``request`` will use."""
         if self.method == CLOUD_AR:
             if not self.can_stream:
-                raise StreamingUnavailable(f"{type(self.verifier).__name__} cannot stream the target's tokens; "
-                                           "use method speculative or auto")
+                raise StreamingUnavailable("streaming_unavailable", f"{type(self.verifier).__name__} cannot stream "
+                                           "the target's tokens; use method speculative or auto")
             return Choice(CLOUD_AR, reason="method cloud_ar")
         if self.method == SPECULATIVE:
             return Choice(SPECULATIVE, self.policy.next_length(), reason="method speculative")

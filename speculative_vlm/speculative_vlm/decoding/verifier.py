@@ -17,19 +17,39 @@ from dataclasses import dataclass, field
 
 
 class VerifierError(RuntimeError):
-    """Base class of errors raised through the Verifier interface."""
+    """Base class of errors raised through the Verifier interface.
+
+    Every error carries a machine-readable ``code`` (the class's own unless a more precise one is
+    given) and a ``reason`` that says what to do; ``protocol.errors`` is the one table that maps a
+    code back to its type, so an error crosses the gRPC and ROS hops as (code, reason) and is raised
+    on the robot as the type it was raised as.
+    """
+
+    code = "verifier_error"
+
+    def __init__(self, message: str = "", *, code: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.reason = message if reason is None else reason
 
 
 class SessionNotFound(VerifierError):
     """The verifier has no such session (never opened, closed, or expired)."""
 
+    code = "no_session"
+
 
 class VerifierTimeout(VerifierError):
     """No verdict arrived within the deadline."""
 
+    code = "timeout"
+
 
 class LinkLost(VerifierError):
     """The connection to the verifier is gone; open a new session once it is back."""
+
+    code = "link_lost"
 
 
 class Draining(LinkLost):
@@ -45,9 +65,7 @@ class Refused(VerifierError):
     """The verifier refused a request; ``code`` and the message say why."""
 
     def __init__(self, code: str, reason: str):
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
+        super().__init__(f"{code}: {reason}", code=code, reason=reason)
 
 
 # Bad input, refused when a session opens (each also on the draft side, before any work).
@@ -65,6 +83,17 @@ class ImageNotSupported(Refused):
 
 class InvalidArgument(Refused):
     """A field of an Open or a Draft is out of range (code ``invalid_argument``); the reason names the field."""
+
+
+class LimitExceeded(Refused):
+    """A limit of the verifier: sessions, rate, sizes, memory (``too_many_sessions``, ``rate_limited``, ...).
+
+    Retry later, or ask for less; the reason says which limit and what to change.
+    """
+
+
+class StreamingUnavailable(Refused):
+    """Cloud autoregressive decoding was asked of a verifier that cannot stream (code ``streaming_unavailable``)."""
 
 
 @dataclass(frozen=True)

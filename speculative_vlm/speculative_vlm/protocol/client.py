@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from speculative_vlm.decoding.sessions import Opened, StreamedToken
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
     Draining,
@@ -65,7 +66,7 @@ class GrpcSession(VerifierSession):
         self._closing = False
         self._sent_at: list[float] = []  # submit times of blocks without a final answer
         self.session_id = ""
-        self.opened: pb.Opened | None = None
+        self.opened: Opened | None = None
         self.address = verifier.address  # the one this session runs on
         self._requests.put(first)
         self._call = verifier._session_rpc(
@@ -87,7 +88,12 @@ class GrpcSession(VerifierSession):
                     # The stream ends right after with the same code's gRPC status; either says it.
                     self._fail(errors.exception_for(message.error.code, message.error.reason))
                     return
-                self._events.put(message if kind in ("opened", "token") else convert.verdict_from_pb(message))
+                if kind == "opened":
+                    self._events.put(convert.opened_from_pb(message.opened))
+                elif kind == "token":
+                    self._events.put(convert.token_from_pb(message.token))
+                else:
+                    self._events.put(convert.verdict_from_pb(message))
             if not self._closing:
                 self._fail(LinkLost("the server ended the stream without a reason; open a new session"),
                            link_state=None)
@@ -116,13 +122,13 @@ class GrpcSession(VerifierSession):
             self._verifier.link.set(link_state, str(error))
 
     # -- Verifier contract -----------------------------------------------------------
-    def wait_opened(self, timeout: float) -> pb.Opened:
+    def wait_opened(self, timeout: float) -> Opened:
         event = self._next(timeout)
-        if not isinstance(event, pb.ServerMessage) or event.WhichOneof("kind") != "opened":
+        if not isinstance(event, Opened):
             raise Refused("protocol_error", f"expected Opened, got {event!r}")
-        self.opened = event.opened
-        self.session_id = event.opened.session_id
-        return event.opened
+        self.opened = event
+        self.session_id = event.session_id
+        return event
 
     def submit(self, block: DraftBlock) -> None:
         if self._failure is not None:
@@ -142,12 +148,12 @@ class GrpcSession(VerifierSession):
                                         f"verdict round trip {round_trip * 1000:.0f} ms")
         return verdict
 
-    def next_token(self, timeout: float | None = None) -> pb.Token:
+    def next_token(self, timeout: float | None = None) -> StreamedToken:
         """AUTOREGRESSIVE sessions: the next generated token."""
         event = self._next(self._verifier.verdict_timeout_s if timeout is None else timeout)
-        if not isinstance(event, pb.ServerMessage) or event.WhichOneof("kind") != "token":
+        if not isinstance(event, StreamedToken):
             raise Refused("protocol_error", f"expected a Token, got {event!r}")
-        return event.token
+        return event
 
     def _next(self, timeout: float) -> object:
         if self._failure is not None and self._events.empty():
@@ -301,7 +307,8 @@ class GrpcVerifier(Verifier):
                 wait = backoff if attempts % len(self.addresses) == 0 else 0.0
                 if time.monotonic() + wait >= deadline:
                     raise type(exc)(f"could not open a session on {', '.join(self.addresses)} within "
-                                    f"{self.open_timeout_s:g} s ({attempts} attempts): {exc}") from exc
+                                    f"{self.open_timeout_s:g} s ({attempts} attempts): {exc}",
+                                    code=exc.code) from exc
                 if wait:
                     time.sleep(wait)
                     backoff = min(backoff * 2, self.backoff_max_s)

@@ -1,17 +1,23 @@
 """Conversion between the wire messages (``verifier_pb2``) and the engine's dataclasses.
 
-Both the server and the client go through these functions, so the two ends cannot
-disagree on what a field means (for example ``token = -1`` meaning "no token").
+The gRPC boundary's one conversion, each way: the client turns its requests and blocks into
+messages here and the server's messages back into the engine's types (``Verdict``, ``Opened``,
+``StreamedToken``, the typed error through ``protocol.errors``); the service does the reverse.
+Nothing past either end sees a protobuf message, and since both ends go through these
+functions they cannot disagree on what a field means (for example ``token = -1`` meaning "no
+token").
 """
 
 from __future__ import annotations
 
+from speculative_vlm.decoding.sessions import Event, Opened, StreamedToken
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
     GenerationSettings,
     SessionRequest,
     Verdict,
     VerdictKind,
+    VerifierError,
 )
 from speculative_vlm.protocol import verifier_pb2 as pb
 
@@ -123,5 +129,39 @@ def verdict_from_pb(msg: pb.ServerMessage) -> Verdict | None:
     return None
 
 
+def opened_to_pb(opened: Opened) -> pb.ServerMessage:
+    return pb.ServerMessage(opened=pb.Opened(
+        session_id=opened.session_id, protocol_version=PROTOCOL_VERSION, target_model=opened.target_model,
+        exit_layers=list(opened.exit_layers), prefill_time_s=opened.prefill_time_s, vocab_size=opened.vocab_size,
+        eos_token_ids=list(opened.eos_token_ids)))
+
+
+def opened_from_pb(msg: pb.Opened) -> Opened:
+    return Opened(session_id=msg.session_id, prefill_time_s=float(msg.prefill_time_s), target_model=msg.target_model,
+                  exit_layers=tuple(int(i) for i in msg.exit_layers), vocab_size=int(msg.vocab_size),
+                  eos_token_ids=tuple(int(i) for i in msg.eos_token_ids))
+
+
+def token_to_pb(token: StreamedToken) -> pb.ServerMessage:
+    return pb.ServerMessage(token=pb.Token(index=token.index, token=token.token, eos=token.eos))
+
+
+def token_from_pb(msg: pb.Token) -> StreamedToken:
+    return StreamedToken(index=int(msg.index), token=int(msg.token), eos=bool(msg.eos))
+
+
 def error(code: str, reason: str) -> pb.ServerMessage:
     return pb.ServerMessage(error=pb.Error(code=code, reason=reason))
+
+
+def event_to_pb(event: Event) -> pb.ServerMessage:
+    """The server message for one event of a session's outbox (``decoding.sessions``)."""
+    if isinstance(event, Verdict):
+        return verdict_to_pb(event)
+    if isinstance(event, StreamedToken):
+        return token_to_pb(event)
+    if isinstance(event, Opened):
+        return opened_to_pb(event)
+    if isinstance(event, VerifierError):
+        return error(event.code, event.reason)
+    raise TypeError(f"{event!r} is not an event a session sends; the service fails a session with a VerifierError")

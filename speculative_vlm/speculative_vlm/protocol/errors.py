@@ -1,5 +1,14 @@
-"""The protocol's one table of errors: each code the verifier refuses with, the gRPC status
-that ends the refused stream, and the exception the robot-side client raises for it.
+"""The project's one table of errors: each code a verifier refuses or fails with, the gRPC status
+that ends the refused stream, and the exception type the robot raises for it.
+
+Every :class:`~speculative_vlm.decoding.verifier.VerifierError` carries its ``code`` and
+``reason``; an error crosses a hop as that pair and :func:`exception_for` raises it again, as its
+type, on the other side. Four places use this table and no other: the gRPC service (the status
+of a refused stream), the gRPC client (an ``Error`` message or a status back to an exception),
+the bridge node (an exception to the ``code`` of an ERROR verdict or of the ``OpenSession``
+response) and the drafter's ROS adapter (that code back to the exception). So a
+``PromptTooLong`` refused by the cloud is a ``PromptTooLong`` in the drafter's loop, over the
+ROS hop as in process.
 
 The server ends every refused stream twice over: an in-band ``Error(code, reason)`` message
 (protocol v1 clients read it), then the gRPC status of the code's row, with the reason as
@@ -29,7 +38,9 @@ from speculative_vlm.decoding.verifier import (
     PromptTooLong,
     Refused,
     SessionNotFound,
+    StreamingUnavailable,
     VerifierError,
+    VerifierTimeout,
 )
 
 # Trailing-metadata key that carries the project's error code next to the gRPC status.
@@ -40,9 +51,9 @@ S = grpc.StatusCode
 
 @dataclass(frozen=True)
 class ErrorKind:
-    code: str  # the project's machine-readable code (Error.code on the wire)
+    code: str  # the project's machine-readable code (Error.code on the wire, Verdict.code on ROS)
     status: grpc.StatusCode  # the gRPC status a stream refused with it ends with
-    exception: type[VerifierError]  # what the client raises
+    exception: type[VerifierError]  # what the robot raises
     meaning: str
 
     @property
@@ -78,7 +89,8 @@ ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in (
     # The order of things on the stream.
     ErrorKind("already_open", S.FAILED_PRECONDITION, Refused, "a second Open on one stream"),
     ErrorKind("session_done", S.FAILED_PRECONDITION, Refused, "a Draft after the output ended"),
-    ErrorKind("no_session", S.NOT_FOUND, SessionNotFound, "a Draft before Open"),
+    ErrorKind("no_session", S.NOT_FOUND, SessionNotFound,
+              "no such session: a Draft before Open, or for a session that is closed"),
     ErrorKind("session_expired", S.NOT_FOUND, SessionNotFound, "the session was idle too long and was freed"),
     ErrorKind("open_timeout", S.DEADLINE_EXCEEDED, Refused, "no Open within the server's open timeout"),
     # How much is asked: retry later, or ask for less.
@@ -99,6 +111,13 @@ ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in (
     ErrorKind("open_failed", S.INTERNAL, Refused, "the target failed to prefill the prompt"),
     ErrorKind("verify_failed", S.INTERNAL, Refused, "the target failed to verify a block"),
     ErrorKind("generate_failed", S.INTERNAL, Refused, "the target failed while generating alone"),
+    ErrorKind("streaming_unavailable", S.FAILED_PRECONDITION, StreamingUnavailable,
+              "cloud autoregressive asked of a verifier that cannot stream the target's tokens"),
+    ErrorKind("protocol_error", S.INTERNAL, Refused, "the verifier answered with a message out of turn"),
+    # The robot's side of the link (the client and the bridge say these; no server sends them).
+    ErrorKind("link_lost", S.UNAVAILABLE, LinkLost, "the link to the verifier is gone; reopen once it is back"),
+    ErrorKind("timeout", S.DEADLINE_EXCEEDED, VerifierTimeout, "no verdict within the deadline"),
+    ErrorKind("verifier_error", S.INTERNAL, VerifierError, "an error of the verifier with no code of its own"),
 )}
 
 # A refusal with a code not in the table is about the request it answers.
@@ -115,11 +134,11 @@ def status_for(code: str) -> grpc.StatusCode:
 
 
 def exception_for(code: str, reason: str) -> VerifierError:
-    """The typed exception the client raises for an error ``code`` and its ``reason``."""
+    """The typed exception for an error ``code`` and its ``reason``; its ``code`` and ``reason`` are these."""
     cls = kind_of(code).exception
     if issubclass(cls, Refused):
         return cls(code, reason)
-    return cls(f"{code}: {reason}")
+    return cls(f"{code}: {reason}", code=code, reason=reason)
 
 
 def trailing_metadata(code: str) -> tuple[tuple[str, str], ...]:
@@ -146,7 +165,7 @@ def exception_for_status(status: grpc.StatusCode, details: str, code: str | None
     if code:
         return exception_for(code, details)
     if status == S.RESOURCE_EXHAUSTED:
-        return Refused("resource_exhausted", details)
+        return exception_for("resource_exhausted", details)
     if status in (S.UNAUTHENTICATED, S.PERMISSION_DENIED):
-        return Refused("unauthenticated", details)
+        return exception_for("unauthenticated", details)
     return None
