@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "netem": ("speculative_vlm.cli.netem", "run a loopback proxy adding delay, jitter, bandwidth limit"),
     "bench-cloud-batching": ("speculative_vlm.cli.bench_cloud_batching", "tokens/s of N robots, batched vs unbatched"),
     "bench": ("speculative_vlm.cli.bench", "every method side by side; writes bench/results (--quick: seconds)"),
-    "eval": ("speculative_vlm.evaluation.run", "closed-loop episodes in the simulated Go2; writes eval/results"),
+    "eval": ("speculative_vlm.cli.eval", "closed-loop episodes in the simulated Go2; writes eval/results"),
 }
 
 

@@ -14,13 +14,12 @@ simulated Go2 and a verifier as separate processes) and reports whether they end
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from speculative_vlm.evaluation.episodes import FAMILIES, generate_episodes
@@ -37,33 +36,25 @@ DEFAULT_POLICIES = ("expert", "smollm2-135m-instruct+command-draft")
 QUICK_MODEL_STEPS = 2  # --quick: step limit of model policies (tiny random models never say done)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", action="append", default=None,
-                        help="'expert', 'TARGET', 'TARGET+DRAFT' or 'image:TARGET[+DRAFT]'; repeat to compare "
-                             f"(default: {' and '.join(DEFAULT_POLICIES)}; --quick: expert and tiny random models)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"tiny random models (at most {QUICK_MODEL_STEPS} steps an episode), one episode per "
-                             "family and split (CI)")
-    parser.add_argument("--episodes", type=int, default=None, help="episodes per split (default 66; --quick 11)")
-    parser.add_argument("--split", choices=("both", TRAIN, HELDOUT), default="both", help="which split(s) to run")
-    parser.add_argument("--families", default="", help=f"comma-separated families (default all: "
-                                                        f"{','.join(f.value for f in FAMILIES)})")
-    parser.add_argument("--seed", type=int, default=0, help="episode seed")
-    parser.add_argument("--split-seed", type=int, default=0, help="which colour/shape combinations are held out")
-    parser.add_argument("--single-step", type=int, default=None,
-                        help="held-out prompts for single-step direction correctness per model policy "
-                             "(default 100; --quick 4; 0 = skip)")
-    parser.add_argument("--max-steps", type=int, default=0, help="cap every episode's step limit (0: the family's)")
-    parser.add_argument("--graph", type=int, default=0, help="also run N held-out episodes through the ROS graph")
-    parser.add_argument("--config", type=Path, default=SIM_CONFIG,
-                        help="bringup config whose motion limits and camera size apply (default config/sim.yaml)")
-    parser.add_argument("--progress-line", choices=("config", "on", "off"), default="config",
-                        help="tell the models their odometry each step, as the drafter's progress_line does "
-                             "(default: the config's drafter section)")
-    parser.add_argument("--draft-length", type=int, default=4, help="draft tokens per block")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results folder (default {DEFAULT_OUT}; --quick: a temporary folder)")
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to run (``speculative-vlm eval`` sets each from its flag of the same name; its help says more)."""
+
+    policy: list[str] | None = None  # policy specs (see the module docstring); None: DEFAULT_POLICIES
+    quick: bool = False  # tiny random models, QUICK_MODEL_STEPS steps an episode, one episode per family
+    episodes: int | None = None  # per split (None: 66; quick 11)
+    split: str = "both"  # "both", TRAIN or HELDOUT
+    families: str = ""  # comma-separated family names ("": all)
+    seed: int = 0  # episode seed
+    split_seed: int = 0  # which colour/shape combinations are held out
+    single_step: int | None = None  # held-out single-step prompts per model policy (None: 100; quick 4; 0: skip)
+    max_steps: int = 0  # cap on every episode's step limit (0: the family's)
+    graph: int = 0  # also run this many held-out episodes through the ROS graph
+    config: Path = SIM_CONFIG  # bringup config whose motion limits and camera size apply
+    progress_line: str = "config"  # "config" (the drafter section's), "on" or "off"
+    draft_length: int = 4  # draft tokens per block
+    threads: int = 0  # torch threads (0: torch's default)
+    out: Path | None = None  # results folder (None: DEFAULT_OUT; quick: a temporary folder)
 
 
 def make_policy(spec: str, config: WorldConfig, draft_length: int = 4, name: str = "") -> Policy:
@@ -84,38 +75,39 @@ def _describe(policy: Policy) -> str:
     return f"target `{policy.target.name}` ({policy.perception} perception), {how}, command grammar, greedy"
 
 
-def run(args: argparse.Namespace) -> int:
+def run_evaluation(options: EvalOptions) -> int:
+    """Run the episodes (and single-step prompts, and graph episodes), write the report to ``options.out``."""
     from speculative_vlm.evaluation.report import write_report
     from speculative_vlm.evaluation.single_step import answer_states, expert_states
 
-    if args.threads:
+    if options.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(options.threads)
     t0 = time.monotonic()
-    config = WorldConfig.from_config(args.config)
-    if args.progress_line != "config":
-        config = replace(config, progress_line=args.progress_line == "on")
-    episodes_per_split = args.episodes if args.episodes is not None else (11 if args.quick else 66)
-    single_n = args.single_step if args.single_step is not None else (4 if args.quick else 100)
-    families = tuple(Family(f.strip()) for f in args.families.split(",") if f.strip()) or FAMILIES
-    scratch = Path(tempfile.mkdtemp(prefix="speculative_vlm_eval_")) if args.quick else None
-    specs = list(args.policy or [])
+    config = WorldConfig.from_config(options.config)
+    if options.progress_line != "config":
+        config = replace(config, progress_line=options.progress_line == "on")
+    episodes_per_split = options.episodes if options.episodes is not None else (11 if options.quick else 66)
+    single_n = options.single_step if options.single_step is not None else (4 if options.quick else 100)
+    families = tuple(Family(f.strip()) for f in options.families.split(",") if f.strip()) or FAMILIES
+    scratch = Path(tempfile.mkdtemp(prefix="speculative_vlm_eval_")) if options.quick else None
+    specs = list(options.policy or [])
     names: dict[str, str] = {}
-    if not specs and args.quick:
+    if not specs and options.quick:
         from speculative_vlm.benchmark.quick_models import build
 
         target, draft = build(scratch)
         specs = ["expert", f"{target}+{draft}"]
         names[specs[1]] = "tiny-target+tiny-draft"
     specs = specs or list(DEFAULT_POLICIES)
-    out = args.out or (scratch / "results" if args.quick else DEFAULT_OUT)
+    out = options.out or (scratch / "results" if options.quick else DEFAULT_OUT)
 
-    splits = make_splits(args.split_seed)
-    run_splits = (TRAIN, HELDOUT) if args.split == "both" else (args.split,)
-    episodes = [e for s in run_splits for e in generate_episodes(splits[s], episodes_per_split, args.seed, families)]
-    if args.max_steps:
-        episodes = [replace(e, max_steps=min(e.max_steps, args.max_steps)) for e in episodes]
+    splits = make_splits(options.split_seed)
+    run_splits = (TRAIN, HELDOUT) if options.split == "both" else (options.split,)
+    episodes = [e for s in run_splits for e in generate_episodes(splits[s], episodes_per_split, options.seed, families)]
+    if options.max_steps:
+        episodes = [replace(e, max_steps=min(e.max_steps, options.max_steps)) for e in episodes]
     results: dict[str, list[EpisodeResult]] = {}
     single: dict = {}
     descriptions: dict[str, str] = {}
@@ -124,12 +116,12 @@ def run(args: argparse.Namespace) -> int:
     ran: dict[str, list] = {}  # spec -> the episodes it ran (--quick caps a model's steps)
     try:
         for spec in specs:
-            policy = make_policy(spec, config, args.draft_length, names.get(spec, ""))
+            policy = make_policy(spec, config, options.draft_length, names.get(spec, ""))
             descriptions[policy.name] = _describe(policy)
             _progress(f"policy {policy.name}: {len(episodes)} episodes")
             rs = results.setdefault(policy.name, [])
             policy_episodes = episodes
-            if args.quick and isinstance(policy, ModelPolicy):  # tiny random models never say done
+            if options.quick and isinstance(policy, ModelPolicy):  # tiny random models never say done
                 policy_episodes = [replace(e, max_steps=min(e.max_steps, QUICK_MODEL_STEPS)) for e in episodes]
             ran[spec] = policy_episodes
             for episode in policy_episodes:
@@ -146,13 +138,13 @@ def run(args: argparse.Namespace) -> int:
                 last_model = spec
             policy.close()
         graph_rows = []
-        if args.graph:
+        if options.graph:
             from speculative_vlm.evaluation.graph import run_graph_episodes
 
             spec = last_model or "expert"
-            held = [e for e in ran.get(spec, episodes) if e.split == HELDOUT and e.instruction.strip()][: args.graph]
+            held = [e for e in ran.get(spec, episodes) if e.split == HELDOUT and e.instruction.strip()][: options.graph]
             _progress(f"graph: {len(held)} held-out episodes of {names.get(spec, spec)} through the ROS graph")
-            graph_rows = run_graph_episodes(held, spec, args.config, results.get(names.get(spec, spec), []),
+            graph_rows = run_graph_episodes(held, spec, options.config, results.get(names.get(spec, spec), []),
                                             names.get(spec, ""), progress_line=config.progress_line)
             for row in graph_rows:
                 _progress(f"  {row['episode']} in-process {row['inprocess']}; graph {row['graph']}; same commands for "
@@ -160,11 +152,11 @@ def run(args: argparse.Namespace) -> int:
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "minutes": round((time.monotonic() - t0) / 60, 1),
-            "mode": "quick" if args.quick else "full",
-            "seed": args.seed, "split_seed": args.split_seed, "episodes": episodes_per_split,
+            "mode": "quick" if options.quick else "full",
+            "seed": options.seed, "split_seed": options.split_seed, "episodes": episodes_per_split,
             "splits": list(run_splits), "families": [f.value for f in families],
-            "config": str(args.config.relative_to(PACKAGE_ROOT) if args.config.is_relative_to(PACKAGE_ROOT)
-                          else args.config),
+            "config": str(options.config.relative_to(PACKAGE_ROOT) if options.config.is_relative_to(PACKAGE_ROOT)
+                          else options.config),
             "limits": asdict(config.limits),
             "frame_size": f"{config.frame_size[0]}x{config.frame_size[1]}",
             "progress_line": config.progress_line,
@@ -192,9 +184,3 @@ def run(args: argparse.Namespace) -> int:
 
 def _progress(message: str) -> None:
     print(f"[eval] {message}", file=sys.stderr, flush=True)
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="speculative-vlm eval")
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))
