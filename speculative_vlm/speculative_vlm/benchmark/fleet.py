@@ -100,12 +100,12 @@ def warm_up(address: str, token: str, command: dict, load: dict) -> None:
     import random
 
     from speculative_vlm.benchmark.fleet_robot import replay
-    from speculative_vlm.benchmark.workload import Prompt
+    from speculative_vlm.benchmark.workload import BenchPrompt
     from speculative_vlm.protocol.client import GrpcVerifier
 
     verifier = GrpcVerifier(address, token=token, verdict_timeout_s=300, open_timeout_s=300)
     try:
-        session = verifier.open(Prompt.from_json(command["prompt"]).request(True, load["max_new_tokens"]))
+        session = verifier.open(BenchPrompt.from_json(command["prompt"]).request(True, load["max_new_tokens"]))
         try:
             replay(session, command["reference"], command["forced"], load["gamma"], load["acceptance"], 0.0,
                    random.Random(0), load["vocab"])

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from speculative_vlm.benchmark.processes import pin, read_job, write_result
-from speculative_vlm.benchmark.workload import Prompt
+from speculative_vlm.benchmark.workload import BenchPrompt
 from speculative_vlm.decoding.verifier import DraftBlock, VerdictKind
 
 
@@ -79,7 +79,7 @@ def main() -> int:
     while not Path(job["go_file"]).exists():
         time.sleep(0.005)
     for command in job["commands"]:
-        prompt = Prompt.from_json(command["prompt"])
+        prompt = BenchPrompt.from_json(command["prompt"])
         start = time.monotonic()  # one clock for every process of the fleet
         session = verifier.open(prompt.request(True, job["max_new_tokens"]))
         opened = time.monotonic() - start

@@ -15,7 +15,7 @@ import time
 
 from speculative_vlm.benchmark import ladder
 from speculative_vlm.benchmark.processes import pin, progress, read_job, write_result
-from speculative_vlm.benchmark.workload import Prompt
+from speculative_vlm.benchmark.workload import BenchPrompt
 
 
 def forced_positions(model, request, reference: list[int]) -> list[bool]:
@@ -53,7 +53,7 @@ def main() -> int:
     draft = load_model(job["draft"], dtype=job.get("draft_dtype"))
     engine = TargetEngine(target, exit_layers=[], max_batch=1)
     settings = ladder.Settings(gamma=job["gamma"], early_threshold=job["early_threshold"])
-    prompts = [Prompt.from_json(p) for p in job["prompts"]]
+    prompts = [BenchPrompt.from_json(p) for p in job["prompts"]]
     max_new = job["max_new_tokens"]
     rows: list[dict] = []
     references: dict[str, dict] = {}

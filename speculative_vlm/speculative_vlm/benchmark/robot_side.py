@@ -22,7 +22,7 @@ import time
 
 from speculative_vlm.benchmark import ladder
 from speculative_vlm.benchmark.processes import pin, progress, read_job, write_result
-from speculative_vlm.benchmark.workload import Prompt
+from speculative_vlm.benchmark.workload import BenchPrompt
 
 
 def _wait_connected(verifiers, timeout: float = 60.0) -> None:
@@ -53,7 +53,7 @@ class Robot:
         self.job = job
         self.draft = load_model(job["draft"], dtype=job.get("draft_dtype"))
         self.settings = ladder.Settings(gamma=job["gamma"], early_threshold=job["early_threshold"])
-        self.prompts = [Prompt.from_json(p) for p in job["prompts"]]
+        self.prompts = [BenchPrompt.from_json(p) for p in job["prompts"]]
         self.refs = job["references"]
         self.max_new = job["max_new_tokens"]
         self.methods = [m for m in ladder.NETWORKED if m.key in job.get("methods", [m.key for m in ladder.NETWORKED])]
@@ -65,7 +65,7 @@ class Robot:
 
         return GrpcVerifier(address, token=self.job["token"], verdict_timeout_s=120, open_timeout_s=120)
 
-    def decode(self, method: ladder.Method, verifier: ladder.OpenTimer, prompt: Prompt) -> dict:
+    def decode(self, method: ladder.Method, verifier: ladder.OpenTimer, prompt: BenchPrompt) -> dict:
         key = "command" if method.grammar else "free"
         request = prompt.request(method.grammar, self.max_new)
         reference = self.refs[str(prompt.index)][key]
@@ -90,7 +90,7 @@ class Robot:
             self.auto[id(verifier)] = decoder
         return self.auto[id(verifier)]
 
-    def add(self, row: dict, prompt: Prompt, rtt_ms: float | None, transport: str) -> dict:
+    def add(self, row: dict, prompt: BenchPrompt, rtt_ms: float | None, transport: str) -> dict:
         row.update(prompt=prompt.index, rtt_ms=rtt_ms, transport=transport)
         self.rows.append(row)
         return row

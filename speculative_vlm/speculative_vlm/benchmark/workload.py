@@ -25,7 +25,7 @@ CAMERA = CameraModel(width=320, height=240)
 
 
 @dataclass(frozen=True)
-class Prompt:
+class BenchPrompt:
     """One benchmark command: the frame's pose, the scene text read from it, and the instruction."""
 
     index: int
@@ -47,11 +47,11 @@ class Prompt:
                 "scene_text": self.scene_text}
 
     @staticmethod
-    def from_json(data: dict) -> Prompt:
-        return Prompt(data["index"], tuple(data["pose"]), data["instruction"], data["scene_text"])
+    def from_json(data: dict) -> BenchPrompt:
+        return BenchPrompt(data["index"], tuple(data["pose"]), data["instruction"], data["scene_text"])
 
 
-def build_prompts(count: int, seed: int = 7) -> tuple[list[Prompt], list[np.ndarray]]:
+def build_prompts(count: int, seed: int = 7) -> tuple[list[BenchPrompt], list[np.ndarray]]:
     """``count`` prompts and their BGR frames: poses spread over the room, looking roughly at the objects."""
     from speculative_vlm.commands.scene_text import describe_image
 
@@ -66,7 +66,7 @@ def build_prompts(count: int, seed: int = 7) -> tuple[list[Prompt], list[np.ndar
         # Mostly facing an object (the robot usually looks where it is told), sometimes away.
         yaw = math.atan2(target.y - y, target.x - x) + rng.gauss(0.0, 0.5 if rng.random() < 0.8 else 2.0)
         frame = render_bgr(scene, x, y, yaw, CAMERA)
-        prompts.append(Prompt(i, (round(x, 2), round(y, 2), round(yaw, 2)), sample_instruction(rng, objects),
+        prompts.append(BenchPrompt(i, (round(x, 2), round(y, 2), round(yaw, 2)), sample_instruction(rng, objects),
                               describe_image(frame)))
         frames.append(frame)
     return prompts, frames
