@@ -3,7 +3,9 @@
 The drafter opens sessions through ``spec/open`` and streams DraftBlocks on ``spec/draft``; the
 bridge forwards them over the gRPC client (auth, TLS and deadlines from parameters) and publishes
 every verdict, early and final, on ``spec/verdict``. Refusals and link loss become ERROR verdicts
-with a code and a reason, so the drafter can stop the robot. The link state is published on
+with the error's code and reason (a refused open, the ``OpenSession`` response's code and reason),
+from the one table of ``protocol.errors``, so the drafter raises the very exception the verifier
+raised (``PromptTooLong``, ``Draining``, ...) and can stop the robot. The link state is published on
 ``bridge/link`` (latched) and ``/diagnostics``.
 
 A session opened with mode AUTOREGRESSIVE (cloud autoregressive: the drafter's method ``cloud_ar``,
@@ -32,11 +34,10 @@ from std_msgs.msg import Header, String
 
 from speculative_vlm.decoding.verifier import (
     Draining,
-    GenerationSettings,
+    InvalidArgument,
     LinkLost,
-    Refused,
     SessionNotFound,
-    SessionRequest,
+    StreamingUnavailable,
     Verifier,
     VerifierError,
     VerifierSession,
@@ -44,25 +45,20 @@ from speculative_vlm.decoding.verifier import (
 )
 from speculative_vlm.nodes.parameters import float_range, on_parameters_set, start_only
 from speculative_vlm.nodes.ros_verifier import SPEC_QOS
-from speculative_vlm.nodes.spec_messages import error_msg, msg_to_block, token_msg, verdict_to_msg
+from speculative_vlm.nodes.spec_messages import (
+    error_msg,
+    msg_to_block,
+    msg_to_request,
+    refuse_open,
+    token_msg,
+    verdict_to_msg,
+)
 from speculative_vlm.nodes.spin import spin_node
 from speculative_vlm_msgs.msg import DraftBlock as DraftBlockMsg
 from speculative_vlm_msgs.msg import Verdict as VerdictMsg
 from speculative_vlm_msgs.srv import CloseSession, OpenSession
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
-def error_code(exc: Exception) -> str:
-    """The code an ERROR verdict carries for ``exc`` (``nodes.ros_verifier`` maps it back)."""
-    if isinstance(exc, Refused):
-        return exc.code
-    if isinstance(exc, Draining):
-        return Draining.code
-    for kind, code in ((SessionNotFound, "SESSION_NOT_FOUND"), (LinkLost, "LINK_LOST"), (VerifierTimeout, "TIMEOUT")):
-        if isinstance(exc, kind):
-            return code
-    return "ERROR"
 
 
 def verifier_addresses(node: Node) -> list[str]:
@@ -113,8 +109,8 @@ class BridgeNode(Node):
         d("open_timeout_s", 30.0, float_range(
             0.5, 600.0, "how long opening a session (prompt prefill on the target) may take, s"))
         self._verifier = verifier if verifier is not None else grpc_verifier_from_parameters(self)
-        self._sessions: dict[str, VerifierSession] = {}  # streamed ones too (they have no submit/next_verdict)
-        self._streams: set[str] = set()  # the AUTOREGRESSIVE sessions among them
+        # Every open session by id, and whether it streams (AUTOREGRESSIVE: no submit/next_verdict).
+        self._sessions: dict[str, tuple[VerifierSession, bool]] = {}
         self._lock = threading.Lock()
         self._link, self._link_reason = "CONNECTED", ""
         group = ReentrantCallbackGroup()
@@ -158,7 +154,8 @@ class BridgeNode(Node):
             with self._lock:
                 sessions = list(self._sessions)
             for sid in sessions:
-                self._verdict_pub.publish(error_msg(sid, "LINK_LOST", "the cloud verifier link is lost", stamp=self._now()))
+                self._verdict_pub.publish(error_msg(sid, LinkLost(f"the cloud verifier link is lost ({reason})"),
+                                                   stamp=self._now()))
 
     def _address(self) -> str:
         """The verifier address in use (the client moves on to a fallback when one drains or is lost)."""
@@ -179,28 +176,23 @@ class BridgeNode(Node):
 
     # -- sessions -------------------------------------------------------------------------------
     def _on_open(self, req: OpenSession.Request, res: OpenSession.Response) -> OpenSession.Response:
-        settings = GenerationSettings(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p or 1.0,
-                                      max_new_tokens=req.max_new_tokens or 64, grammar=req.grammar,
-                                      seed=req.seed)
-        request = SessionRequest(prompt=req.prompt, system=req.system,
-                                 image=bytes(req.image.data) or None, settings=settings)
+        request = msg_to_request(req)
         streamed = req.mode == OpenSession.Request.AUTOREGRESSIVE
         try:
             if req.mode not in (OpenSession.Request.SPECULATIVE, OpenSession.Request.AUTOREGRESSIVE):
-                raise Refused("invalid_argument", f"mode {req.mode} is neither SPECULATIVE (0) nor AUTOREGRESSIVE (1)")
+                raise InvalidArgument("invalid_argument",
+                                      f"mode {req.mode} is neither SPECULATIVE (0) nor AUTOREGRESSIVE (1)")
             open_stream = getattr(self._verifier, "open_autoregressive", None)
             if streamed and not callable(open_stream):
-                raise Refused("streaming_unavailable", f"this bridge's verifier ({type(self._verifier).__name__}) "
-                                                       "cannot stream the target's tokens; open a SPECULATIVE session")
+                raise StreamingUnavailable("streaming_unavailable", f"this bridge's verifier "
+                                           f"({type(self._verifier).__name__}) cannot stream the target's tokens; "
+                                           "open a SPECULATIVE session")
             session = open_stream(request) if streamed else self._verifier.open(request)
         except VerifierError as exc:
-            res.success, res.code, res.reason = False, error_code(exc), f"{error_code(exc)}: {exc}"
-            self.get_logger().warning(f"open refused: {res.reason}")
-            return res
+            self.get_logger().warning(f"open refused ({exc.code}): {exc.reason}")
+            return refuse_open(res, exc)
         with self._lock:
-            self._sessions[session.session_id] = session
-            if streamed:
-                self._streams.add(session.session_id)
+            self._sessions[session.session_id] = (session, streamed)
         threading.Thread(target=self._pump, args=(session, streamed), name=f"verdicts-{session.session_id}",
                          daemon=True).start()
         res.success, res.session_id = True, session.session_id
@@ -209,33 +201,31 @@ class BridgeNode(Node):
 
     def _on_close(self, req: CloseSession.Request, res: CloseSession.Response) -> CloseSession.Response:
         with self._lock:
-            session = self._sessions.pop(req.session_id, None)
-            self._streams.discard(req.session_id)
-        if session is None:
+            entry = self._sessions.pop(req.session_id, None)
+        if entry is None:
             res.success, res.reason = False, f"unknown session {req.session_id!r}"
             return res
-        session.close()
+        entry[0].close()
         res.success = True
         return res
 
     def _on_draft(self, msg: DraftBlockMsg) -> None:
         with self._lock:
-            session = self._sessions.get(msg.session_id)
-            streamed = msg.session_id in self._streams
-        if session is None:
-            self._verdict_pub.publish(error_msg(
-                msg.session_id, "SESSION_NOT_FOUND", f"no open session {msg.session_id!r}; open one first",
-                stamp=self._now()))
+            entry = self._sessions.get(msg.session_id)
+        if entry is None:
+            self._verdict_pub.publish(error_msg(msg.session_id, SessionNotFound(
+                f"no open session {msg.session_id!r}; open one first"), stamp=self._now()))
             return
+        session, streamed = entry
         if streamed:
-            self._verdict_pub.publish(error_msg(
-                msg.session_id, "invalid_argument", f"session {msg.session_id!r} is AUTOREGRESSIVE: the target "
-                "generates alone and takes no draft blocks", stamp=self._now()))
+            self._verdict_pub.publish(error_msg(msg.session_id, InvalidArgument(
+                "invalid_argument", f"session {msg.session_id!r} is AUTOREGRESSIVE: the target generates alone "
+                "and takes no draft blocks"), stamp=self._now()))
             return
         try:
             session.submit(msg_to_block(msg))
         except VerifierError as exc:
-            self._verdict_pub.publish(error_msg(msg.session_id, error_code(exc), str(exc), stamp=self._now()))
+            self._verdict_pub.publish(error_msg(msg.session_id, exc, stamp=self._now()))
 
     def _pump(self, session: VerifierSession, streamed: bool = False) -> None:
         """Forward the session's verdicts (a streamed session's tokens) to spec/verdict until it is closed or fails."""
@@ -250,7 +240,7 @@ class BridgeNode(Node):
                     with self._lock:  # a token read as the drafter closed the session goes nowhere
                         if sid not in self._sessions:
                             return
-                        self._verdict_pub.publish(token_msg(sid, item.index, item.token, item.eos, stamp=self._now()))
+                        self._verdict_pub.publish(token_msg(sid, item, stamp=self._now()))
                     if item.eos:
                         return  # the stream is complete; the session stays open until the drafter closes it
                     continue
@@ -261,17 +251,16 @@ class BridgeNode(Node):
                 if isinstance(exc, Draining):  # a restart: the drafter reopens the session
                     self.get_logger().warning(f"session {sid} ended: the verifier is draining ({exc})")
                 else:
-                    self.get_logger().error(f"session {sid} ended by the verifier ({error_code(exc)}): {exc}")
-                self._verdict_pub.publish(error_msg(sid, error_code(exc), str(exc), stamp=self._now()))
+                    self.get_logger().error(f"session {sid} ended by the verifier ({exc.code}): {exc.reason}")
+                self._verdict_pub.publish(error_msg(sid, exc, stamp=self._now()))
                 with self._lock:
                     self._sessions.pop(sid, None)
-                    self._streams.discard(sid)
                 return
             self._verdict_pub.publish(verdict_to_msg(sid, verdict, stamp=self._now()))
 
     def destroy_node(self) -> None:
         with self._lock:
-            sessions, self._sessions = list(self._sessions.values()), {}
+            sessions, self._sessions = [session for session, _ in self._sessions.values()], {}
         for session in sessions:
             try:
                 session.close()

@@ -5,6 +5,9 @@ closed through the bridge's ``spec/open`` / ``spec/close`` services. Because the
 crosses the ROS graph it can be watched (``ros2 topic echo spec/verdict``) and recorded in a bag.
 ``open_autoregressive`` opens a session in the AUTOREGRESSIVE mode (cloud autoregressive): the bridge
 streams the target's own tokens as TOKEN verdicts on ``spec/verdict``, read with ``next_token``.
+Errors arrive as a code and a reason (an ERROR verdict, a refused ``spec/open``) and are raised as
+the type the verifier raised, through the one table of ``protocol.errors``: the loop and the
+drafter see a ``PromptTooLong`` or a ``Draining`` over this adapter exactly as in process.
 The node that owns this adapter must be spun by a multi-threaded executor: the decoding thread
 blocks here while the executor delivers verdicts.
 """
@@ -15,17 +18,14 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage
 
-from speculative_vlm.decoding.inprocess import StreamedToken
+from speculative_vlm.decoding.sessions import Opened, StreamedToken
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
-    Draining,
     LinkLost,
     Refused,
     SessionNotFound,
@@ -35,7 +35,14 @@ from speculative_vlm.decoding.verifier import (
     VerifierSession,
     VerifierTimeout,
 )
-from speculative_vlm.nodes.spec_messages import block_to_msg, msg_to_verdict
+from speculative_vlm.nodes.spec_messages import (
+    block_to_msg,
+    msg_to_error,
+    msg_to_token,
+    msg_to_verdict,
+    open_error,
+    request_to_msg,
+)
 from speculative_vlm_msgs.msg import DraftBlock as DraftBlockMsg
 from speculative_vlm_msgs.msg import Verdict as VerdictMsg
 from speculative_vlm_msgs.srv import CloseSession, OpenSession
@@ -43,25 +50,9 @@ from speculative_vlm_msgs.srv import CloseSession, OpenSession
 # Verdicts must not be lost or reordered: reliable, and deep enough for a burst of rounds.
 SPEC_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
-_ERRORS = {"SESSION_NOT_FOUND": SessionNotFound, "LINK_LOST": LinkLost, "TIMEOUT": VerifierTimeout,
-           Draining.code: Draining}
-
-
 # Messages for a session the drafter has not registered yet are kept for this many sessions: the
 # open's response and the session's first messages travel separately, and a stream starts at once.
 _UNCLAIMED_SESSIONS = 16
-
-
-def error_from(code: str, reason: str) -> Exception:
-    cls = _ERRORS.get(code)
-    return cls(reason) if cls else Refused(code, reason)
-
-
-@dataclass(frozen=True)
-class Opened:
-    """What spec/open reported about a session (the field the loop reads from the gRPC Opened)."""
-
-    prefill_time_s: float  # the verifier's prompt prefill, s; the rest of the open is the link
 
 
 class _RosSession:
@@ -82,7 +73,7 @@ class _RosSession:
         except queue.Empty:
             raise VerifierTimeout(f"no {what} for session {self.session_id} within {timeout} s") from None
         if msg.kind == VerdictMsg.ERROR:
-            raise error_from(msg.code, msg.reason)
+            raise msg_to_error(msg)
         return msg
 
     def close(self) -> None:
@@ -116,7 +107,7 @@ class RosStreamSession(_RosSession):
         msg = self._next(timeout, "token")
         if msg.kind != VerdictMsg.TOKEN:
             raise Refused("protocol_error", f"session {self.session_id}: expected a TOKEN verdict, got kind {msg.kind}")
-        return StreamedToken(index=msg.round, token=msg.token, eos=msg.eos)
+        return msg_to_token(msg)
 
 
 class RosVerifier(Verifier):
@@ -187,17 +178,9 @@ class RosVerifier(Verifier):
         return self._open(request, OpenSession.Request.AUTOREGRESSIVE, RosStreamSession)
 
     def _open(self, request: SessionRequest, mode: int, kind: type[_RosSession]):
-        s = request.settings
-        image = CompressedImage(format="jpeg", data=list(request.image or b""))
-        req = OpenSession.Request(
-            system=request.system, prompt=request.prompt, image=image, temperature=float(s.temperature),
-            top_k=int(s.top_k), top_p=float(s.top_p), max_new_tokens=int(s.max_new_tokens),
-            grammar=s.grammar, seed=int(s.seed), mode=mode,
-        )
-        response = self._call(self._open_client, req, self.service_timeout_s)
+        response = self._call(self._open_client, request_to_msg(request, mode), self.service_timeout_s)
         if not response.success:
-            code, _, reason = response.reason.partition(": ")
-            raise error_from(response.code or code, reason or response.reason)
-        session = kind(self, response.session_id, Opened(prefill_time_s=float(response.prefill_time_s)))
+            raise open_error(response)
+        session = kind(self, response.session_id, Opened(response.session_id, float(response.prefill_time_s)))
         self._register(session)
         return session
