@@ -183,6 +183,35 @@ TAIL = 16  # at most this many assumed tokens travel with a block as base_tail
 
 
 class SpeculativeDecoder:
+    """Decodes a request with a draft model on this side and a target behind any :class:`Verifier`.
+
+    The robot's half of speculative decoding, as transformers' assisted generation pairs a
+    candidate generator with the model that checks it: here the draft (``draft``, a
+    :class:`~speculative_vlm.decoding.models.ModelAdapter`) proposes each block through a
+    :class:`~speculative_vlm.decoding.drafter.Drafter`, and the target checks it wherever it runs
+    (``verifier``: :class:`~speculative_vlm.decoding.inprocess.InProcessVerifier` in this process,
+    ``protocol.client.GrpcVerifier`` in the cloud, ``nodes.ros_verifier.RosVerifier`` through the
+    bridge node). The output is the target's own, token for token (greedy) or in distribution
+    (sampling), whatever the draft proposes and whatever the early exits say::
+
+        decoder = SpeculativeDecoder(draft, verifier, policy=AdaptiveLength(), method="auto")
+        result = decoder.generate(request, on_text=print, should_stop=goal.cancelled)
+        result.text, result.acceptance, result.tokens_per_pass
+
+    ``policy`` gives each block's length (``FixedLength(4)`` by default; ``AdaptiveLength`` learns it
+    from acceptance); ``preempt`` drafts the next block from a confident EARLY verdict
+    (``early_threshold``) and ``pipeline`` sends it before the FINAL one; ``method`` picks, per
+    session, speculation, the target streaming alone (``cloud_ar``) or whichever the ``chooser``
+    predicts is faster (``auto``). ``verdict_timeout_s`` bounds each wait for the verifier.
+
+    Public methods: :meth:`generate` decodes one request (verified, lossless);
+    :meth:`generate_unverified` runs the draft alone (the edge-only baseline, or the fallback
+    when the link is lost and the caller allows it); :meth:`choose` says which method and draft
+    length the next session would use. Errors are the verifier's typed ones
+    (:class:`~speculative_vlm.decoding.verifier.Refused` and its kinds, ``LinkLost``, ...), raised
+    the same over every verifier; :class:`Cancelled` when ``should_stop`` asked out.
+    """
+
     def __init__(
         self,
         draft: ModelAdapter,

@@ -138,6 +138,26 @@ class _Item:
 
 
 class TargetEngine:
+    """The target model's side of speculative decoding: sessions, batched verification, generation alone.
+
+    It holds the target (``model``) and its early-exit heads (``exit_layers``, or trained
+    ``exit_heads``), and knows nothing of transports or threads: the verification core
+    (``decoding.scheduler``'s :class:`~speculative_vlm.decoding.scheduler.BatchScheduler` over a
+    ``SessionStore``) calls it from one thread, for the in-process verifier and the gRPC service
+    alike. See the module docstring for the usage and for what ``verify`` guarantees.
+
+    - :meth:`open_session` encodes and prefills a request (raises ``Refused`` kinds on bad input);
+      a server splits it into :meth:`begin_session`, :meth:`prefill_step` (one chunk of
+      ``prefill_chunk_tokens`` ids per call, between other sessions' passes) and
+      :meth:`finish_session`.
+    - :meth:`verify` checks one block per session, up to ``max_batch`` sessions per forward pass,
+      calling ``on_early`` with each exit's provisional verdict mid-pass; the FINAL verdicts
+      (from the last layer alone) decide the output.
+    - :meth:`generate` yields the target's own tokens, one pass each (cloud autoregressive).
+    - :meth:`close_session` frees a session's KV cache. ``sessions`` holds the open ones
+      (the engine's record of the caches it owns); ``passes`` and ``largest_batch`` count its work.
+    """
+
     def __init__(
         self,
         model: ModelAdapter,
