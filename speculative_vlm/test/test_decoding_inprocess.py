@@ -51,3 +51,24 @@ def test_an_invalid_block_fails_its_own_session_only():
         with pytest.raises(Refused) as err:
             bad.next_verdict(timeout=30)
         assert err.value.code == "invalid_argument" and "draft.tokens[0]" in err.value.reason
+
+
+def test_a_block_sent_once_the_verification_thread_died_is_refused_at_once_as_by_the_server():
+    from speculative_vlm.decoding.verifier import DraftBlock, Refused, VerifierTimeout
+
+    target = tiny_causal_lm("qwen2", seed=13, layers=2)
+    with InProcessVerifier(TargetEngine(target, max_batch=4)) as verifier:
+        first, second = verifier.open(SessionRequest("sit down")), verifier.open(SessionRequest("stand up"))
+
+        def broken() -> list:
+            raise RuntimeError("scheduler bug")
+
+        verifier.scheduler._ready = broken  # the thread's next wake-up raises out of its loop
+        first.submit(DraftBlock(0, 0, (), (1, 2)))  # wakes the thread, which dies: this verdict never comes
+        with pytest.raises(VerifierTimeout):
+            first.next_verdict(timeout=2)
+        assert verifier.scheduler.broken and "scheduler bug" in verifier.scheduler.broken
+        second.submit(DraftBlock(0, 0, (), (1, 2)))
+        with pytest.raises(Refused) as err:
+            second.next_verdict(timeout=2)
+        assert err.value.code == "verify_failed" and "cannot verify any more" in err.value.reason
