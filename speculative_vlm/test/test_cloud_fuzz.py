@@ -11,7 +11,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from speculative_vlm.cloud.config import Limits, ServerConfig
+from speculative_vlm.cloud.config import ServerConfig, ServerLimits
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
@@ -117,7 +117,7 @@ def server(models):
     mp = pytest.MonkeyPatch()
     mp.setenv("SPECULATIVE_VLM_TOKENS", f"healthy:{HEALTHY},fuzzer:{FUZZER}")
     handle = serve(ServerConfig(bind="127.0.0.1:0", max_batch=4, max_wait_ms=5, exit_layers=(1,),
-                                limits=Limits(requests_per_second=10_000, burst=10_000)),
+                                limits=ServerLimits(requests_per_second=10_000, burst=10_000)),
                    engine=TargetEngine(models[0], exit_layers=[1], max_batch=4))
     mp.undo()
     yield handle

@@ -7,7 +7,7 @@ import time
 
 import grpc
 import pytest
-from speculative_vlm.cloud.config import Limits, ServerConfig
+from speculative_vlm.cloud.config import ServerConfig, ServerLimits
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
@@ -27,7 +27,7 @@ from tiny_models import jpeg, target_alone, tiny_pair
 HEALTHY, INTRUDER = "healthy-robot-token-000000000000", "intruder-robot-token-11111111111"
 HEALTHY_REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=32))
 REQUEST = SessionRequest(prompt="turn left", settings=GenerationSettings(max_new_tokens=8))
-LIMITS = Limits(max_message_bytes=256 * 1024, max_image_bytes=32 * 1024, max_prompt_chars=200,
+LIMITS = ServerLimits(max_message_bytes=256 * 1024, max_image_bytes=32 * 1024, max_prompt_chars=200,
                 max_sessions_per_client=2, requests_per_second=1000, burst=1000)
 
 
@@ -181,7 +181,7 @@ def test_sessions_beyond_the_per_client_limit_are_refused(server, healthy_robot)
 def test_a_client_over_its_request_rate_is_refused(models):
     mp = pytest.MonkeyPatch()
     mp.setenv("SPECULATIVE_VLM_TOKENS", f"intruder:{INTRUDER}")
-    handle = serve(ServerConfig(bind="127.0.0.1:0", limits=Limits(requests_per_second=1, burst=2)),
+    handle = serve(ServerConfig(bind="127.0.0.1:0", limits=ServerLimits(requests_per_second=1, burst=2)),
                    engine=TargetEngine(models[0]))
     mp.undo()
     try:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from cloud_harness import RawStream, open_message, raw_stream
 from speculative_vlm.cloud.auth import AuthThrottle, AuthThrottled
-from speculative_vlm.cloud.config import ConfigError, Limits, ServerConfig
+from speculative_vlm.cloud.config import ConfigError, ServerConfig, ServerLimits
 from speculative_vlm.cloud.limits import KVBudget, LimitExceeded
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.cloud.turns import ModelTurns
@@ -173,8 +173,8 @@ def test_an_image_prompt_prefills_every_image_token_in_its_first_chunk():
 # ---- the server's limits ----------------------------------------------------------------------
 def test_a_session_limit_that_leaves_no_rpc_slot_free_is_refused_at_start():
     with pytest.raises(ConfigError, match="RPC slots"):
-        ServerConfig(workers=16, limits=Limits(max_sessions=14, max_sessions_per_client=4)).validate()
-    ServerConfig(workers=16, limits=Limits(max_sessions=10, max_sessions_per_client=4)).validate()
+        ServerConfig(workers=16, limits=ServerLimits(max_sessions=14, max_sessions_per_client=4)).validate()
+    ServerConfig(workers=16, limits=ServerLimits(max_sessions=10, max_sessions_per_client=4)).validate()
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def server(models):
     mp = pytest.MonkeyPatch()
     mp.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN},other:{OTHER}")
     engine = TargetEngine(models[0])
-    limits = Limits(max_sessions=5, max_sessions_per_client=3, max_prompt_tokens=400, kv_budget_mb=1.0,
+    limits = ServerLimits(max_sessions=5, max_sessions_per_client=3, max_prompt_tokens=400, kv_budget_mb=1.0,
                     max_new_tokens=256)
     config = ServerConfig(bind="127.0.0.1:0", open_timeout_s=0.5, prefill_chunk_tokens=16, limits=limits)
     handle = serve(config, engine=engine)
@@ -245,7 +245,7 @@ def test_the_server_limit_counts_every_clients_streams(server):
 
 def test_a_prompt_over_the_token_limit_is_refused_with_its_token_count(server, models):
     prompt = _long_prompt(models[0], 401)
-    assert len(prompt) < Limits().max_prompt_chars  # short in characters: the tokens decide
+    assert len(prompt) < ServerLimits().max_prompt_chars  # short in characters: the tokens decide
     end = raw_stream(_address(server), [open_message(SessionRequest(prompt=prompt))], token=TOKEN)
     assert end.code == "prompt_too_long"
     assert "401 tokens" in end.details and "limit is 400" in end.details
@@ -293,7 +293,7 @@ def test_a_client_that_leaves_mid_prefill_stops_it_within_a_chunk_and_gives_its_
 
 def test_stopping_the_server_during_a_long_prefill_takes_a_chunk_not_the_prefill(models, monkeypatch):
     monkeypatch.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN}")
-    config = ServerConfig(bind="127.0.0.1:0", prefill_chunk_tokens=16, limits=Limits(max_prompt_tokens=400))
+    config = ServerConfig(bind="127.0.0.1:0", prefill_chunk_tokens=16, limits=ServerLimits(max_prompt_tokens=400))
     handle = serve(config, engine=TargetEngine(models[0]))
     with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
         stream = RawStream(channel, [open_message(SessionRequest(prompt=_long_prompt(models[0], 400)))],
@@ -314,7 +314,7 @@ def test_the_allocator_gives_memory_back_to_the_os_after_long_sessions_end(model
     monkeypatch.setattr(service, "TRIM_AFTER_BYTES", 100 * 1024)  # a tiny model's long session
     monkeypatch.setattr(service, "return_free_memory", lambda: trims.append(time.monotonic()))
     monkeypatch.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN}")
-    handle = serve(ServerConfig(bind="127.0.0.1:0", session_idle_s=2.0, limits=Limits(max_new_tokens=256)),
+    handle = serve(ServerConfig(bind="127.0.0.1:0", session_idle_s=2.0, limits=ServerLimits(max_new_tokens=256)),
                    engine=TargetEngine(models[0]))
     verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
     try:

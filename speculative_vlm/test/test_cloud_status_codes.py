@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from cloud_harness import RawStream, draft_message, open_message, raw_stream
-from speculative_vlm.cloud.config import Limits, ServerConfig
+from speculative_vlm.cloud.config import ServerConfig, ServerLimits
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import (
@@ -38,7 +38,7 @@ def server():
     mp = pytest.MonkeyPatch()
     mp.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN},other:{OTHER}")
     handle = serve(ServerConfig(bind="127.0.0.1:0", open_timeout_s=0.5,
-                                limits=Limits(max_sessions_per_client=2, max_prompt_tokens=64)),
+                                limits=ServerLimits(max_sessions_per_client=2, max_prompt_tokens=64)),
                    engine=TargetEngine(tiny_pair()[0]))
     mp.undo()
     yield handle

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from speculative_vlm.cloud.config import Limits, ServerConfig
+from speculative_vlm.cloud.config import ServerConfig, ServerLimits
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding import admission
 from speculative_vlm.decoding.loop import SpeculativeDecoder
@@ -250,7 +250,7 @@ def server(models):
     mp.setenv("SPECULATIVE_VLM_TOKENS", f"healthy:{HEALTHY},intruder:{INTRUDER}")
     engine = TargetEngine(models[0], exit_layers=[1], max_batch=8)
     handle = serve(ServerConfig(bind="127.0.0.1:0", max_batch=8, max_wait_ms=15, exit_layers=(1,),
-                                limits=Limits(requests_per_second=10_000, burst=10_000)), engine=engine)
+                                limits=ServerLimits(requests_per_second=10_000, burst=10_000)), engine=engine)
     mp.undo()
     yield handle
     handle.stop()

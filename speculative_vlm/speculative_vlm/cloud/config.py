@@ -25,7 +25,7 @@ RESERVED_RPC_SLOTS = 4
 
 
 @dataclass(frozen=True)
-class Limits:
+class ServerLimits:
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC receive limit; larger messages are refused
     max_image_bytes: int = 2 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
@@ -89,7 +89,7 @@ class ServerConfig:
     workers: int = 64  # gRPC handler threads; each open stream holds one
     torch_threads: int | None = None
     log_level: str = "INFO"
-    limits: Limits = field(default_factory=Limits)
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
     @property
     def host(self) -> str:
@@ -172,13 +172,13 @@ def from_mapping(data: dict[str, Any]) -> ServerConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown server settings {unknown}; known: {sorted(known)}")
-    known_limits = {f.name for f in dataclasses.fields(Limits)}
+    known_limits = {f.name for f in dataclasses.fields(ServerLimits)}
     unknown = sorted(set(limits_data) - known_limits)
     if unknown:
         raise ConfigError(f"unknown limits {unknown}; known: {sorted(known_limits)}")
     if "exit_layers" in data:
         data["exit_layers"] = tuple(int(x) for x in data["exit_layers"] or ())
-    return ServerConfig(**data, limits=Limits(**limits_data)).validate()
+    return ServerConfig(**data, limits=ServerLimits(**limits_data)).validate()
 
 
 def from_yaml(path: str | Path, section: str | None = None) -> ServerConfig:

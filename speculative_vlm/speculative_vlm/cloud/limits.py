@@ -15,11 +15,11 @@ import time
 
 from PIL import Image, UnidentifiedImageError
 
-from speculative_vlm.cloud.config import Limits
+from speculative_vlm.cloud.config import ServerLimits
 from speculative_vlm.decoding.verifier import DraftBlock, LimitExceeded, SessionRequest
 
 
-def check_image(jpeg: bytes, limits: Limits) -> tuple[int, int]:
+def check_image(jpeg: bytes, limits: ServerLimits) -> tuple[int, int]:
     """Size of a JPEG that is small enough and decodes; raises LimitExceeded otherwise."""
     if len(jpeg) > limits.max_image_bytes:
         raise LimitExceeded("image_too_large", f"image is {len(jpeg)} bytes, the limit is {limits.max_image_bytes}; "
@@ -40,7 +40,7 @@ def check_image(jpeg: bytes, limits: Limits) -> tuple[int, int]:
     return size
 
 
-def check_open(request: SessionRequest, limits: Limits) -> None:
+def check_open(request: SessionRequest, limits: ServerLimits) -> None:
     """What can be checked of an Open before tokenizing it (the token limit comes after)."""
     # A cheap bound on the tokenizer's work; the limit that matters is check_prompt_tokens'.
     if len(request.prompt) > limits.max_prompt_chars:
@@ -58,7 +58,7 @@ def check_open(request: SessionRequest, limits: Limits) -> None:
         check_image(request.image, limits)
 
 
-def check_prompt_tokens(tokens: int, limits: Limits) -> None:
+def check_prompt_tokens(tokens: int, limits: ServerLimits) -> None:
     """Refuse a prompt longer than the limit, counted in tokens after the chat template and the image."""
     if tokens > limits.max_prompt_tokens:
         raise LimitExceeded("prompt_too_long", f"the prompt is {tokens} tokens after the chat template "
@@ -66,7 +66,7 @@ def check_prompt_tokens(tokens: int, limits: Limits) -> None:
                             "or the system message")
 
 
-def check_draft(block: DraftBlock, limits: Limits) -> None:
+def check_draft(block: DraftBlock, limits: ServerLimits) -> None:
     """The server's size limit on a block; its fields are checked by ``decoding.admission``."""
     # An empty block is legal: it asks the target for the next token alone (the loop sends
     # one when a single token of budget is left).

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from speculative_vlm.cloud import logs
 from speculative_vlm.cloud.auth import AuthConfigError, TokenAuthenticator, load_tokens
-from speculative_vlm.cloud.config import ConfigError, Limits, ServerConfig, from_yaml
+from speculative_vlm.cloud.config import ConfigError, ServerConfig, ServerLimits, from_yaml
 from speculative_vlm.cloud.metrics import ServerMetrics
 from speculative_vlm.cloud.service import SERVICE_NAME, VerificationService
 from speculative_vlm.decoding.placement import PlacementError
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Limits", "ServerConfig", "ServerHandle", "serve", "main", "InsecureBind"]
+__all__ = ["ServerLimits", "ServerConfig", "ServerHandle", "serve", "main", "InsecureBind"]
 
 
 if __name__ == "__main__":
