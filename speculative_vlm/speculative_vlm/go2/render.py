@@ -37,17 +37,24 @@ class CameraModel:
         return (self.height - 1) / 2.0
 
 
-_SKY = np.array([235, 225, 215], np.uint8)  # BGR
-_FLOOR_A = np.array([150, 150, 150], np.uint8)
-_FLOOR_B = np.array([120, 120, 120], np.uint8)
-_WALL = np.array([200, 205, 210], np.uint8)
+@dataclass(frozen=True)
+class RenderStyle:
+    """How the room looks: colours (BGR) and the floor's checker size. The defaults are the simulator's room;
+    training varies them (:mod:`speculative_vlm.training.vlm_frames`) so a vision encoder does not learn one room."""
+
+    sky: tuple[int, int, int] = (235, 225, 215)
+    floor_a: tuple[int, int, int] = (150, 150, 150)
+    floor_b: tuple[int, int, int] = (120, 120, 120)
+    wall: tuple[int, int, int] = (200, 205, 210)
+    checker_m: float = 1.0  # side of a floor tile, m
 
 
-def render_bgr(scene: Scene, x: float, y: float, yaw: float, camera: CameraModel = CameraModel()) -> np.ndarray:
+def render_bgr(scene: Scene, x: float, y: float, yaw: float, camera: CameraModel = CameraModel(),
+               style: RenderStyle = RenderStyle()) -> np.ndarray:
     """Render the view from pose (x, y, yaw) as a BGR uint8 image of the camera's size."""
     w, h, f, cx, cy, ch = camera.width, camera.height, camera.fx, camera.cx, camera.cy, camera.mount_height
     img = np.empty((h, w, 3), np.uint8)
-    img[:] = _SKY
+    img[:] = np.array(style.sky, np.uint8)
     cos_y, sin_y = math.cos(yaw), math.sin(yaw)
 
     # Per column: the ray direction in the world and the distance to the wall it hits.
@@ -69,10 +76,10 @@ def render_bgr(scene: Scene, x: float, y: float, yaw: float, camera: CameraModel
     fx_world = x + depth_floor[:, None] * dir_x[None, :]
     fy_world = y + depth_floor[:, None] * dir_y[None, :]
     with np.errstate(invalid="ignore"):
-        checker = (np.floor(fx_world) + np.floor(fy_world)) % 2 == 0
+        checker = (np.floor(fx_world / style.checker_m) + np.floor(fy_world / style.checker_m)) % 2 == 0
     floor_mask = below[:, None] & (depth_floor[:, None] < wall_depth[None, :])
-    img[floor_mask & checker] = _FLOOR_A
-    img[floor_mask & ~checker] = _FLOOR_B
+    img[floor_mask & checker] = np.array(style.floor_a, np.uint8)
+    img[floor_mask & ~checker] = np.array(style.floor_b, np.uint8)
 
     # Walls: between the floor line and the wall top in each column, shaded by distance.
     top = cy - f * (room.wall_height - ch) / wall_depth
@@ -80,7 +87,7 @@ def render_bgr(scene: Scene, x: float, y: float, yaw: float, camera: CameraModel
     rows = v[:, None]
     wall_mask = (rows >= top[None, :]) & (rows <= bottom[None, :])
     shade = np.clip(1.0 - wall_depth / 30.0, 0.5, 1.0)
-    wall_rgb = (_WALL[None, :] * shade[:, None]).astype(np.uint8)
+    wall_rgb = (np.array(style.wall, np.float64)[None, :] * shade[:, None]).astype(np.uint8)
     img[wall_mask] = np.broadcast_to(wall_rgb[None, :, :], (h, w, 3))[wall_mask]
 
     # Objects, far to near so nearer ones cover farther ones.
