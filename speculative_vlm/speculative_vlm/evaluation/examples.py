@@ -38,6 +38,11 @@ class Example:
     scene_text: str
     progress: str
     answer: str  # the expert's command, as the command grammar writes it
+    # Where the robot stood when the camera frame was taken: the frame can be rendered again from it
+    # and the episode's scene (the VLM target's training renders it with varied looks).
+    x: float = 0.0
+    y: float = 0.0
+    yaw: float = 0.0
 
     @property
     def prompt(self) -> str:
@@ -85,7 +90,7 @@ def training_examples(
 
     def keep(obs: Observation, record) -> None:
         collected.append(Example(episode.id, episode.intent.family.value, obs.step, obs.instruction, obs.scene_text,
-                                 obs.progress, record.text))
+                                 obs.progress, record.text, record.pose.x, record.pose.y, record.pose.yaw))
 
     for episode in generate_episodes(split, episodes, seed, families, start):
         run_episode(episode, expert, config, perception="scene_text", execute=execute if perturb else None,

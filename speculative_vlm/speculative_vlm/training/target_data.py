@@ -15,6 +15,12 @@ the source of the code that makes them (evaluation, commands, go2), so a rerun r
 a change to the expert or the simulator never serves stale ones. The held-out states used to *measure* the result come from
 :func:`speculative_vlm.evaluation.single_step.expert_states` on the held-out split, the same
 prompts ``speculative-vlm eval`` scores.
+
+The VLM target (``train-target --vision``) learns from the same rollouts: every example also
+records the pose the camera frame was taken from, and :func:`frame_examples` pairs it with its
+episode, whose scene :mod:`.vlm_frames` renders the frame from (again each epoch, with another
+look). Its data keeps steps whose prompt text repeats when the robot stood elsewhere
+(``distinct_frames``): the same words, another picture.
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, render_prompt
+from speculative_vlm.commands.scene_text import Pose
+from speculative_vlm.evaluation.episodes import Episode, generate_episodes
 from speculative_vlm.evaluation.examples import Example, training_examples
+from speculative_vlm.evaluation.phrasings import TRAIN
+from speculative_vlm.evaluation.splits import make_splits
 from speculative_vlm.evaluation.world import WorldConfig
 
 DEFAULT_CACHE = Path.home() / ".cache" / "speculative_vlm" / "target-data"
@@ -56,13 +66,14 @@ class TokenExample:
 
 
 def expert_examples(recipe: DataRecipe, config: WorldConfig | None = None,
-                    log: Callable[[str], None] = print) -> list[Example]:
-    """The recipe's examples in a fixed order; a prompt already seen with the same answer is kept once."""
+                    log: Callable[[str], None] = print, distinct_frames: bool = False) -> list[Example]:
+    """The recipe's examples in a fixed order; a prompt already seen with the same answer is kept once
+    (with ``distinct_frames``, only when it was also seen from the same pose)."""
     config = config or WorldConfig.from_config()
     plain = training_examples(recipe.episodes, recipe.seed, recipe.split_seed, config)
     perturbed = training_examples(recipe.perturbed_episodes, recipe.seed, recipe.split_seed, config,
                                   perturb=recipe.perturb, start=recipe.episodes)
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple] = set()
     examples: list[Example] = []
     total = recipe.episodes + recipe.perturbed_episodes
     episodes: set[str] = set()
@@ -72,7 +83,7 @@ def expert_examples(recipe: DataRecipe, config: WorldConfig | None = None,
                 episodes.add(example.episode)
                 if len(episodes) % 100 == 0:
                     log(f"[data] {len(episodes)}/{total} rollouts, {len(examples)} examples")
-            key = (example.prompt, example.answer)
+            key = (example.prompt, example.answer) + ((example.x, example.y, example.yaw) if distinct_frames else ())
             if key not in seen:
                 seen.add(key)
                 examples.append(example)
@@ -80,23 +91,50 @@ def expert_examples(recipe: DataRecipe, config: WorldConfig | None = None,
 
 
 def cached_examples(recipe: DataRecipe, config: WorldConfig, cache_dir: Path | None,
-                    log: Callable[[str], None] = print) -> list[Example]:
+                    log: Callable[[str], None] = print, distinct_frames: bool = False) -> list[Example]:
     """:func:`expert_examples`, read from ``cache_dir`` when an identical run wrote them (None: no cache)."""
     if cache_dir is None:
-        return expert_examples(recipe, config, log)
-    digest = hashlib.sha256(json.dumps([asdict(recipe), repr(config)]).encode())
+        return expert_examples(recipe, config, log, distinct_frames)
+    digest = hashlib.sha256(json.dumps([asdict(recipe), repr(config)] + (["frames"] if distinct_frames else []))
+                            .encode())
     for source in sorted(f for package in _SOURCES for f in (_PACKAGE / package).rglob("*.py")):
         digest.update(source.read_bytes())
     path = Path(cache_dir) / f"examples-{digest.hexdigest()[:16]}.json"
     if path.exists():
         log(f"[data] rollouts reused from {path}")
         return [Example(**row) for row in json.loads(path.read_text())]
-    examples = expert_examples(recipe, config, log)
+    examples = expert_examples(recipe, config, log, distinct_frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps([asdict(e) for e in examples]))
     tmp.replace(path)
     return examples
+
+
+@dataclass(frozen=True)
+class FrameExample:
+    """A step of a rollout with what its frame is rendered from: the episode (scene, named object) and pose."""
+
+    example: Example
+    episode: Episode
+
+    @property
+    def pose(self) -> Pose:
+        return Pose(self.example.x, self.example.y, self.example.yaw)
+
+
+def recipe_episodes(recipe: DataRecipe) -> dict[str, Episode]:
+    """The recipe's train-split episodes by id (as :func:`expert_examples` rolled them out)."""
+    split = make_splits(recipe.split_seed)[TRAIN]
+    return {e.id: e for e in generate_episodes(split, recipe.episodes + recipe.perturbed_episodes, recipe.seed)}
+
+
+def frame_examples(recipe: DataRecipe, config: WorldConfig, cache_dir: Path | None,
+                   log: Callable[[str], None] = print) -> list[FrameExample]:
+    """The recipe's examples with distinct frames, each with its episode (train split only)."""
+    examples = cached_examples(recipe, config, cache_dir, log, distinct_frames=True)
+    episodes = recipe_episodes(recipe)
+    return [FrameExample(e, episodes[e.episode]) for e in examples]
 
 
 def stop_token_id(tokenizer, model_config) -> int:
