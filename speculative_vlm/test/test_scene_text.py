@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 from speculative_vlm.commands.scene_text import (
+    NamedPoint,
     Pose,
-    SceneObject,
     describe_image,
     describe_objects,
     detect_blobs,
@@ -15,7 +15,7 @@ from speculative_vlm.commands.scene_text import (
 
 
 def test_an_object_straight_ahead_is_described_with_its_distance():
-    assert describe_objects([SceneObject("red ball", 2.0, 0.0)]) == "red ball: 2.0 m away, straight ahead."
+    assert describe_objects([NamedPoint("red ball", 2.0, 0.0)]) == "red ball: 2.0 m away, straight ahead."
 
 
 def test_bearing_is_positive_to_the_left_like_vyaw():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, sample_instruction, user_message
-from speculative_vlm.commands.scene_text import SceneObject as TextObject
+from speculative_vlm.commands.scene_text import NamedPoint
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.go2.render import CameraModel, render_bgr
 from speculative_vlm.go2.scene import load_scene
@@ -58,7 +58,7 @@ def build_prompts(count: int, seed: int = 7) -> tuple[list[BenchPrompt], list[np
     scene = load_scene(None)
     rng = random.Random(seed)
     # The instruction templates name objects without the article the scene file uses.
-    objects = tuple(TextObject(o.name.removeprefix("the "), o.x, o.y) for o in scene.objects)
+    objects = tuple(NamedPoint(o.name.removeprefix("the "), o.x, o.y) for o in scene.objects)
     prompts, frames = [], []
     for i in range(count):
         x, y = rng.uniform(-1.5, 2.5), rng.uniform(-2.5, 2.5)

@@ -15,7 +15,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from speculative_vlm.commands.scene_text import Pose, SceneObject, describe_objects
+from speculative_vlm.commands.scene_text import NamedPoint, Pose, describe_objects
 
 SYSTEM_PROMPT = (
     "You control a Unitree Go2 robot dog. Reply with one JSON object and nothing else: "
@@ -82,7 +82,7 @@ class Task:
 
     instruction: str
     scene_text: str
-    objects: tuple[SceneObject, ...] = field(default=())
+    objects: tuple[NamedPoint, ...] = field(default=())
     pose: Pose = Pose()
 
 
@@ -146,7 +146,7 @@ def render_prompt(
     )
 
 
-def sample_scene(rng: random.Random, max_objects: int = 4) -> tuple[tuple[SceneObject, ...], Pose]:
+def sample_scene(rng: random.Random, max_objects: int = 4) -> tuple[tuple[NamedPoint, ...], Pose]:
     """A random scene: 0..max_objects distinct coloured objects around a robot at a random pose."""
     count = rng.choices(range(max_objects + 1), weights=[1] + [3] * max_objects)[0]
     kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], count)
@@ -159,11 +159,11 @@ def sample_scene(rng: random.Random, max_objects: int = 4) -> tuple[tuple[SceneO
         bearing = rng.gauss(0.0, 0.8) if rng.random() < 0.8 else rng.uniform(-3.14, 3.14)
         wx = pose.x + distance * math.cos(pose.yaw + bearing)
         wy = pose.y + distance * math.sin(pose.yaw + bearing)
-        objects.append(SceneObject(name=f"{colour} {shape}", x=round(wx, 2), y=round(wy, 2)))
+        objects.append(NamedPoint(name=f"{colour} {shape}", x=round(wx, 2), y=round(wy, 2)))
     return tuple(objects), pose
 
 
-def sample_instruction(rng: random.Random, objects: tuple[SceneObject, ...]) -> str:
+def sample_instruction(rng: random.Random, objects: tuple[NamedPoint, ...]) -> str:
     """An instruction that mostly refers to an object in view, sometimes to none or a missing one."""
     present = {o.name for o in objects}
     roll = rng.random()

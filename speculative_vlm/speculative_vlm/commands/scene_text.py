@@ -32,7 +32,7 @@ class Pose:
 
 
 @dataclass(frozen=True)
-class SceneObject:
+class NamedPoint:
     """A named object (``"red ball"``) at a world position in metres."""
 
     name: str
@@ -73,7 +73,7 @@ def describe_sightings(sightings: Iterable[Sighting], approximate: bool = False)
     return "; ".join(parts) + "."
 
 
-def relative(obj: SceneObject, pose: Pose) -> Sighting:
+def relative(obj: NamedPoint, pose: Pose) -> Sighting:
     """Where an object is as seen from the robot."""
     dx, dy = obj.x - pose.x, obj.y - pose.y
     # Rotate the world offset into the robot frame (x forward, y left).
@@ -83,15 +83,15 @@ def relative(obj: SceneObject, pose: Pose) -> Sighting:
 
 
 def describe_objects(
-    objects: Sequence[SceneObject | tuple[str, float, float]], pose: Pose | tuple[float, float, float] = Pose()
+    objects: Sequence[NamedPoint | tuple[str, float, float]], pose: Pose | tuple[float, float, float] = Pose()
 ) -> str:
     """Text for a structured scene: each object's distance and bearing from the robot.
 
-    ``objects`` are :class:`SceneObject` or ``(name, x, y)`` tuples in world metres;
+    ``objects`` are :class:`NamedPoint` or ``(name, x, y)`` tuples in world metres;
     ``pose`` is a :class:`Pose` or ``(x, y, yaw)``.
     """
     pose = pose if isinstance(pose, Pose) else Pose(*pose)
-    objs = [o if isinstance(o, SceneObject) else SceneObject(*o) for o in objects]
+    objs = [o if isinstance(o, NamedPoint) else NamedPoint(*o) for o in objects]
     return describe_sightings(relative(o, pose) for o in objs)
 
 
@@ -101,7 +101,7 @@ _HUES = ((8, "red"), (20, "orange"), (35, "yellow"), (85, "green"), (100, "cyan"
 
 
 @dataclass(frozen=True)
-class CameraModel:
+class DescriberCamera:
     """What the describer assumes about the camera and the objects it looks at.
 
     The defaults match the simulated Go2's front camera (``go2/render.py``); give the real
@@ -162,7 +162,7 @@ def _shape_of(mask: np.ndarray, area: int, w: int, h: int) -> str:
     return "object"
 
 
-def detect_blobs(bgr: np.ndarray, camera: CameraModel = CameraModel()) -> list[Blob]:
+def detect_blobs(bgr: np.ndarray, camera: DescriberCamera = DescriberCamera()) -> list[Blob]:
     """Saturated colour blobs in a BGR frame, largest first, with bearing and rough distance."""
     import cv2
 
@@ -209,7 +209,7 @@ def detect_blobs(bgr: np.ndarray, camera: CameraModel = CameraModel()) -> list[B
     return blobs
 
 
-def describe_image(bgr: np.ndarray, camera: CameraModel = CameraModel(), max_objects: int = 5) -> str:
+def describe_image(bgr: np.ndarray, camera: DescriberCamera = DescriberCamera(), max_objects: int = 5) -> str:
     """Text for a camera frame: the largest coloured blobs, their bearing and rough distance."""
     blobs = detect_blobs(bgr, camera)[:max_objects]
     return describe_sightings((Sighting(b.name, b.distance, b.bearing) for b in blobs), approximate=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from speculative_vlm.commands.scene_text import Pose, SceneObject, relative
+from speculative_vlm.commands.scene_text import NamedPoint, Pose, relative
 from speculative_vlm.commands.schema import Action, LocomotionCommand
 from speculative_vlm.evaluation.families import Family, Intent
 from speculative_vlm.go2.motion_rules import MotionLimits
@@ -99,7 +99,7 @@ class Expert:
             return self._stop_then_done(sit)
         return self._move(vyaw=self.limits.max_vyaw, duration=self.settings.search_s)
 
-    def sees(self, obj: SceneObject | None, pose: Pose) -> bool:
+    def sees(self, obj: NamedPoint | None, pose: Pose) -> bool:
         """Whether ``obj`` is inside the view the expert trusts (the camera shows a little more)."""
         if obj is None:
             return False
@@ -142,9 +142,9 @@ class Expert:
         return self._stop_then_done(sit)  # STOP, REFUSE
 
 
-def _find(scene: Scene, target: str) -> SceneObject | None:
+def _find(scene: Scene, target: str) -> NamedPoint | None:
     """The scene object an intent names (``red ball``), as the describer's kind of object, or None."""
     for obj in scene.objects:
         if obj.name.removeprefix("the ") == target:
-            return SceneObject(target, obj.x, obj.y)
+            return NamedPoint(target, obj.x, obj.y)
     return None
