@@ -1,23 +1,33 @@
-"""Draft training: the target's answers, the distillation, the acceptance replay, the command.
+"""Draft training: the robot's prompts, the target's answers, the distillation, the acceptance replay, the command.
 
 A tiny random Llama on SmolLM2's vocabulary stands in for the target, so these run in
-seconds; the shipped draft's quality is checked in test_training_shipped.py.
+seconds; the shipped draft's quality is checked in test_training_shipped.py. The robot's
+prompts come from a few rollouts in the in-process simulated Go2.
 """
 
 import argparse
 import json
 import math
 import random
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from speculative_vlm.commands.schema import parse_command
-from speculative_vlm.training import acceptance, distill, teacher_data, train_draft
+from speculative_vlm.decoding import model_store
+from speculative_vlm.evaluation.episodes import generate_episodes
+from speculative_vlm.evaluation.phrasings import HELDOUT, TRAIN
+from speculative_vlm.evaluation.splits import make_splits
+from speculative_vlm.evaluation.world import SIM_CONFIG, WorldConfig
+from speculative_vlm.training import acceptance, distill, target_data, teacher_data, train_draft
 from speculative_vlm.training.draft_model import DraftShape, ProjectedDraft
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 SHIPPED_DRAFT = Path(__file__).resolve().parents[1] / "models" / "command-draft"
+RECIPE = target_data.DataRecipe(episodes=6, perturbed_episodes=2)  # a few of train-target's rollouts
+CONFIG = replace(WorldConfig.from_config(SIM_CONFIG), progress_line=True)
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +48,89 @@ def teacher(tiny_target, tmp_path_factory) -> teacher_data.TeacherData:
 
 
 @pytest.fixture(scope="module")
-def examples(teacher) -> list[teacher_data.Example]:
+def rollout_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rollouts")
+
+
+@pytest.fixture(scope="module")
+def heldout_prompts() -> list[teacher_data.RobotPrompt]:
+    return teacher_data.heldout_prompts(4, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def train_prompts(rollout_cache, heldout_prompts) -> list[teacher_data.RobotPrompt]:
+    # As train-draft samples them with its defaults (below, the command reuses these rollouts and answers).
+    prompts, _ = teacher_data.training_prompts(4, RECIPE, CONFIG, rollout_cache,
+                                               exclude={p.text for p in heldout_prompts}, log=lambda _: None)
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def examples(teacher, train_prompts) -> list[teacher_data.Example]:
     # The same spec as the command's training data below, so that test reuses these answers.
-    return teacher.collect(teacher_data.DataSpec(commands=4, general=4, seed="train", batch_size=4),
+    return teacher.collect(teacher_data.DataSpec(tuple(train_prompts), general=4, seed="train", batch_size=4),
                            log=lambda _: None)
 
 
-def test_batched_generation_with_a_shared_prefix_equals_one_prompt_at_a_time(teacher):
+def test_training_prompts_are_states_of_the_targets_train_split_rollouts_with_the_progress_line(
+        teacher, train_prompts, rollout_cache):
+    rollouts = target_data.cached_examples(RECIPE, CONFIG, rollout_cache, log=lambda _: None)
+    trained_on = {t.prompt_ids for t in target_data.tokenize(rollouts, teacher.tokenizer, 2)}
+    for prompt in train_prompts:
+        assert prompt.split == TRAIN and prompt.episode.startswith("train-")
+        assert prompt.progress.startswith("moved ") and "\nProgress: moved " in prompt.text
+        # The very prompt train-target fine-tuned the target on, token for token.
+        assert tuple(teacher.command_ids(prompt)) in trained_on
+
+
+def test_heldout_prompts_are_one_step_of_each_heldout_episode_and_never_training_prompts(
+        heldout_prompts, rollout_cache):
+    episodes = {e.id: e for e in generate_episodes(make_splits(0)[HELDOUT], 8, 0)}
+    assert len({p.episode for p in heldout_prompts}) == len(heldout_prompts) == 4
+    for prompt in heldout_prompts:
+        assert prompt.split == HELDOUT and prompt.episode in episodes
+        assert prompt.instruction == episodes[prompt.episode].instruction
+        assert prompt.progress.startswith("moved ")
+    _, pool = teacher_data.training_prompts(1, RECIPE, CONFIG, rollout_cache, log=lambda _: None)
+    everything, _ = teacher_data.training_prompts(pool, RECIPE, CONFIG, rollout_cache, log=lambda _: None)
+    assert not {p.text for p in heldout_prompts} & {p.text for p in everything}
+    assert not {p.instruction for p in heldout_prompts} & {p.instruction for p in everything}
+
+
+def test_without_the_progress_line_the_prompts_carry_none(rollout_cache):
+    prompts, _ = teacher_data.training_prompts(4, RECIPE, CONFIG, rollout_cache, progress_line=False,
+                                               log=lambda _: None)
+    assert all(p.progress == "" and "Progress:" not in p.text for p in prompts)
+
+
+def test_the_answer_cache_key_changes_when_the_prompts_change(teacher, train_prompts, examples):
+    spec = teacher_data.DataSpec(tuple(train_prompts), general=0, batch_size=4)
+    bare = [replace(p, progress="") for p in train_prompts]
+    with_line = teacher.shard_path("command", spec, [teacher.command_ids(p) for p in train_prompts])
+    without = teacher.shard_path("command", spec, [teacher.command_ids(p) for p in bare])
+    others = teacher.shard_path("command", spec, [teacher.command_ids(p) for p in reversed(train_prompts)])
+    assert with_line.exists() and len({with_line, without, others}) == 3
+    answers = teacher.collect(replace(spec, commands=tuple(bare)), log=lambda _: None)
+    assert without.exists()
+    assert [e.prompt_ids for e in answers] == [teacher.command_ids(p) for p in bare]
+
+
+def test_the_answer_cache_key_changes_when_the_targets_weights_change(tiny_target, tmp_path):
+    for name in ("a", "b"):
+        shutil.copytree(tiny_target, tmp_path / name / "target")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "target")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(tmp_path / "b" / "target")
+    same_name = [teacher_data.TeacherData(tmp_path / n / "target", tmp_path / "cache").cache_dir for n in "ab"]
+    again = teacher_data.TeacherData(tmp_path / "a" / "target", tmp_path / "cache").cache_dir
+    assert same_name[0] != same_name[1] and again == same_name[0]
+
+
+def test_batched_generation_with_a_shared_prefix_equals_one_prompt_at_a_time(teacher, train_prompts):
     import xgrammar as xgr
 
-    prompts = [teacher._prompt_ids("command", "test", i) for i in range(2)]
+    prompts = [teacher.command_ids(p) for p in train_prompts[:2]]
     kwargs = dict(max_new_tokens=16, stop_ids=teacher.stop_ids, pad_id=teacher.pad_id)
     batched = teacher_data.generate_batch(teacher.model, prompts, **kwargs,
                                           matchers=[xgr.GrammarMatcher(teacher.compiled) for _ in prompts])
@@ -71,9 +154,9 @@ def test_top_k_is_recorded_for_every_answer_token_with_the_chosen_token_first(ex
         assert list(e.topk_ids[:, 0]) == e.answer_ids
 
 
-def test_collected_answers_are_cached_and_reused(teacher, examples):
+def test_collected_answers_are_cached_and_reused(teacher, train_prompts, examples):
     shards = sorted(teacher.cache_dir.glob("*.pt"))
-    spec = teacher_data.DataSpec(commands=4, general=4, seed="train", batch_size=4)
+    spec = teacher_data.DataSpec(tuple(train_prompts), general=4, seed="train", batch_size=4)
     again = teacher.collect(spec, log=lambda _: None)
     assert sorted(teacher.cache_dir.glob("*.pt")) == shards
     assert [e.answer_ids for e in again] == [e.answer_ids for e in examples]
@@ -143,14 +226,18 @@ def test_a_draft_that_never_agrees_costs_one_target_pass_per_token(teacher, exam
     assert report.tokens_per_pass == pytest.approx(report.answer_tokens / report.rounds)
 
 
-def test_train_draft_writes_a_loadable_checkpoint_with_a_card(tiny_target, teacher, examples, tmp_path):
+def test_train_draft_writes_a_loadable_checkpoint_with_a_card(tiny_target, teacher, examples, rollout_cache,
+                                                              tmp_path):
     parser = argparse.ArgumentParser()
     train_draft.add_arguments(parser)
     args = parser.parse_args([
         "--target", str(tiny_target), "--out", str(tmp_path / "draft"), "--data-cache", str(teacher.cache_dir.parent),
         "--prompts", "4", "--general", "4", "--heldout", "4", "--gen-batch", "4", "--minutes", "1",
         "--max-steps", "3", "--layers", "1", "--hidden", "64", "--batch-size", "4", "--threads", "1",
+        "--episodes", str(RECIPE.episodes), "--perturbed-episodes", str(RECIPE.perturbed_episodes),
+        "--rollout-cache", str(rollout_cache),
     ])
+    shards = set(teacher.cache_dir.glob("*.pt"))
     assert train_draft.run(args) == 0
     out = tmp_path / "draft"
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -160,6 +247,34 @@ def test_train_draft_writes_a_loadable_checkpoint_with_a_card(tiny_target, teach
     assert metrics["training"]["steps"] == 3
     card = (out / "card.md").read_text()
     assert "## Data recipe" in card and f"{metrics['commands']['acceptance']:.3f}" in card
+    # The training answers were the fixture's (the same prompts); only the held-out ones were new.
+    new = set(teacher.cache_dir.glob("*.pt")) - shards
+    assert sorted(f.name.split("-")[0] for f in new) == ["command", "general"]
+    assert metrics["data"]["progress_line"] and metrics["data"]["heldout_episodes"] == 4
+    assert sum(r["prompts"] for r in metrics["commands_by_family"].values()) == metrics["commands"]["prompts"] == 4
+
+
+def test_train_draft_asks_for_the_robot_target_and_says_how_to_make_it_when_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPECULATIVE_VLM_MODELS", str(tmp_path / "store"))
+    monkeypatch.setattr(model_store, "bundled_dirs", lambda: [])
+    parser = argparse.ArgumentParser()
+    train_draft.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "draft")])
+    assert args.target == model_store.ROBOT_TARGET == "smollm2-135m-robot"
+    assert train_draft.run(args) == 2
+    error = capsys.readouterr().err
+    assert "smollm2-135m-robot" in error and "train-target" in error and "prepare-models" in error
+    assert not (tmp_path / "draft").exists()
+
+
+def test_acceptance_reports_add_up_over_families(teacher, examples):
+    commands = [e for e in examples if e.kind == "command"]
+    stops = frozenset(teacher.stop_ids)
+    whole = acceptance.measure(teacher.model, commands, 3, teacher.compiled, stops)
+    parts = [acceptance.measure(teacher.model, [e for e in commands if e.family == f], 3, teacher.compiled, stops)
+             for f in {e.family for e in commands}]
+    assert acceptance.AcceptanceReport.total(parts) == whole
+    assert all(e.family for e in commands)
 
 
 def test_too_few_examples_for_a_batch_is_refused_with_what_to_do(teacher, examples):

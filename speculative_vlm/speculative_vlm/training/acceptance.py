@@ -20,6 +20,8 @@ from speculative_vlm.training.teacher_data import Example
 
 @dataclass(frozen=True)
 class AcceptanceReport:
+    """Counts of a replay of greedy speculative decoding; the figures derive from them."""
+
     gamma: int
     prompts: int
     rounds: int  # target passes
@@ -40,6 +42,15 @@ class AcceptanceReport:
     @property
     def accepted_per_round(self) -> float:
         return self.accepted / max(self.rounds, 1)
+
+    @classmethod
+    def total(cls, reports: Sequence[AcceptanceReport]) -> AcceptanceReport:
+        """The report over all the prompts of ``reports`` (measured at one gamma): every count adds up."""
+        gammas = {r.gamma for r in reports}
+        if len(gammas) != 1:
+            raise ValueError(f"reports at gammas {sorted(gammas)} do not add up; measure them at one gamma")
+        return cls(gammas.pop(), *(sum(getattr(r, name) for r in reports)
+                                  for name in ("prompts", "rounds", "drafted", "accepted", "answer_tokens", "forced")))
 
     def line(self) -> str:
         forced = f" ({self.forced} of {self.answer_tokens} tokens forced by the grammar)" if self.forced else ""

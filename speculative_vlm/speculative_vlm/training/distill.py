@@ -26,7 +26,7 @@ from speculative_vlm.training.teacher_data import Example
 
 @dataclass(frozen=True)
 class TrainSettings:
-    minutes: float = 12.0
+    minutes: float = 11.0
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 30

@@ -1,67 +1,122 @@
 """`speculative-vlm train-draft`: collect the target's answers, distil a draft, measure, write a card.
 
-One command from a bare target to a shipped draft: the target answers robot-command
-prompts under the command grammar (and some general instructions), answers are cached on
-disk, a small Llama draft is distilled within a time budget, saved as a standard HF
-causal LM (fp16, with the target's tokenizer), reloaded from disk and measured against
-the target on held-out prompts. The card records the recipe and the numbers.
+One command from a target to a shipped draft: the target answers the robot's own requests under
+the command grammar (prompts from the train-split rollouts ``train-target`` learns from, with the
+odometry progress line; see :mod:`.teacher_data`) and some general instructions, answers are
+cached on disk, a small Llama draft is distilled within a time budget, saved as a standard HF
+causal LM (fp16, with the target's tokenizer), reloaded from disk and measured against the target
+on prompts of the evaluation's held-out split, which no step of training sees. The card records
+the recipe and the numbers.
+
+The default target is ``smollm2-135m-robot``, the model store's merge of ``train-target``'s
+adapter; the default run takes about 25 minutes on 2 idle CPU cores (rollouts about 3.5 if
+``train-target``'s are not cached, answers about 9, training 11, measuring 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
 import time
-from dataclasses import asdict
+from collections import Counter
+from dataclasses import asdict, replace
 from pathlib import Path
+
+from speculative_vlm.decoding.model_store import ROBOT_TARGET
+from speculative_vlm.evaluation.world import SIM_CONFIG
+from speculative_vlm.training.target_data import DEFAULT_CACHE as ROLLOUT_CACHE
+from speculative_vlm.training.target_data import DataRecipe
 
 SHIPPED_DRAFT = Path(__file__).resolve().parents[2] / "models" / "command-draft"
 DEFAULT_CACHE = Path.home() / ".cache" / "speculative_vlm" / "draft-data"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="smollm2-135m-instruct", help="target model folder or store name")
+    parser.add_argument("--target", default=ROBOT_TARGET, help="target model folder or store name")
     parser.add_argument("--out", type=Path, default=SHIPPED_DRAFT, help="where to write the draft and card.md")
     parser.add_argument("--prompts", type=int, default=1152, help="robot-command training prompts")
     parser.add_argument("--general", type=int, default=192, help="general-instruction training prompts")
-    parser.add_argument("--heldout", type=int, default=64, help="held-out command prompts (half as many general)")
-    parser.add_argument("--minutes", type=float, default=12.0, help="training time budget in minutes")
+    parser.add_argument("--heldout", type=int, default=64,
+                        help="held-out command prompts, one per held-out episode (and half as many general)")
+    parser.add_argument("--minutes", type=float, default=11.0, help="training time budget in minutes")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
     parser.add_argument("--data-cache", type=Path, default=DEFAULT_CACHE, help="cache of the target's answers")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0, help="which rollout states are sampled, and the training order")
     parser.add_argument("--gamma", type=int, default=4, help="tokens per block when measuring acceptance")
     parser.add_argument("--gen-batch", type=int, default=32, help="prompts per batched generation (and cache shard)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    prompts = parser.add_argument_group("robot prompts (train-target's rollouts; the defaults are its own)")
+    prompts.add_argument("--config", type=Path, default=SIM_CONFIG,
+                         help="bringup config whose motion limits and camera size the rollouts use")
+    prompts.add_argument("--progress-line", action=argparse.BooleanOptionalAction, default=True,
+                         help="prompts carry the odometry progress line, as the drafter sends it to a target "
+                              "trained by train-target")
+    prompts.add_argument("--episodes", type=int, default=DataRecipe.episodes, help="expert rollouts (train split)")
+    prompts.add_argument("--perturbed-episodes", type=int, default=DataRecipe.perturbed_episodes,
+                         help="rollouts with some expert moves replaced by random ones")
+    prompts.add_argument("--perturb", type=float, default=DataRecipe.perturb, help="chance a move is replaced in those")
+    prompts.add_argument("--data-seed", type=int, default=DataRecipe.seed, help="episode seed of the rollouts")
+    prompts.add_argument("--split-seed", type=int, default=DataRecipe.split_seed,
+                         help="which combinations are held out (as eval's)")
+    prompts.add_argument("--rollout-cache", type=Path, default=ROLLOUT_CACHE,
+                         help="where rollouts are cached (train-target's --data-cache)")
+    prompts.add_argument("--eval-seed", type=int, default=0, help="episode seed of the held-out episodes")
 
 
 def _folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
 
 
+def _report_dict(report) -> dict:
+    return {**asdict(report), "acceptance": report.acceptance, "tokens_per_pass": report.tokens_per_pass}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from speculative_vlm.decoding.model_store import resolve
-    from speculative_vlm.training.acceptance import measure
+    from speculative_vlm.decoding.model_store import ModelNotFound, resolve
+    from speculative_vlm.evaluation.world import WorldConfig
+    from speculative_vlm.training.acceptance import AcceptanceReport, measure
     from speculative_vlm.training.distill import TrainSettings, distil
     from speculative_vlm.training.draft_model import DraftShape, ProjectedDraft
-    from speculative_vlm.training.teacher_data import DataSpec, TeacherData
+    from speculative_vlm.training.teacher_data import DataSpec, TeacherData, heldout_prompts, training_prompts
 
     began = time.monotonic()
     torch.set_num_threads(args.threads)
-    target_dir = resolve(args.target)
-    print(f"[train-draft] target {target_dir}; answers cached under {args.data_cache}", flush=True)
+    try:
+        target_dir = resolve(args.target)
+    except ModelNotFound as error:
+        print(f"[train-draft] {error}", file=sys.stderr, flush=True)
+        return 2
+    log = functools.partial(print, flush=True)
+    # The rollouts exactly as train-target makes them (its cache serves both when nothing changed).
+    config = replace(WorldConfig.from_config(args.config), progress_line=True)
+    recipe = DataRecipe(args.episodes, args.perturbed_episodes, args.perturb, args.data_seed, args.split_seed)
+    log(f"[train-draft] prompts: held-out split episodes (seed {args.eval_seed}), train-split rollouts {recipe}; "
+        f"progress line {'on' if args.progress_line else 'off'}")
+    held_prompts = heldout_prompts(args.heldout, config, split_seed=args.split_seed, episode_seed=args.eval_seed,
+                                   progress_line=args.progress_line)
+    train_prompts, pool = training_prompts(args.prompts, recipe, config, args.rollout_cache,
+                                           progress_line=args.progress_line, seed=args.seed,
+                                           exclude={p.text for p in held_prompts}, log=log)
+    log(f"[train-draft] {len(train_prompts)} training prompts sampled from {pool} distinct train-split states, "
+        f"{len(held_prompts)} held-out prompts")
+
+    log(f"[train-draft] target {target_dir}; answers cached under {args.data_cache}")
     teacher = TeacherData(target_dir, args.data_cache)
-    heldout = teacher.collect(DataSpec(commands=args.heldout, general=max(args.heldout // 2, 1), seed="heldout",
-                                       batch_size=args.gen_batch))
-    train = teacher.collect(DataSpec(commands=args.prompts, general=args.general, seed="train",
-                                     batch_size=args.gen_batch))
+    heldout = teacher.collect(DataSpec(tuple(held_prompts), general=max(args.heldout // 2, 1), seed="heldout",
+                                       batch_size=args.gen_batch), log)
+    train = teacher.collect(DataSpec(tuple(train_prompts), general=args.general, seed="train",
+                                     batch_size=args.gen_batch), log)
+    data_minutes = (time.monotonic() - began) / 60
 
     shape = DraftShape(layers=args.layers, hidden=args.hidden, intermediate=3 * args.hidden,
                        heads=max(args.hidden // 64, 1), kv_heads=max(args.hidden // 64, 1))
@@ -69,11 +124,10 @@ def run(args: argparse.Namespace) -> int:
     target_config = teacher.model.config
     teacher.model = None  # the target is no longer needed; free its memory for training
     trainable = sum(p.numel() for p in draft.parameters() if p.requires_grad)
-    print(f"[train-draft] draft {shape}, {trainable / 1e6:.2f}M trainable parameters; "
-          f"{len(train)} training answers", flush=True)
-    settings = TrainSettings(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps)
-    report = distil(draft, train, pad_id=teacher.pad_id, settings=settings,
-                    log=lambda s: print(s, flush=True))
+    log(f"[train-draft] draft {shape}, {trainable / 1e6:.2f}M trainable parameters; {len(train)} training answers")
+    settings = TrainSettings(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+                             seed=args.seed)
+    report = distil(draft, train, pad_id=teacher.pad_id, settings=settings, log=log)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -86,39 +140,53 @@ def run(args: argparse.Namespace) -> int:
     shipped = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     commands = [e for e in heldout if e.kind == "command"]
     general = [e for e in heldout if e.kind == "general"]
-    print("[train-draft] measuring acceptance on held-out prompts", flush=True)
-    cmd = measure(shipped, commands, args.gamma, teacher.compiled, frozenset(teacher.stop_ids))
-    forced = measure(shipped, commands, args.gamma, teacher.compiled, frozenset(teacher.stop_ids), force=True)
-    gen = measure(shipped, general, args.gamma, None, frozenset(teacher.stop_ids))
-    print(f"[train-draft] commands: {cmd.line()}", flush=True)
-    print(f"[train-draft] commands with grammar forcing: {forced.line()}", flush=True)
-    print(f"[train-draft] general:  {gen.line()}", flush=True)
+    stops = frozenset(teacher.stop_ids)
+    log(f"[train-draft] measuring acceptance on {len(commands)} held-out-split prompts at {args.gamma} tokens/block")
+    families = {f: measure(shipped, [e for e in commands if e.family == f], args.gamma, teacher.compiled, stops)
+                for f in sorted({e.family for e in commands})}
+    cmd = AcceptanceReport.total(list(families.values()))
+    forced = measure(shipped, commands, args.gamma, teacher.compiled, stops, force=True)
+    gen = measure(shipped, general, args.gamma, None, stops)
+    log(f"[train-draft] held-out commands: {cmd.line()}")
+    for family, r in families.items():
+        log(f"[train-draft]   {family:9s} acceptance {r.acceptance:.3f} over {r.prompts} prompts")
+    log(f"[train-draft] held-out commands with grammar forcing: {forced.line()}")
+    log(f"[train-draft] general: {gen.line()}")
 
     metrics = {
         "target": str(target_dir.name),
         "gamma": args.gamma,
-        "commands": {**asdict(cmd), "acceptance": cmd.acceptance, "tokens_per_pass": cmd.tokens_per_pass},
-        "commands_forced": {**asdict(forced), "acceptance": forced.acceptance,
-                            "tokens_per_pass": forced.tokens_per_pass},
-        "general": {**asdict(gen), "acceptance": gen.acceptance, "tokens_per_pass": gen.tokens_per_pass},
+        "commands": _report_dict(cmd),
+        "commands_by_family": {f: _report_dict(r) for f, r in families.items()},
+        "commands_forced": _report_dict(forced),
+        "general": _report_dict(gen),
         "training": asdict(report),
         "shape": asdict(shape),
         "trainable_parameters": trainable,
-        "data": {"command_prompts": args.prompts, "general_prompts": args.general,
+        "data": {"command_prompts": len(train_prompts), "general_prompts": args.general,
                  "heldout_command": len(commands), "heldout_general": len(general),
-                 "answer_tokens": sum(len(e.answer_ids) for e in train)},
+                 "answer_tokens": sum(len(e.answer_ids) for e in train),
+                 "progress_line": args.progress_line, "recipe": asdict(recipe), "distinct_train_states": pool,
+                 "train_families": dict(sorted(Counter(p.family for p in train_prompts).items())),
+                 "heldout_episodes": len({p.episode for p in held_prompts}), "eval_seed": args.eval_seed,
+                 "minutes": round(data_minutes, 1)},
         "folder_mb": round(size_mb, 1),
         "total_minutes": round((time.monotonic() - began) / 60, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "card.md").write_text(_card(args, metrics, target_config, cmd.line(), forced.line(), gen.line()))
-    print(f"[train-draft] wrote {out} ({size_mb:.1f} MB) in {metrics['total_minutes']} min", flush=True)
+    log(f"[train-draft] wrote {out} ({size_mb:.1f} MB) in {metrics['total_minutes']} min")
     return 0
 
 
 def _card(args, m: dict, target_config, cmd_line: str, forced_line: str, gen_line: str) -> str:
-    t, d, s = m["training"], m["data"], m["shape"]
+    t, d, s, r = m["training"], m["data"], m["shape"], m["data"]["recipe"]
     command = "speculative-vlm train-draft " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "speculative-vlm train-draft"
+    progress = ("with the odometry progress line (`Progress: moved ...; last command: ...`), as the drafter "
+                "sends it with `progress_line` on" if d["progress_line"] else "without the progress line")
+    families = ", ".join(f"{k} {v}" for k, v in d["train_families"].items())
+    rows = "\n".join(f"| {f} | {x['prompts']} | {x['acceptance']:.3f} | {x['tokens_per_pass']:.2f} |"
+                     for f, x in m["commands_by_family"].items())
     return f"""# command-draft: a distilled draft for {m['target']}
 
 A {s['layers']}-layer Llama (hidden {s['hidden']}, MLP {s['intermediate']}, {s['heads']} heads) on the
@@ -126,38 +194,50 @@ target's vocabulary ({target_config.vocab_size} tokens, same tokenizer, saved he
 `AutoModelForCausalLM.from_pretrained` on this folder; weights fp16, {m['folder_mb']} MB.
 
 ## Data recipe
-- Robot-command prompts: {d['command_prompts']} from `speculative_vlm.commands.prompts.sample_task`
-  (random scenes of 0-4 coloured objects around a robot at a random pose, described by
-  `scene_text.describe_objects`; instructions from templates: go to / face / avoid an
-  object, a missing object, plain motions), rendered with the system prompt of `prompts.py`.
+- Robot-command prompts: {d['command_prompts']} sampled (seed {args.seed}) from the {d['distinct_train_states']} distinct
+  states of the rollouts `train-target` learns from (`training.target_data.cached_examples`: the
+  evaluation's *train* split only, {r['episodes']} expert rollouts and {r['perturbed_episodes']} with moves replaced at
+  random with probability {r['perturb']}, episode seed {r['seed']}, split seed {r['split_seed']}): the requests the
+  robot's drafter sends, the system prompt of `commands/prompts.py`, the instruction in the
+  evaluation's train phrasings, the scene text described from the camera frame, {progress}.
+  Families: {families}.
 - Answers: the target's own greedy output under the engine's command grammar
   (`speculative_vlm.commands.grammar`, grammar "command"), with its top-32 log-probs
-  after the grammar mask; {d['answer_tokens']} answer tokens in all (commands and general).
+  after the grammar mask (self-distillation: the target's answers, not the expert's commands);
+  {d['answer_tokens']} answer tokens in all (commands and general).
 - General instructions: {d['general_prompts']} template questions (`training/general_prompts.py`),
   answered by the target unconstrained (at most 48 tokens), meant to keep the draft
   usable outside the command domain (the general acceptance below says how far it gets).
-- Held out: {d['heldout_command']} command and {d['heldout_general']} general prompts from another seed.
+- Held out: {d['heldout_command']} command prompts, one step of each of {d['heldout_episodes']} expert rollouts of the
+  evaluation's *held-out* split (`evaluation/splits.py`; eval's episodes of seed {d['eval_seed']}: colour/shape
+  combinations, layouts and phrasings no training prompt has), prompted the same way; and
+  {d['heldout_general']} general prompts from another seed.
 
 ## Training
-- Tied embedding = the target's embedding x a learnt 576->{s['hidden']} projection (initialised
-  with its principal directions), folded into a plain embedding before saving.
+- Tied embedding = the target's embedding x a learnt {target_config.hidden_size}->{s['hidden']} projection
+  (initialised with its principal directions), folded into a plain embedding before saving.
   {m['trainable_parameters'] / 1e6:.2f}M trainable parameters.
 - Loss per answer token: cross-entropy to the target's top-32 distribution + 0.5 x
   cross-entropy to the target's token. AdamW, lr {args.lr}, cosine over the time budget,
   batch {args.batch_size}.
 - {t['steps']} steps ({t['examples_seen']} examples) in {t['minutes']:.1f} min on {args.threads} CPU thread(s)
-  ({platform.processor() or platform.machine()}); whole run {m['total_minutes']} min.
+  ({platform.processor() or platform.machine()}); rollouts and answers {d['minutes']} min; whole run
+  {m['total_minutes']} min.
 
-## Acceptance against the target (held-out prompts, greedy, lossless verification)
+## Acceptance against the target (held-out split, greedy, lossless verification)
 - Robot commands, draft masked by the same grammar, every token drafted: {cmd_line}.
 - The same with grammar forcing (tokens the grammar allows alone are appended without a
   draft or a target pass, as the engine does): {forced_line}.
 - General instructions, unconstrained: {gen_line}.
+
+| held-out family | prompts | acceptance at {m['gamma']} tokens/block | tokens per target pass |
+|---|---|---|---|
+{rows}
 
 Replayed with `speculative_vlm.training.acceptance.measure` on the saved folder: the
 target's greedy answer is known, so a round accepts the longest drafted prefix equal to it
 plus the target's next token, exactly as lossless greedy verification would.
 
 ## Reproduce
-`{command}` (answers are reused from `--data-cache` when present).
+`{command}` (rollouts are reused from `--rollout-cache`, answers from `--data-cache`, when present).
 """
