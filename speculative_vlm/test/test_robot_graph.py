@@ -272,7 +272,9 @@ def test_a_new_goal_preempts_the_running_one_which_stops_the_robot_and_ends_pree
     first = _wait(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=20)), 30)
     first_result = first.get_result_async()
     _wait_until_moving(graph, first_result)
-    sent = len(graph.commands)
+    # What the motion node executed, in order: the drafter's commands come as motion/execute goals,
+    # its STOPs on motion/command, and the motion node echoes each on motion/active_command.
+    sent = len(graph.active)
     second = _wait(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=1)), 30)
     assert second.accepted  # not rejected because another goal runs
     old = _wait(first_result, 30)
@@ -281,7 +283,7 @@ def test_a_new_goal_preempts_the_running_one_which_stops_the_robot_and_ends_pree
     new = _wait(second.get_result_async(), 120)
     assert new.result.outcome in (Outcome.SUCCEEDED, Outcome.STEP_LIMIT), new.result.reason
     assert new.result.steps == 1  # the new goal ran
-    after = graph.commands[sent:]
+    after = graph.active[sent:]
     stops = [i for i, c in enumerate(after) if c.action == LocomotionCommand.STOP]
     new_commands = [i for i, c in enumerate(after) if _stamp(c) in {_stamp(n) for n in new.result.commands}]
     assert stops and new_commands and stops[0] < new_commands[0]  # stopped before the new goal commanded

@@ -4,8 +4,9 @@ For a goal it runs a closed loop, one verified command per step: take the latest
 turn it into a prompt (scene text for a text-only target, the JPEG itself for a VLM target),
 decode speculatively against the verifier behind the bridge (``spec/*``), parse the verified text
 into a command (the grammar guarantees it parses; the parser still refuses anything else), send it
-to the motion node and wait until the motion node reports it finished. It repeats until the model
-says ``done``, the step limit is reached, or the goal is cancelled (cancel stops the robot).
+to the motion node as a goal of its ``motion/execute`` action and wait for the result. It repeats
+until the model says ``done``, the step limit is reached, or the goal is cancelled (cancel stops the
+robot: the running motion goal is cancelled and STOP goes out on ``motion/command``).
 
 One goal runs at a time. As in nav2, a new goal preempts the running one: the running goal stops
 the robot and ends aborted with outcome PREEMPTED, then the new goal starts. A cancel, like a
@@ -27,9 +28,9 @@ step is finished on the draft alone, marked unverified, and executed only if
 ``execute_unverified`` allows it. Decoding runs in the action's execute callback, on a thread of
 the multi-threaded executor, so the node keeps serving topics and cancel requests meanwhile.
 
-Interfaces: action ``instruct`` (speculative_vlm_msgs/Instruct); subscribes the camera image,
-``motion/active_command``, ``motion/idle``, ``bridge/link`` and ``odom`` (the prompt's progress line);
-publishes ``motion/command``,
+Interfaces: action ``instruct`` (speculative_vlm_msgs/Instruct); action client of ``motion/execute``
+(speculative_vlm_msgs/ExecuteCommand); subscribes the camera image, ``bridge/link`` and ``odom`` (the
+prompt's progress line); publishes ``motion/command`` (STOP),
 ``drafter/text`` (verified text), ``drafter/prompt`` (the user message of each step),
 ``drafter/stats`` (DecodingStats) and ``/diagnostics``.
 """
@@ -45,12 +46,12 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image
-from std_msgs.msg import Bool, Header, String
+from std_msgs.msg import Header, String
 
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, Progress, user_message
 from speculative_vlm.commands.scene_text import Pose, describe_image
@@ -73,7 +74,7 @@ from speculative_vlm.nodes.image_conversion import image_to_numpy
 from speculative_vlm.nodes.parameters import on_parameters_set, start_only
 from speculative_vlm.nodes.ros_verifier import RosVerifier
 from speculative_vlm.nodes.spin import spin_node
-from speculative_vlm_msgs.action import Instruct
+from speculative_vlm_msgs.action import ExecuteCommand, Instruct
 from speculative_vlm_msgs.msg import DecodingStats, LocomotionCommand
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -205,7 +206,8 @@ class DrafterNode(Node):
         d("frame_timeout_s", 5.0, _float(0.1, 60.0, "how long a step waits for a camera frame, s"))
         d("verdict_timeout_s", 10.0, _float(0.1, 600.0, "how long to wait for a verdict before the link counts as lost"))
         d("open_timeout_s", 30.0, _float(0.5, 600.0, "how long opening a session (prompt prefill on the target) may take, s"))
-        d("motion_timeout_s", 3.0, _float(0.5, 60.0, "slack beyond a command's duration to see it finish, s"))
+        d("motion_timeout_s", 3.0, _float(0.5, 60.0, "slack beyond a command's duration for the motion node's "
+          "result, s"))
         d("step_retries", 5, _int(0, 100, "times a step is decoded again in a new session when the verifier drains "
           "(a restart) or the link is lost before the step's command ran; 0 = the goal ends LINK_LOST at once"))
         d("retry_backoff_s", 0.5, _float(0.0, 60.0, "wait before the first retry of a step, s; doubles each retry, "
@@ -227,10 +229,6 @@ class DrafterNode(Node):
         self._frame_lock = threading.Lock()
         self._frame: Image | None = None
         self._frame_event = threading.Event()
-        self._motion_cv = threading.Condition()
-        self._active_stamp = None
-        self._active_duration = 0.0
-        self._idle = True
         self._link = "UNKNOWN"
         self._last_choice = ""  # the last step's method and why (diagnostics)
         self._goal_lock = threading.Lock()
@@ -247,15 +245,13 @@ class DrafterNode(Node):
         self._last_action = ""  # the running goal's last executed action
 
         self._cmd_pub = self.create_publisher(LocomotionCommand, "motion/command", 10)
+        self._motion = ActionClient(self, ExecuteCommand, "motion/execute", callback_group=self._group)
         self._text_pub = self.create_publisher(String, "drafter/text", 10)
         self._prompt_pub = self.create_publisher(String, "drafter/prompt", 10)
         self._stats_pub = self.create_publisher(DecodingStats, "drafter/stats", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_subscription(Image, self.get_parameter("image_topic").value, self._on_image,
                                  qos_profile_sensor_data, callback_group=self._group)
-        self.create_subscription(LocomotionCommand, "motion/active_command", self._on_active, LATCHED,
-                                 callback_group=self._group)
-        self.create_subscription(Bool, "motion/idle", self._on_idle, LATCHED, callback_group=self._group)
         self.create_subscription(String, "bridge/link", self._on_link, LATCHED, callback_group=self._group)
         self.create_subscription(Odometry, "odom", self._on_odom, 10, callback_group=self._group)
         self.create_timer(1.0, self._publish_diagnostics)
@@ -346,17 +342,6 @@ class DrafterNode(Node):
         with self._frame_lock:
             self._frame = msg
         self._frame_event.set()
-
-    def _on_active(self, msg: LocomotionCommand) -> None:
-        with self._motion_cv:
-            self._active_stamp = (msg.header.stamp.sec, msg.header.stamp.nanosec)
-            self._active_duration = msg.duration if msg.action == LocomotionCommand.MOVE else 0.0
-            self._motion_cv.notify_all()
-
-    def _on_idle(self, msg: Bool) -> None:
-        with self._motion_cv:
-            self._idle = msg.data
-            self._motion_cv.notify_all()
 
     def _on_link(self, msg: String) -> None:
         self._link = msg.data
@@ -480,8 +465,13 @@ class DrafterNode(Node):
                 return finish(Outcome.LINK_LOST, "cloud link lost: the step was finished on the draft alone and "
                               "its unverified command was not executed (execute_unverified is off)")
             result.commands.append(command)
-            if not self._execute_command(run, command):
-                return interrupted()
+            try:
+                if not self._execute_command(run, command):
+                    return interrupted()
+            except StepFailed as exc:  # the motion node ended the command otherwise, or never answered
+                self.stop_robot()
+                self._last_error = str(exc)
+                return finish(exc.outcome, str(exc))
             with self._odom_lock:
                 self._last_action = from_msg(command).action.value
             self._steps_done += 1
@@ -595,25 +585,38 @@ class DrafterNode(Node):
         raise Cancelled(GenerationResult(text="", token_ids=[], stop_reason="cancelled"))
 
     def _execute_command(self, run: _GoalRun, command: LocomotionCommand) -> bool:
-        """Send the command and wait until the motion node has run it; False when cancelled or preempted."""
-        stamp = (command.header.stamp.sec, command.header.stamp.nanosec)
-        sent = time.monotonic()
-        deadline = sent + command.duration + self.get_parameter("motion_timeout_s").value
-        with self._motion_cv:
-            self._cmd_pub.publish(command)
-            # The motion node echoes the command it executes (same stamp, clamped duration) and
-            # reports idle when done. The echo and the idle flag travel on different topics, so a
-            # stale idle=True may arrive after the echo: a motion also needs its duration to pass.
-            while (self._active_stamp != stamp or not self._idle
-                   or time.monotonic() < sent + self._active_duration):
-                if run.should_stop():
-                    return False
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise StepFailed(f"the motion node did not finish the command within {command.duration:.1f} s "
-                                     "+ motion_timeout_s; is it running and active?")
-                self._motion_cv.wait(min(0.1, remaining))
-        return True
+        """Run the command as a ``motion/execute`` goal and wait for its result; False when the goal was
+        cancelled or preempted meanwhile (the motion goal is then cancelled)."""
+        deadline = time.monotonic() + command.duration + self.get_parameter("motion_timeout_s").value
+        late = (f"the motion node did not finish the command within {command.duration:.1f} s "
+                "+ motion_timeout_s; is it running and active?")
+        while not self._motion.server_is_ready():
+            if run.should_stop():
+                return False
+            if time.monotonic() > deadline:
+                raise StepFailed(late)
+            time.sleep(0.05)
+        handle = _wait_future(self._motion.send_goal_async(ExecuteCommand.Goal(command=command)), run, deadline)
+        if handle is None:
+            return False
+        if handle is _LATE or not handle.accepted:
+            raise StepFailed(late if handle is _LATE else "the motion node refused the command's goal")
+        response = _wait_future(handle.get_result_async(), run, deadline)
+        if response is None or response is _LATE:
+            handle.cancel_goal_async()  # stop it: the goal is over, or the motion node is not answering
+            if response is None:
+                return False
+            raise StepFailed(late)
+        result: ExecuteCommand.Result = response.result
+        if result.outcome == ExecuteCommand.Result.COMPLETED:
+            return True
+        if result.outcome == ExecuteCommand.Result.FAILED:
+            # Sent, but the robot refused it (a posture it cannot take from where it is): the next
+            # step sees where the robot is and decides again.
+            self.get_logger().warning(f"the robot did not execute {command.text!r}: {result.reason}")
+            return True
+        raise StepFailed(f"the motion node ended the command {MOTION_OUTCOMES.get(result.outcome, result.outcome)}: "
+                         f"{result.reason}; the robot was stopped")
 
     def stop_robot(self) -> None:
         self._cmd_pub.publish(LocomotionCommand(action=LocomotionCommand.STOP, verified=True,
@@ -640,7 +643,31 @@ class DrafterNode(Node):
         # registered with the context, which destroys it at shutdown.
         if hasattr(self, "_action"):
             self._action.destroy()
+        if hasattr(self, "_motion"):
+            self._motion.destroy()
         super().destroy_node()
+
+
+# How a motion/execute goal that did not complete ended, for the reason a goal ends with.
+MOTION_OUTCOMES = {
+    ExecuteCommand.Result.CANCELED: "cancelled", ExecuteCommand.Result.PREEMPTED: "preempted",
+    ExecuteCommand.Result.ESTOPPED: "e-stopped", ExecuteCommand.Result.STOPPED: "stopped",
+    ExecuteCommand.Result.REJECTED: "rejected", ExecuteCommand.Result.FAILED: "failed",
+}
+_LATE = object()  # what _wait_future returns when the deadline passed
+
+
+def _wait_future(future, run: _GoalRun, deadline: float):
+    """The future's result once it is done (the executor completes it on another thread); None when the
+    goal must stop first, ``_LATE`` when ``deadline`` (monotonic) passes first."""
+    done = threading.Event()
+    future.add_done_callback(lambda _f: done.set())
+    while not done.wait(0.05):
+        if run.should_stop():
+            return None
+        if time.monotonic() > deadline:
+            return _LATE
+    return future.result()
 
 
 def _bgr(frame: Image):

@@ -187,6 +187,7 @@ class MotionNode(LifecycleNode):
         self._loop: threading.Thread | None = None
         self._backend: SportBackend | None = None
         self._idle: bool | None = None
+        self._goal_executions: dict[bytes, Execution | None] = {}  # motion/execute goals by goal id
         # What configure creates and cleanup destroys. Not named _services/_timers: those are
         # rclpy.Node's own lists, and replacing them dropped the node's parameter services.
         self._subs: list = []
@@ -274,11 +275,13 @@ class MotionNode(LifecycleNode):
             self.create_service(Trigger, "motion/engage_estop", self._on_engage_srv),
             self.create_service(Trigger, "motion/release_estop", self._on_release_srv),
         ]
-        # Each goal waits in its execute callback until its command has ended: a reentrant group
-        # lets goals, cancels and the topics run beside it.
+        # A goal holds no executor thread while its command runs (in a one-process graph the pool is
+        # a few threads, which the drafter's goal and the verdicts need): a thread of its own follows
+        # it, and the execute callback only reports the end (see _follow_goal).
         self._action = ActionServer(
-            self, ExecuteCommand, "motion/execute", execute_callback=self._execute_goal,
-            cancel_callback=lambda _goal: CancelResponse.ACCEPT, callback_group=ReentrantCallbackGroup(),
+            self, ExecuteCommand, "motion/execute", execute_callback=self._end_goal,
+            handle_accepted_callback=self._on_goal_accepted, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+            callback_group=ReentrantCallbackGroup(),
         )
         self._diag_timer = self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
         self._estop_pub.publish(Bool(data=self.stream.estop_engaged))
@@ -386,32 +389,50 @@ class MotionNode(LifecycleNode):
         if refusal:
             self.get_logger().warning(f"cmd_vel refused: {refusal}", throttle_duration_sec=1.0)
 
-    def _execute_goal(self, handle: ServerGoalHandle) -> ExecuteCommand.Result:
-        """One motion/execute goal: the command runs until it ends; feedback every FEEDBACK_PERIOD_S."""
+    def _on_goal_accepted(self, handle: ServerGoalHandle) -> None:
+        self._goal_executions[bytes(handle.goal_id.uuid)] = None
+        threading.Thread(target=self._follow_goal, args=(handle,), name="motion_goal", daemon=True).start()
+
+    def _follow_goal(self, handle: ServerGoalHandle) -> None:
+        """One motion/execute goal, on a thread of its own: hand the command to the stream, publish
+        feedback every FEEDBACK_PERIOD_S, cancel it when the client asks; once it has ended, have the
+        executor run the execute callback, which reports the end."""
+        key = bytes(handle.goal_id.uuid)
+        execution = None
+        if not handle.is_cancel_requested:
+            execution = self._submit(handle.request.command, "a newer motion/execute goal")
+            feedback = ExecuteCommand.Feedback()
+            next_feedback = 0.0
+            while not execution.done.wait(CANCEL_POLL_S):
+                if handle.is_cancel_requested:
+                    self.stream.cancel(execution)
+                elif time.monotonic() >= next_feedback:
+                    next_feedback = time.monotonic() + FEEDBACK_PERIOD_S
+                    progress = self.stream.progress(execution)
+                    feedback.elapsed_s, feedback.remaining_s = progress.elapsed_s, progress.remaining_s
+                    feedback.vx, feedback.vy, feedback.vyaw = progress.vx, progress.vy, progress.vyaw
+                    handle.publish_feedback(feedback)
+        self._goal_executions[key] = execution
+        try:
+            handle.execute()
+        except Exception:  # the action server was destroyed meanwhile (cleanup, shutdown): nobody to answer
+            self._goal_executions.pop(key, None)
+
+    def _end_goal(self, handle: ServerGoalHandle) -> ExecuteCommand.Result:
+        """The execute callback, run once the goal's command has ended: its terminal state and result."""
+        execution = self._goal_executions.pop(bytes(handle.goal_id.uuid), None)
         result = ExecuteCommand.Result()
-        if handle.is_cancel_requested:
+        if execution is None:
             handle.canceled()
             result.outcome, result.reason = ExecuteCommand.Result.CANCELED, "cancelled before it started"
             return result
-        execution = self._submit(handle.request.command, "a newer motion/execute goal")
-        feedback = ExecuteCommand.Feedback()
-        next_feedback = 0.0
-        while not execution.done.wait(CANCEL_POLL_S):
-            if handle.is_cancel_requested:
-                self.stream.cancel(execution)
-            elif time.monotonic() >= next_feedback:
-                next_feedback = time.monotonic() + FEEDBACK_PERIOD_S
-                progress = self.stream.progress(execution)
-                feedback.elapsed_s, feedback.remaining_s = progress.elapsed_s, progress.remaining_s
-                feedback.vx, feedback.vy, feedback.vyaw = progress.vx, progress.vy, progress.vyaw
-                handle.publish_feedback(feedback)
         result.outcome, result.reason, result.elapsed_s = int(execution.outcome), execution.reason, execution.elapsed_s
         if execution.command is not None:
             result.executed = self._echo(handle.request.command, execution)
         if execution.outcome == Outcome.COMPLETED:
             handle.succeed()
-        elif execution.outcome == Outcome.CANCELED and handle.is_cancel_requested:
-            handle.canceled()
+        elif execution.outcome == Outcome.CANCELED:
+            handle.canceled()  # only ever after the client's cancel request (_follow_goal)
         else:
             handle.abort()
         return result
