@@ -33,8 +33,6 @@ from speculative_vlm.decoding.verifier import (
     VerifierTimeout,
 )
 
-__all__ = ["InProcessSession", "InProcessStream", "InProcessVerifier", "StreamedToken"]
-
 
 class InProcessSession(VerifierSession):
     """A SPECULATIVE session: blocks to the scheduler, verdicts from the session's outbox."""
