@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 from speculative_vlm.cloud.config import ConfigError, ServerConfig
+from speculative_vlm.cloud.metrics import ServerMetrics
 from speculative_vlm.cloud.server import _parser, config_from_args, serve
 from speculative_vlm.cloud.service import SERVICE_NAME
 from speculative_vlm.decoding.loop import SpeculativeDecoder
@@ -242,6 +243,26 @@ def test_batch_size_queue_time_and_pass_time_are_observed_for_every_pass(models,
         assert 0 < _value(families, "svlm_verify_latency_seconds_sum") < sum(r.wall_s for r in results)
     finally:
         handle.stop()
+
+
+def test_a_merged_registrys_samples_are_served_in_the_same_families_with_its_labels():
+    # What the Ray Serve front does with each replica's metrics (test_cloud_ray scrapes a real fleet).
+    front, replica = ServerMetrics(MODEL), ServerMetrics(MODEL)
+    replica.observe_verified(drafted=4, accepted=3)
+    front.refusals.labels("draining").inc()
+    front.merge(lambda: [({"replica": "r1"}, replica.registry.collect())])
+    port = front.serve(0)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        front.stop()
+    assert text.count("# TYPE svlm_spec_decode_draft_tokens_total counter") == 1  # one family, both servers' samples
+    families = list(text_string_to_metric_families(text))
+    assert _value(families, "svlm_spec_decode_draft_tokens_total", model=MODEL, replica="r1") == 4
+    assert _value(families, "svlm_spec_decode_accepted_tokens_total", model=MODEL, replica="r1") == 3
+    assert _value(families, "svlm_spec_decode_accepted_tokens_total") == 3  # the front's own sample is 0
+    assert _value(families, "svlm_refusals_total", code="draining") == 1
+    assert not [s for f in families for s in f.samples if s.name == "svlm_refusals_total" and "replica" in s.labels]
 
 
 def test_metrics_bind_takes_a_host_and_port_from_the_flag(models, monkeypatch):

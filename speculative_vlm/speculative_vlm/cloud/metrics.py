@@ -9,13 +9,23 @@ An early verdict is judged when its block's final verdict is known: a *hit* when
 same accepted prefix and next token (what the robot's preemptive draft needs), else a *miss*.
 
 ``speculative_vlm/config/grafana/verifier-dashboard.json`` plots these metrics; the README lists them.
+
+A server can serve other registries' samples with its own (:meth:`ServerMetrics.merge`): the Ray
+Serve front (``cloud.ray_serve``) serves every replica's metrics, each sample labelled with its
+``replica``, in the same families as its own, so one scrape of the front sees the whole fleet.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
+
+# Other registries' samples to serve with a server's own, asked for at each scrape: (extra labels,
+# metric families) per source, e.g. ({"replica": "ab12cd34"}, that replica's families).
+LabelledFamilies = Iterable[tuple[dict[str, str], Iterable[Metric]]]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -99,6 +109,10 @@ class ServerMetrics:
                                     (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
         self.scheduler_up.set(1)
         self._http: Any = None
+        self._merged: list[Callable[[], LabelledFamilies]] = []
+        # What /metrics serves: this registry's families with the merged sources' samples in them.
+        self._exposed = CollectorRegistry(auto_describe=False)
+        self._exposed.register(_Exposition(self))
 
     def observe_verified(self, drafted: int, accepted: int) -> None:
         """One block's final verdict: ``accepted`` of its ``drafted`` tokens were accepted."""
@@ -114,9 +128,30 @@ class ServerMetrics:
         """An early verdict from ``exit_layer``, judged against its block's final verdict."""
         (self.early_hits if hit else self.early_misses).labels(str(exit_layer)).inc()
 
+    def merge(self, source: Callable[[], LabelledFamilies]) -> None:
+        """Serve, with this server's own samples, those ``source()`` returns at each scrape, each
+        sample with its source's extra labels, in the family of the same name (a family this
+        server lacks is served as it comes)."""
+        self._merged.append(source)
+
+    def exposition(self) -> Iterable[Metric]:
+        """The families /metrics serves: this server's, with every merged source's samples in them."""
+        families = {family.name: family for family in self.registry.collect()}  # fresh objects per collect
+        for source in self._merged:
+            for labels, theirs in source():
+                for other in theirs:
+                    family = families.get(other.name)
+                    if family is None:
+                        family = families[other.name] = Metric(other.name, other.documentation, other.type,
+                                                               other.unit)
+                    elif family.type != other.type:  # never between two ServerMetrics: left out, not mixed in
+                        continue
+                    family.samples.extend(s._replace(labels={**s.labels, **labels}) for s in other.samples)
+        return list(families.values())
+
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose /metrics on ``addr:port`` (0 = a free port); returns the port."""
-        self._http, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._http, _thread = start_http_server(port, addr=addr, registry=self._exposed)
         return int(self._http.server_port)
 
     def stop(self) -> None:
@@ -133,3 +168,13 @@ class ServerMetrics:
                 if s.name == "svlm_batch_size_bucket":
                     out[float(s.labels["le"])] = s.value
         return out
+
+
+class _Exposition:
+    """The collector /metrics serves (:meth:`ServerMetrics.exposition`)."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.exposition()
