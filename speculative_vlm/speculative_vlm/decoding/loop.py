@@ -400,10 +400,11 @@ class SpeculativeDecoder:
         """
         start = time.perf_counter()
         tracker = make_tracker(self.draft, request)  # an unknown grammar fails here, before the verifier is asked
+        opening = time.perf_counter()  # the open alone, as a speculative session times it (not the tracker)
         session = self.verifier.open_autoregressive(request)
         opened = time.perf_counter()
-        result = GenerationResult(text="", token_ids=[], method=CLOUD_AR, open_s=opened - start,
-                                  open_rtt_s=_open_rtt(session, opened - start))
+        result = GenerationResult(text="", token_ids=[], method=CLOUD_AR, open_s=opened - opening,
+                                  open_rtt_s=_open_rtt(session, opened - opening))
         tokens: list[int] = []
         forced: list[bool] = []
         last = opened

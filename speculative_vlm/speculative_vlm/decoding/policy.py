@@ -163,8 +163,14 @@ class MethodChooser:
     with any other round-trip measurement. Measurements are kept as sums that decay by ``memory`` per
     session, so a change (acceptance collapsing on new prompts, a slower verifier) shows within a few
     sessions; the round trip is the latest measured. A streamed session sees only its open's round trip,
-    which also holds the stream's set-up: speculative sessions, which see both, measure that extra to take
-    it off. Speculation is chosen only when it is predicted to
+    which also holds the open's set-up (the stream, authentication, a busy thread): speculative sessions,
+    which see both, measure that extra to take it off, as the least any of them saw (a disturbance only
+    ever lengthens an open), and not from the first session: its open may have waited for the connection
+    to come up (gRPC waits for the server's HTTP/2 settings, one one-way delay away; TCP and TLS
+    handshakes add round trips on a real link), a cost paid once per connection, not per open; taken
+    off every later streamed open it made their round trip read one one-way delay short (62-68 ms for a
+    120 ms link). An extra not known yet counts as none: the round trip reads a little long, which
+    leans towards streaming, the safe side. Speculation is chosen only when it is predicted to
     be at least ``margin`` faster than streaming, because the target is to be never slower than cloud AR.
     While cloud AR is chosen nothing new is learnt about the draft, so every ``explore_every``-th such
     session speculates once to re-measure it (0: never).
@@ -180,7 +186,9 @@ class MethodChooser:
         self.initial_gamma, self.min_gamma, self.max_gamma = initial_gamma, min_gamma, max_gamma
         self.margin, self.memory, self.explore_every = margin, memory, explore_every
         self.rtt_s: float | None = None
-        self._open_extra_s = 0.0  # an open's round trip less a round's: stream set-up, authentication
+        # The least an open's round trip exceeded its session's rounds' (the open's set-up); None: not seen.
+        self._open_extra_s: float | None = None
+        self._opens_seen = 0  # sessions whose open's round trip was measured
         self._since_speculative = 0  # sessions streamed since the last speculative one
         # Decayed sums.
         self._accepted = self._trials = 0.0  # per-token acceptance: a truncated geometric
@@ -211,10 +219,13 @@ class MethodChooser:
         self._ar_w *= keep
         if obs.rtt_s is not None:
             self.rtt_s = max(0.0, obs.rtt_s)
-            if obs.open_rtt_s is not None:
-                self._open_extra_s = max(0.0, obs.open_rtt_s - obs.rtt_s)
+            if obs.open_rtt_s is not None and self._opens_seen:  # not the first: it may have connected
+                extra = max(0.0, obs.open_rtt_s - obs.rtt_s)
+                self._open_extra_s = extra if self._open_extra_s is None else min(self._open_extra_s, extra)
         elif obs.open_rtt_s is not None:
-            self.rtt_s = max(0.0, obs.open_rtt_s - self._open_extra_s)
+            self.rtt_s = max(0.0, obs.open_rtt_s - (self._open_extra_s or 0.0))
+        if obs.open_rtt_s is not None:
+            self._opens_seen += 1
         self._tokens += obs.tokens
         self._decided += obs.decided
         self._sessions += 1
