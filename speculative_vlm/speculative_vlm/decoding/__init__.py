@@ -20,6 +20,5 @@ Modules, one job each:
   telemetry, draft-only fallback)
 - ``policy``: fixed and adaptive draft lengths; ``MethodChooser``: per session, speculation (with the
   draft length the round trip calls for) or the verifier streaming the target's tokens
-- ``generate_command``: the ``generate`` subcommand
 - ``model_store``: where models live, the one-time SmolLM2 conversion
 """
