@@ -7,7 +7,10 @@ import json
 
 import pytest
 from speculative_vlm.cli import main
+from speculative_vlm.evaluation.episodes import FAMILIES, generate_episodes
 from speculative_vlm.evaluation.families import Family
+from speculative_vlm.evaluation.run import first_of_each_split, split_subset
+from speculative_vlm.evaluation.splits import make_splits
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +56,26 @@ def test_single_step_answers_are_judged_against_the_expert(quick):
     with open(quick / "single_step.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and all(r["policy"] == "tiny-target+tiny-draft" and r["expert"] for r in rows)
+
+
+def test_train_episodes_sizes_the_train_like_split_alone(tmp_path):
+    assert main(["eval", "--quick", "--policy", "expert", "--train-episodes", "3", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["meta"]["episodes_by_split"] == {"train": 3, "heldout": 11}
+    expert = results["policies"]["expert"]
+    assert (expert["train"]["episodes"], expert["heldout"]["episodes"]) == (3, 11)
+    assert "episodes per split: train-like 3, held-out 11" in (tmp_path / "report.md").read_text()
+
+
+
+def test_a_policy_at_n_runs_only_the_first_n_episodes_of_each_split():
+    splits = make_splits(0)
+    episodes = [e for name in ("train", "heldout") for e in generate_episodes(splits[name], 11, 0, FAMILIES)]
+    spec, n = split_subset("smollm2-135m-instruct+command-draft@3")
+    assert (spec, n) == ("smollm2-135m-instruct+command-draft", 3)
+    kept = first_of_each_split(episodes, n)
+    assert [e.id for e in kept] == [e.id for e in episodes if e.split == "train"][:3] + \
+        [e.id for e in episodes if e.split == "heldout"][:3]
+    assert split_subset("expert") == ("expert", None) and first_of_each_split(episodes, None) == episodes
+    with pytest.raises(ValueError, match="positive integer"):
+        split_subset("expert@x")

@@ -26,12 +26,16 @@ D = EvalOptions  # the defaults
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", action="append", default=None,
-                        help="'expert', 'TARGET', 'TARGET+DRAFT' or 'image:TARGET[+DRAFT]'; repeat to compare "
+                        help="'expert', 'TARGET', 'TARGET+DRAFT' or 'image:TARGET[+DRAFT]', with '@N' to run only the "
+                             "first N episodes of each split (a slow baseline); repeat to compare "
                              f"(default: {' and '.join(DEFAULT_POLICIES)}; --quick: expert and tiny random models)")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny random models (at most {QUICK_MODEL_STEPS} steps an episode), one episode per "
                              "family and split (CI)")
     parser.add_argument("--episodes", type=int, default=None, help="episodes per split (default 66; --quick 11)")
+    parser.add_argument("--train-episodes", type=int, default=None,
+                        help="episodes of the train-like split (default: as --episodes; the held-out split is "
+                             "the one the targets are judged on)")
     parser.add_argument("--split", choices=("both", TRAIN, HELDOUT), default=D.split, help="which split(s) to run")
     parser.add_argument("--families", default=D.families, help=f"comma-separated families (default all: "
                                                                f"{','.join(f.value for f in FAMILIES)})")

@@ -85,13 +85,19 @@ def write_report(
 
 
 # ---- markdown -------------------------------------------------------------------------------
+def _split_episodes(meta: dict, split: str) -> int:
+    """Episodes of one split (``--train-episodes`` may give the train-like split fewer)."""
+    return int(meta.get("episodes_by_split", {}).get(split, meta.get("episodes", 0)))
+
+
 def _markdown(results, single, numbers, meta, plots, graph) -> str:
     names = list(results)
     lines = ["# Closed-loop evaluation: does the robot do what it is told?", ""]
     lines.append(
         f"Run {meta.get('date', '')}, {meta.get('minutes', '?')} min, {meta.get('mode', 'full')} mode. "
-        f"Episode seed {meta.get('seed')}, split seed {meta.get('split_seed')}; {meta.get('episodes')} episodes per "
-        f"split ({', '.join(SPLIT_NAMES[s] for s in meta.get('splits', []))}), families dealt in turn. "
+        f"Episode seed {meta.get('seed')}, split seed {meta.get('split_seed')}; episodes per split: "
+        f"{', '.join(f'{SPLIT_NAMES[s]} {_split_episodes(meta, s)}' for s in meta.get('splits', []))}; "
+        f"families dealt in turn. "
         f"Motion limits of `{meta.get('config')}` (vx {meta.get('limits', {}).get('min_vx')}.."
         f"{meta.get('limits', {}).get('max_vx')} m/s, |vy| <= {meta.get('limits', {}).get('max_vy')} m/s, "
         f"|vyaw| <= {meta.get('limits', {}).get('max_vyaw')} rad/s), camera frames at "

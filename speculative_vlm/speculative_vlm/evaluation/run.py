@@ -43,6 +43,7 @@ class EvalOptions:
     policy: list[str] | None = None  # policy specs (see the module docstring); None: DEFAULT_POLICIES
     quick: bool = False  # tiny random models, QUICK_MODEL_STEPS steps an episode, one episode per family
     episodes: int | None = None  # per split (None: 66; quick 11)
+    train_episodes: int | None = None  # of the train-like split (None: as ``episodes``)
     split: str = "both"  # "both", TRAIN or HELDOUT
     families: str = ""  # comma-separated family names ("": all)
     seed: int = 0  # episode seed
@@ -75,6 +76,29 @@ def _describe(policy: Policy) -> str:
     return f"target `{policy.target.name}` ({policy.perception} perception), {how}, command grammar, greedy"
 
 
+def split_subset(spec: str) -> tuple[str, int | None]:
+    """``SPEC@N`` -> (SPEC, N): a slow baseline runs only the first N episodes of each split."""
+    spec, at, n = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if not at:
+        return spec, None
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"policy {spec}@{n}: the episode count after '@' must be a positive integer")
+    return spec, int(n)
+
+
+def first_of_each_split(episodes: list, n: int | None) -> list:
+    """The first ``n`` episodes of each split (families are dealt in turn, so they stay balanced)."""
+    if n is None:
+        return episodes
+    seen: dict[str, int] = {}
+    kept = []
+    for e in episodes:
+        seen[e.split] = seen.get(e.split, 0) + 1
+        if seen[e.split] <= n:
+            kept.append(e)
+    return kept
+
+
 def run_evaluation(options: EvalOptions) -> int:
     """Run the episodes (and single-step prompts, and graph episodes), write the report to ``options.out``."""
     from speculative_vlm.evaluation.report import write_report
@@ -105,7 +129,10 @@ def run_evaluation(options: EvalOptions) -> int:
 
     splits = make_splits(options.split_seed)
     run_splits = (TRAIN, HELDOUT) if options.split == "both" else (options.split,)
-    episodes = [e for s in run_splits for e in generate_episodes(splits[s], episodes_per_split, options.seed, families)]
+    per_split = {s: episodes_per_split for s in run_splits}
+    if options.train_episodes is not None and TRAIN in per_split:
+        per_split[TRAIN] = options.train_episodes
+    episodes = [e for s in run_splits for e in generate_episodes(splits[s], per_split[s], options.seed, families)]
     if options.max_steps:
         episodes = [replace(e, max_steps=min(e.max_steps, options.max_steps)) for e in episodes]
     results: dict[str, list[EpisodeResult]] = {}
@@ -115,14 +142,16 @@ def run_evaluation(options: EvalOptions) -> int:
     last_model = None
     ran: dict[str, list] = {}  # spec -> the episodes it ran (--quick caps a model's steps)
     try:
-        for spec in specs:
-            policy = make_policy(spec, config, options.draft_length, names.get(spec, ""))
-            descriptions[policy.name] = _describe(policy)
-            _progress(f"policy {policy.name}: {len(episodes)} episodes")
+        for full_spec in specs:
+            spec, subset = split_subset(full_spec)
+            policy = make_policy(spec, config, options.draft_length, names.get(full_spec, ""))
+            descriptions[policy.name] = _describe(policy) + (
+                f" (only the first {subset} episodes of each split: a slow baseline)" if subset else "")
+            policy_episodes = first_of_each_split(episodes, subset)
+            _progress(f"policy {policy.name}: {len(policy_episodes)} episodes")
             rs = results.setdefault(policy.name, [])
-            policy_episodes = episodes
             if options.quick and isinstance(policy, ModelPolicy):  # tiny random models never say done
-                policy_episodes = [replace(e, max_steps=min(e.max_steps, QUICK_MODEL_STEPS)) for e in episodes]
+                policy_episodes = [replace(e, max_steps=min(e.max_steps, QUICK_MODEL_STEPS)) for e in policy_episodes]
             ran[spec] = policy_episodes
             for episode in policy_episodes:
                 r = run_episode(episode, policy, config)
@@ -153,7 +182,7 @@ def run_evaluation(options: EvalOptions) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "minutes": round((time.monotonic() - t0) / 60, 1),
             "mode": "quick" if options.quick else "full",
-            "seed": options.seed, "split_seed": options.split_seed, "episodes": episodes_per_split,
+            "seed": options.seed, "split_seed": options.split_seed, "episodes": episodes_per_split, "episodes_by_split": per_split,
             "splits": list(run_splits), "families": [f.value for f in families],
             "config": str(options.config.relative_to(PACKAGE_ROOT) if options.config.is_relative_to(PACKAGE_ROOT)
                           else options.config),
