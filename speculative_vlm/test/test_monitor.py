@@ -76,7 +76,7 @@ def move(vx: float, vy: float, vyaw: float = 0.0) -> LocomotionCommand:
 
 def test_annotated_image_keeps_size_and_stamp_and_shows_the_command(node):
     image_pub = node.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
-    command_pub = node.create_publisher(LocomotionCommand, "motion/command", 10)
+    command_pub = node.create_publisher(LocomotionCommand, "motion/active_command", 10)
     stats_pub = node.create_publisher(DecodingStats, "drafter/stats", 10)
     text_pub = node.create_publisher(String, "drafter/text", 10)
     sent = frame()
@@ -99,7 +99,7 @@ def test_annotated_image_keeps_size_and_stamp_and_shows_the_command(node):
 
 
 def test_velocity_marker_points_along_the_commanded_velocity_at_the_odometry_pose(node):
-    command_pub = node.create_publisher(LocomotionCommand, "motion/command", 10)
+    command_pub = node.create_publisher(LocomotionCommand, "motion/active_command", 10)
     odom_pub = node.create_publisher(Odometry, "odom", 10)
     odom = Odometry()
     odom.header.frame_id = "odom"
@@ -125,7 +125,7 @@ def test_velocity_marker_points_along_the_commanded_velocity_at_the_odometry_pos
 
 
 def test_a_stop_command_deletes_the_velocity_marker(node):
-    command_pub = node.create_publisher(LocomotionCommand, "motion/command", 10)
+    command_pub = node.create_publisher(LocomotionCommand, "motion/active_command", 10)
     markers = collect(node, Marker, "monitor/velocity_marker", 10, lambda r: len(r) >= 1,
                       lambda: command_pub.publish(LocomotionCommand(action=LocomotionCommand.STOP)))
     assert markers[-1].action == Marker.DELETE
@@ -143,7 +143,7 @@ def test_diagnostics_warn_when_the_camera_stops(node):
 
 
 def test_velocity_marker_follows_the_robot_between_commands(node):
-    command_pub = node.create_publisher(LocomotionCommand, "motion/command", 10)
+    command_pub = node.create_publisher(LocomotionCommand, "motion/active_command", 10)
     odom_pub = node.create_publisher(Odometry, "odom", 10)
     collect(node, Marker, "monitor/velocity_marker", 10, lambda r: any(m.action == Marker.ADD for m in r),
             lambda: command_pub.publish(move(0.5, 0.0)))

@@ -172,6 +172,7 @@ def test_stale_cmd_vel_stops_the_robot_within_the_timeout_plus_one_period(rig):
     assert wait_for(lambda: rig.sport.since(t0, STOP_MOVE), 4.0), "no StopMove after cmd_vel stopped"
     t_stop = rig.sport.since(t0, STOP_MOVE)[0][0]
     assert t_stop > last, "stopped while cmd_vel was still fresh"
+    print(f"\nlast cmd_vel -> StopMove on the wire: {1000 * (t_stop - last):.1f} ms (stale_timeout_s {STALE})")
     # 50 ms on top for delivery and scheduling on a busy 2-core machine (measured idle: 20-27 ms).
     assert t_stop - last <= STALE + 1.0 / RATE + 0.05, f"StopMove {t_stop - last:.3f} s after the last cmd_vel"
     rig.wait_still()

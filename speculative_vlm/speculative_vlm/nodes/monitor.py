@@ -2,8 +2,8 @@
 
 Subscribes (relative names, so a namespace applies; each topic is a parameter):
   camera/image_raw (sensor_msgs/Image, sensor-data QoS), drafter/text (std_msgs/String, the
-  verified text), motion/command (LocomotionCommand), drafter/stats (DecodingStats), odom
-  (nav_msgs/Odometry).
+  verified text), motion/active_command (LocomotionCommand: what the motion node executes, clamped,
+  whoever sent it), drafter/stats (DecodingStats), odom (nav_msgs/Odometry).
 Publishes:
   monitor/image (sensor_msgs/Image, bgr8, the camera's size and stamp): the frame with the
   commanded velocity as an arrow (up = forward, left = left, the bend = yaw rate), the
@@ -146,7 +146,7 @@ class MonitorNode(Node):
         d = self.declare_parameter
         d("image_topic", "camera/image_raw", start_only("Camera image to annotate"))
         d("text_topic", "drafter/text", start_only("Verified model text (std_msgs/String)"))
-        d("command_topic", "motion/command", start_only("LocomotionCommand to draw"))
+        d("command_topic", "motion/active_command", start_only("LocomotionCommand to draw"))
         d("stats_topic", "drafter/stats", start_only("DecodingStats of the current session"))
         d("odom_topic", "odom", start_only("Odometry that places the velocity marker"))
         d("base_frame", "base_link", start_only("Marker frame until odometry arrives"))
