@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from speculative_vlm.cli import train_draft
 from speculative_vlm.commands.schema import parse_command
 from speculative_vlm.decoding import model_store
 from speculative_vlm.evaluation.episodes import generate_episodes
 from speculative_vlm.evaluation.phrasings import HELDOUT, TRAIN
 from speculative_vlm.evaluation.splits import make_splits
 from speculative_vlm.evaluation.world import SIM_CONFIG, WorldConfig
-from speculative_vlm.training import acceptance, distill, target_data, teacher_data, train_draft
+from speculative_vlm.training import acceptance, distill, target_data, teacher_data
 from speculative_vlm.training.draft_model import DraftShape, ProjectedDraft
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -15,14 +15,13 @@ adapter; the default run takes about 25 minutes on 2 idle CPU cores (rollouts ab
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from speculative_vlm.decoding.model_store import ROBOT_TARGET
@@ -34,40 +33,36 @@ SHIPPED_DRAFT = Path(__file__).resolve().parents[2] / "models" / "command-draft"
 DEFAULT_CACHE = Path.home() / ".cache" / "speculative_vlm" / "draft-data"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=ROBOT_TARGET, help="target model folder or store name")
-    parser.add_argument("--out", type=Path, default=SHIPPED_DRAFT, help="where to write the draft and card.md")
-    parser.add_argument("--prompts", type=int, default=1152, help="robot-command training prompts")
-    parser.add_argument("--general", type=int, default=192, help="general-instruction training prompts")
-    parser.add_argument("--heldout", type=int, default=64,
-                        help="held-out command prompts, one per held-out episode (and half as many general)")
-    parser.add_argument("--minutes", type=float, default=11.0, help="training time budget in minutes")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
-    parser.add_argument("--data-cache", type=Path, default=DEFAULT_CACHE, help="cache of the target's answers")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0, help="which rollout states are sampled, and the training order")
-    parser.add_argument("--gamma", type=int, default=4, help="tokens per block when measuring acceptance")
-    parser.add_argument("--gen-batch", type=int, default=32, help="prompts per batched generation (and cache shard)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    prompts = parser.add_argument_group("robot prompts (train-target's rollouts; the defaults are its own)")
-    prompts.add_argument("--config", type=Path, default=SIM_CONFIG,
-                         help="bringup config whose motion limits and camera size the rollouts use")
-    prompts.add_argument("--progress-line", action=argparse.BooleanOptionalAction, default=True,
-                         help="prompts carry the odometry progress line, as the drafter sends it to a target "
-                              "trained by train-target")
-    prompts.add_argument("--episodes", type=int, default=DataRecipe.episodes, help="expert rollouts (train split)")
-    prompts.add_argument("--perturbed-episodes", type=int, default=DataRecipe.perturbed_episodes,
-                         help="rollouts with some expert moves replaced by random ones")
-    prompts.add_argument("--perturb", type=float, default=DataRecipe.perturb, help="chance a move is replaced in those")
-    prompts.add_argument("--data-seed", type=int, default=DataRecipe.seed, help="episode seed of the rollouts")
-    prompts.add_argument("--split-seed", type=int, default=DataRecipe.split_seed,
-                         help="which combinations are held out (as eval's)")
-    prompts.add_argument("--rollout-cache", type=Path, default=ROLLOUT_CACHE,
-                         help="where rollouts are cached (train-target's --data-cache)")
-    prompts.add_argument("--eval-seed", type=int, default=0, help="episode seed of the held-out episodes")
+@dataclass(frozen=True)
+class TrainDraftOptions:
+    """One run's settings (``speculative-vlm train-draft`` sets each from its flag of the same name)."""
+
+    target: str = ROBOT_TARGET  # target model folder or store name
+    out: Path = SHIPPED_DRAFT  # where the draft, metrics.json and card.md go
+    prompts: int = 1152  # robot-command training prompts
+    general: int = 192  # general-instruction training prompts
+    heldout: int = 64  # held-out command prompts, one per held-out episode (and half as many general)
+    minutes: float = 11.0  # training time budget
+    max_steps: int | None = None  # stop training after this many steps
+    data_cache: Path = DEFAULT_CACHE  # cache of the target's answers
+    layers: int = 4  # the draft's shape
+    hidden: int = 256
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0  # which rollout states are sampled, and the training order
+    gamma: int = 4  # tokens per block when measuring acceptance
+    gen_batch: int = 32  # prompts per batched generation (and cache shard)
+    threads: int = 2  # torch CPU threads
+    # The robot prompts: train-target's rollouts (its defaults) and the held-out episodes.
+    config: Path = SIM_CONFIG  # bringup config whose motion limits and camera size the rollouts use
+    progress_line: bool = True  # prompts carry the odometry progress line
+    episodes: int = DataRecipe.episodes  # expert rollouts (train split)
+    perturbed_episodes: int = DataRecipe.perturbed_episodes  # rollouts with some moves replaced by random ones
+    perturb: float = DataRecipe.perturb  # chance a move is replaced in those
+    data_seed: int = DataRecipe.seed  # episode seed of the rollouts
+    split_seed: int = DataRecipe.split_seed  # which combinations are held out (as eval's)
+    rollout_cache: Path = ROLLOUT_CACHE  # where rollouts are cached (train-target's --data-cache)
+    eval_seed: int = 0  # episode seed of the held-out episodes
 
 
 def _folder_mb(path: Path) -> float:
@@ -78,7 +73,8 @@ def _report_dict(report) -> dict:
     return {**asdict(report), "acceptance": report.acceptance, "tokens_per_pass": report.tokens_per_pass}
 
 
-def run(args: argparse.Namespace) -> int:
+def train_draft(options: TrainDraftOptions) -> int:
+    """Collect, distil, save to ``options.out`` and measure (the module docstring); 2 when the target is missing."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -90,46 +86,46 @@ def run(args: argparse.Namespace) -> int:
     from speculative_vlm.training.teacher_data import DataSpec, TeacherData, heldout_prompts, training_prompts
 
     began = time.monotonic()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(options.threads)
     try:
-        target_dir = resolve(args.target)
+        target_dir = resolve(options.target)
     except ModelNotFound as error:
         print(f"[train-draft] {error}", file=sys.stderr, flush=True)
         return 2
     log = functools.partial(print, flush=True)
     # The rollouts exactly as train-target makes them (its cache serves both when nothing changed).
-    config = replace(WorldConfig.from_config(args.config), progress_line=True)
-    recipe = DataRecipe(args.episodes, args.perturbed_episodes, args.perturb, args.data_seed, args.split_seed)
-    log(f"[train-draft] prompts: held-out split episodes (seed {args.eval_seed}), train-split rollouts {recipe}; "
-        f"progress line {'on' if args.progress_line else 'off'}")
-    held_prompts = heldout_prompts(args.heldout, config, split_seed=args.split_seed, episode_seed=args.eval_seed,
-                                   progress_line=args.progress_line)
-    train_prompts, pool = training_prompts(args.prompts, recipe, config, args.rollout_cache,
-                                           progress_line=args.progress_line, seed=args.seed,
+    config = replace(WorldConfig.from_config(options.config), progress_line=True)
+    recipe = DataRecipe(options.episodes, options.perturbed_episodes, options.perturb, options.data_seed, options.split_seed)
+    log(f"[train-draft] prompts: held-out split episodes (seed {options.eval_seed}), train-split rollouts {recipe}; "
+        f"progress line {'on' if options.progress_line else 'off'}")
+    held_prompts = heldout_prompts(options.heldout, config, split_seed=options.split_seed, episode_seed=options.eval_seed,
+                                   progress_line=options.progress_line)
+    train_prompts, pool = training_prompts(options.prompts, recipe, config, options.rollout_cache,
+                                           progress_line=options.progress_line, seed=options.seed,
                                            exclude={p.text for p in held_prompts}, log=log)
     log(f"[train-draft] {len(train_prompts)} training prompts sampled from {pool} distinct train-split states, "
         f"{len(held_prompts)} held-out prompts")
 
-    log(f"[train-draft] target {target_dir}; answers cached under {args.data_cache}")
-    teacher = TeacherData(target_dir, args.data_cache)
-    heldout = teacher.collect(DataSpec(tuple(held_prompts), general=max(args.heldout // 2, 1), seed="heldout",
-                                       batch_size=args.gen_batch), log)
-    train = teacher.collect(DataSpec(tuple(train_prompts), general=args.general, seed="train",
-                                     batch_size=args.gen_batch), log)
+    log(f"[train-draft] target {target_dir}; answers cached under {options.data_cache}")
+    teacher = TeacherData(target_dir, options.data_cache)
+    heldout = teacher.collect(DataSpec(tuple(held_prompts), general=max(options.heldout // 2, 1), seed="heldout",
+                                       batch_size=options.gen_batch), log)
+    train = teacher.collect(DataSpec(tuple(train_prompts), general=options.general, seed="train",
+                                     batch_size=options.gen_batch), log)
     data_minutes = (time.monotonic() - began) / 60
 
-    shape = DraftShape(layers=args.layers, hidden=args.hidden, intermediate=3 * args.hidden,
-                       heads=max(args.hidden // 64, 1), kv_heads=max(args.hidden // 64, 1))
+    shape = DraftShape(layers=options.layers, hidden=options.hidden, intermediate=3 * options.hidden,
+                       heads=max(options.hidden // 64, 1), kv_heads=max(options.hidden // 64, 1))
     draft = ProjectedDraft(teacher.model.get_input_embeddings().weight, teacher.model.config, shape)
     target_config = teacher.model.config
     teacher.model = None  # the target is no longer needed; free its memory for training
     trainable = sum(p.numel() for p in draft.parameters() if p.requires_grad)
     log(f"[train-draft] draft {shape}, {trainable / 1e6:.2f}M trainable parameters; {len(train)} training answers")
-    settings = TrainSettings(minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-                             seed=args.seed)
+    settings = TrainSettings(minutes=options.minutes, batch_size=options.batch_size, lr=options.lr, max_steps=options.max_steps,
+                             seed=options.seed)
     report = distil(draft, train, pad_id=teacher.pad_id, settings=settings, log=log)
 
-    out: Path = args.out
+    out: Path = options.out
     out.mkdir(parents=True, exist_ok=True)
     llama = draft.materialise().to(torch.float16)
     llama.save_pretrained(out)
@@ -141,12 +137,12 @@ def run(args: argparse.Namespace) -> int:
     commands = [e for e in heldout if e.kind == "command"]
     general = [e for e in heldout if e.kind == "general"]
     stops = frozenset(teacher.stop_ids)
-    log(f"[train-draft] measuring acceptance on {len(commands)} held-out-split prompts at {args.gamma} tokens/block")
-    families = {f: measure(shipped, [e for e in commands if e.family == f], args.gamma, teacher.compiled, stops)
+    log(f"[train-draft] measuring acceptance on {len(commands)} held-out-split prompts at {options.gamma} tokens/block")
+    families = {f: measure(shipped, [e for e in commands if e.family == f], options.gamma, teacher.compiled, stops)
                 for f in sorted({e.family for e in commands})}
     cmd = AcceptanceReport.total(list(families.values()))
-    forced = measure(shipped, commands, args.gamma, teacher.compiled, stops, force=True)
-    gen = measure(shipped, general, args.gamma, None, stops)
+    forced = measure(shipped, commands, options.gamma, teacher.compiled, stops, force=True)
+    gen = measure(shipped, general, options.gamma, None, stops)
     log(f"[train-draft] held-out commands: {cmd.line()}")
     for family, r in families.items():
         log(f"[train-draft]   {family:9s} acceptance {r.acceptance:.3f} over {r.prompts} prompts")
@@ -155,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
     metrics = {
         "target": str(target_dir.name),
-        "gamma": args.gamma,
+        "gamma": options.gamma,
         "commands": _report_dict(cmd),
         "commands_by_family": {f: _report_dict(r) for f, r in families.items()},
         "commands_forced": _report_dict(forced),
@@ -163,23 +159,23 @@ def run(args: argparse.Namespace) -> int:
         "training": asdict(report),
         "shape": asdict(shape),
         "trainable_parameters": trainable,
-        "data": {"command_prompts": len(train_prompts), "general_prompts": args.general,
+        "data": {"command_prompts": len(train_prompts), "general_prompts": options.general,
                  "heldout_command": len(commands), "heldout_general": len(general),
                  "answer_tokens": sum(len(e.answer_ids) for e in train),
-                 "progress_line": args.progress_line, "recipe": asdict(recipe), "distinct_train_states": pool,
+                 "progress_line": options.progress_line, "recipe": asdict(recipe), "distinct_train_states": pool,
                  "train_families": dict(sorted(Counter(p.family for p in train_prompts).items())),
-                 "heldout_episodes": len({p.episode for p in held_prompts}), "eval_seed": args.eval_seed,
+                 "heldout_episodes": len({p.episode for p in held_prompts}), "eval_seed": options.eval_seed,
                  "minutes": round(data_minutes, 1)},
         "folder_mb": round(size_mb, 1),
         "total_minutes": round((time.monotonic() - began) / 60, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "card.md").write_text(_card(args, metrics, target_config, cmd.line(), forced.line(), gen.line()))
+    (out / "card.md").write_text(_card(options, metrics, target_config, cmd.line(), forced.line(), gen.line()))
     log(f"[train-draft] wrote {out} ({size_mb:.1f} MB) in {metrics['total_minutes']} min")
     return 0
 
 
-def _card(args, m: dict, target_config, cmd_line: str, forced_line: str, gen_line: str) -> str:
+def _card(options: TrainDraftOptions, m: dict, target_config, cmd_line: str, forced_line: str, gen_line: str) -> str:
     t, d, s, r = m["training"], m["data"], m["shape"], m["data"]["recipe"]
     command = "speculative-vlm train-draft " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "speculative-vlm train-draft"
     progress = ("with the odometry progress line (`Progress: moved ...; last command: ...`), as the drafter "
@@ -194,7 +190,7 @@ target's vocabulary ({target_config.vocab_size} tokens, same tokenizer, saved he
 `AutoModelForCausalLM.from_pretrained` on this folder; weights fp16, {m['folder_mb']} MB.
 
 ## Data recipe
-- Robot-command prompts: {d['command_prompts']} sampled (seed {args.seed}) from the {d['distinct_train_states']} distinct
+- Robot-command prompts: {d['command_prompts']} sampled (seed {options.seed}) from the {d['distinct_train_states']} distinct
   states of the rollouts `train-target` learns from (`training.target_data.cached_examples`: the
   evaluation's *train* split only, {r['episodes']} expert rollouts and {r['perturbed_episodes']} with moves replaced at
   random with probability {r['perturb']}, episode seed {r['seed']}, split seed {r['split_seed']}): the requests the
@@ -218,9 +214,9 @@ target's vocabulary ({target_config.vocab_size} tokens, same tokenizer, saved he
   (initialised with its principal directions), folded into a plain embedding before saving.
   {m['trainable_parameters'] / 1e6:.2f}M trainable parameters.
 - Loss per answer token: cross-entropy to the target's top-32 distribution + 0.5 x
-  cross-entropy to the target's token. AdamW, lr {args.lr}, cosine over the time budget,
-  batch {args.batch_size}.
-- {t['steps']} steps ({t['examples_seen']} examples) in {t['minutes']:.1f} min on {args.threads} CPU thread(s)
+  cross-entropy to the target's token. AdamW, lr {options.lr}, cosine over the time budget,
+  batch {options.batch_size}.
+- {t['steps']} steps ({t['examples_seen']} examples) in {t['minutes']:.1f} min on {options.threads} CPU thread(s)
   ({platform.processor() or platform.machine()}); rollouts and answers {d['minutes']} min; whole run
   {m['total_minutes']} min.
 
