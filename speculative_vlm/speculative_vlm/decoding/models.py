@@ -96,6 +96,7 @@ class ModelAdapter:
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         text_config = model.config.get_text_config(decoder=True)
         self.is_vlm = processor is not None and getattr(model.config, "vision_config", None) is not None
+        _cut_suppressed_tail(model)
         self.vocab_size: int = int(model.get_output_embeddings().weight.shape[0])
         self.num_layers: int = int(text_config.num_hidden_layers)
         self.max_context: int = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 30)
@@ -460,6 +461,24 @@ def _hook(layer: int, fn):
         fn(layer, hidden)
 
     return hook
+
+
+def _cut_suppressed_tail(model) -> None:
+    """Cut off the LM head the ids at its end that the model never generates (``suppress_tokens``).
+
+    A VLM built on a text model's vocabulary appends its image tokens there (training/vlm_model.py):
+    without those rows its output ids are exactly the text draft's. The cut head shares the weights.
+    """
+    head = model.get_output_embeddings()
+    suppressed = set(getattr(getattr(model, "generation_config", None), "suppress_tokens", None) or ())
+    rows = keep = int(head.weight.shape[0])
+    while keep > 1 and keep - 1 in suppressed:
+        keep -= 1
+    if keep == rows or head.bias is not None:
+        return
+    cut = torch.nn.Linear(head.in_features, keep, bias=False, device="meta")
+    cut.weight = torch.nn.Parameter(head.weight.detach()[:keep], requires_grad=False)
+    model.set_output_embeddings(cut)
 
 
 def _eos_ids(model, tokenizer) -> tuple[int, ...]:
