@@ -124,8 +124,10 @@ class ModelPolicy(Policy):
         from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens, grammar="command")
-        image = obs.frame_jpeg if self.perception == "image" else None
-        return SessionRequest(prompt=obs.prompt(), system=self.system_prompt, image=image, settings=settings)
+        if self.perception == "image":  # pixels alone, also for observations that hold scene text (perception all)
+            prompt = user_message(obs.instruction, "", obs.progress)
+            return SessionRequest(prompt=prompt, system=self.system_prompt, image=obs.frame_jpeg, settings=settings)
+        return SessionRequest(prompt=obs.prompt(), system=self.system_prompt, settings=settings)
 
     def act(self, obs: Observation) -> Reply:
         request = self.request(obs)

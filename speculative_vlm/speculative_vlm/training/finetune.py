@@ -151,12 +151,14 @@ def fit(
     log: Callable[[str], None] = print,
     probe: Callable[[], float] | None = None,
     probe_every: int = 0,
+    step_loss: Callable[[object, list, int], tuple[torch.Tensor, float]] | None = None,
 ) -> FitReport:
     """Train ``model``'s trainable parameters on ``examples`` by the settings' schedule.
 
     ``probe`` (a score of the model as it stands, e.g. held-out direction correctness; run in
     eval mode) is logged every ``probe_every`` steps and after the last; its time is not counted
-    as training time.
+    as training time. ``step_loss(model, batch examples, step)`` replaces :func:`batch_loss` (the
+    VLM target's batches carry images); ``examples`` need ``prompt_ids`` and ``answer_ids`` either way.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -191,7 +193,8 @@ def fit(
         warm = min(1.0, step / max(settings.warmup_steps, 1))
         for group in optimiser.param_groups:
             group["lr"] = settings.lr * warm * 0.5 * (1 + math.cos(math.pi * (step - 1) / planned))
-        loss, accuracy = batch_loss(model, collate([examples[i] for i in chunk], pad_id))
+        batch = [examples[i] for i in chunk]
+        loss, accuracy = step_loss(model, batch, step) if step_loss else batch_loss(model, collate(batch, pad_id))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -208,7 +211,8 @@ def fit(
             window.clear()
             log(f"[train] step {step}/{planned}: loss {mean_loss:.4f}, answer-token accuracy {mean_acc:.3f}, "
                 f"lr {optimiser.param_groups[0]['lr']:.2e}, {trained_s / report.examples_seen:.2f} s/example "
-                f"(fastest step {fastest:.2f}), {trained_s / 60:.1f} min")
+                f"(fastest step {fastest:.2f}), {trained_s / 60:.1f} min, about "
+                f"{min(trained_s / step * (len(order) - step), settings.minutes * 60 - trained_s) / 60:.0f} min left")
         if probe_every and step % probe_every == 0 and step != len(order):
             run_probe(step)
             model.train()

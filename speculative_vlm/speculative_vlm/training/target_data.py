@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -77,12 +78,15 @@ def expert_examples(recipe: DataRecipe, config: WorldConfig | None = None,
     examples: list[Example] = []
     total = recipe.episodes + recipe.perturbed_episodes
     episodes: set[str] = set()
+    began = time.monotonic()
     for source in (plain, perturbed):
         for example in source:
             if example.episode not in episodes:
                 episodes.add(example.episode)
                 if len(episodes) % 100 == 0:
-                    log(f"[data] {len(episodes)}/{total} rollouts, {len(examples)} examples")
+                    left = (time.monotonic() - began) / len(episodes) * (total - len(episodes))
+                    log(f"[data] {len(episodes)}/{total} rollouts, {len(examples)} examples, about "
+                        f"{left / 60:.1f} min left")
             key = (example.prompt, example.answer) + ((example.x, example.y, example.yaw) if distinct_frames else ())
             if key not in seen:
                 seen.add(key)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from speculative_vlm.decoding.model_store import ROBOT_ADAPTER, ROBOT_TARGET, SMOLLM2
 from speculative_vlm.evaluation.world import SIM_CONFIG
+from speculative_vlm.training import train_vlm
 from speculative_vlm.training.target_data import DEFAULT_CACHE
 
 SHIPPED_ADAPTER = Path(__file__).resolve().parents[2] / "models" / ROBOT_ADAPTER
@@ -40,8 +41,9 @@ MAX_ADAPTER_MB = 60.0  # what the project allows a shipped delta to weigh
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=SMOLLM2, help="base model folder or store name")
-    parser.add_argument("--out", type=Path, default=SHIPPED_ADAPTER,
-                        help="where the adapter, card.md, train-log.txt and metrics.json go (replaced whole)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the adapter, card.md, train-log.txt and metrics.json go (replaced whole); "
+                             f"default {SHIPPED_ADAPTER} (--vision: {train_vlm.SHIPPED_DELTA})")
     data = parser.add_argument_group("data (train split only)")
     data.add_argument("--episodes", type=int, default=900, help="expert rollouts")
     data.add_argument("--perturbed-episodes", type=int, default=400,
@@ -53,16 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-cache", type=Path, default=DEFAULT_CACHE,
                       help="where rollouts are cached; an identical later run reuses them")
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=float, default=1.0, help="passes over the examples")
+    train.add_argument("--epochs", type=float, default=None, help=_modal("passes over the examples", "epochs"))
     train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--warmup-steps", type=int, default=20)
-    train.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    train.add_argument("--alpha", type=int, default=32, help="LoRA alpha")
+    train.add_argument("--lr", type=float, default=None, help=_modal("peak learning rate", "lr"))
+    train.add_argument("--warmup-steps", type=int, default=None, help=_modal("warm-up steps", "warmup_steps"))
+    train.add_argument("--rank", type=int, default=None, help=_modal("LoRA rank (--vision: 0 freezes the backbone)",
+                                                                     "rank"))
+    train.add_argument("--alpha", type=int, default=None, help=_modal("LoRA alpha", "alpha"))
     train.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    train.add_argument("--minutes", type=float, default=65.0,
-                       help="hard cap on the training time; the schedule is by step, so a capped run is shorter, "
-                            "not different")
+    train.add_argument("--minutes", type=float, default=None,
+                       help=_modal("hard cap on the training time; the schedule is by step, so a capped run is "
+                                   "shorter, not different", "minutes"))
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (pilots, tests)")
     train.add_argument("--seed", type=int, default=0, help="torch seed and data order")
     train.add_argument("--threads", type=int, default=2,
@@ -75,13 +78,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     measure.add_argument("--eval-max-steps", type=int, default=0,
                          help="cap the closed-loop episodes' step limits (0: each family's own)")
     measure.add_argument("--eval-seed", type=int, default=0, help="episode seed of the held-out measurement")
-    measure.add_argument("--probe", type=int, default=32,
-                         help="held-out prompts scored during training (monitoring only; 0: none)")
-    measure.add_argument("--probe-every", type=int, default=150, help="steps between probes")
+    measure.add_argument("--probe", type=int, default=None,
+                         help=_modal("held-out prompts scored during training (monitoring only; 0: none)", "probe"))
+    measure.add_argument("--probe-every", type=int, default=None, help=_modal("steps between probes", "probe_every"))
     measure.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                         help="also measure the stock model")
+                         help="also measure the stock model (--vision: the text target, reading scene text)")
     measure.add_argument("--config", type=Path, default=SIM_CONFIG,
                          help="bringup config whose motion limits and camera size apply")
+    train_vlm.add_vision_arguments(parser)
+
+
+def _modal(text: str, name: str) -> str:
+    """Help naming an option's two defaults (train_vlm.MODE_DEFAULTS)."""
+    plain, vision = train_vlm.MODE_DEFAULTS[name]
+    return f"{text}; default {plain} (--vision: {vision})"
 
 
 class RunLog:
@@ -229,10 +239,13 @@ def run(args: argparse.Namespace) -> int:
         tokenize,
     )
 
+    if getattr(args, "vision", False):
+        return train_vlm.run(args)
+    train_vlm.resolve_mode_defaults(args)
     began = time.monotonic()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    out: Path = args.out
+    out: Path = args.out if args.out is not None else SHIPPED_ADAPTER
     stage = out.with_name(out.name + ".partial")  # the shipped folder is replaced only by a finished run
     shutil.rmtree(stage, ignore_errors=True)
     log = RunLog(stage / "train-log.txt")
