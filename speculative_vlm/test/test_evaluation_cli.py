@@ -49,7 +49,7 @@ def test_every_step_of_every_episode_is_a_csv_row(quick):
     assert expert["heldout"]["passed"] == expert["heldout"]["episodes"] == 11
     model_steps = [s for s in steps if s["policy"] == "tiny-target+tiny-draft"]
     assert model_steps and all(s["scene_text"] for s in model_steps)
-    assert not any(s["progress"] for s in model_steps)  # config/sim.yaml has the drafter's progress_line off
+    assert all(s["progress"] for s in model_steps)  # config/sim.yaml has the drafter's progress_line on
 
 
 def test_single_step_answers_are_judged_against_the_expert(quick):

@@ -22,7 +22,7 @@ def world(mode: Mode = Mode.BALANCE_STAND) -> SimWorld:
 def test_the_sim_configs_limits_are_the_motion_nodes():
     assert (CONFIG.limits.max_vx, CONFIG.limits.min_vx, CONFIG.limits.max_vyaw) == (0.8, -0.3, 1.0)
     assert CONFIG.frame_size == (320, 240)
-    assert CONFIG.progress_line is False  # the drafter's, in config/sim.yaml (stock target)
+    assert CONFIG.progress_line is True  # the drafter's, in config/sim.yaml (the trained target expects it)
 
 
 def test_the_prompt_has_a_progress_line_exactly_when_the_config_says_so():
