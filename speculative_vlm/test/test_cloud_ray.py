@@ -2,22 +2,33 @@
 
 A local Ray cluster (loopback, 2 CPUs) is started once for the module and shut down at the
 end. Robots are real gRPC clients (``GrpcVerifier`` + the speculative loop); nothing is
-mocked: sessions are placed and pinned by the project's Ray Serve request router, and a
-replica is lost by ``ray.kill`` on its actor.
+mocked: sessions are placed and pinned by the project's Ray Serve request router, a
+replica is lost by ``ray.kill`` on its actor, and a replica's verification breaks as in
+``test_cloud_metrics`` (its scheduler's thread dies), by a function run in its process.
+An operator's view is the front's: its gRPC health (watched as a load balancer does) and
+its Prometheus ``/metrics``.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import threading
 import time
+import urllib.request
+from collections import Counter
 
+import grpc
 import pytest
 
 pytest.importorskip("ray.serve")
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from speculative_vlm.cloud.config import ServerConfig  # noqa: E402
 from speculative_vlm.cloud.ray_serve import serve_fleet  # noqa: E402
 from speculative_vlm.cloud.server import main  # noqa: E402
+from speculative_vlm.cloud.service import SERVICE_NAME  # noqa: E402
 from speculative_vlm.decoding.loop import SpeculativeDecoder  # noqa: E402
 from speculative_vlm.decoding.target_engine import TargetEngine  # noqa: E402
 from speculative_vlm.decoding.verifier import (  # noqa: E402
@@ -69,20 +80,22 @@ def fleet(models):
     folder = models[0]
     mp = pytest.MonkeyPatch()
     mp.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN}")
-    config = ServerConfig(model=str(folder), bind="127.0.0.1:0", exit_layers=EXITS, torch_threads=1)
+    # Sessions never expire mid-test: on a loaded 2-core machine a robot may draft for over a minute.
+    config = ServerConfig(model=str(folder), bind="127.0.0.1:0", exit_layers=EXITS, torch_threads=1,
+                          metrics_bind="127.0.0.1:0", session_idle_s=900)
     server = serve_fleet(config, 2, num_cpus=2)
     mp.undo()
     yield server
     server.stop()
 
 
-def decode(address: str, draft, prompt: str) -> tuple[list[int], str]:
-    """One robot's decode through the fleet: its output and the session id it was given."""
+def decode(address: str, draft, prompt: str):
+    """One robot's decode through the fleet: its result and the session id it was given."""
     verifier = GrpcVerifier(address, token=TOKEN, open_timeout_s=60, verdict_timeout_s=60)
     try:
         session = verifier.open(request(prompt))
         out = SpeculativeDecoder(draft, HeldSession(session), verdict_timeout_s=60).generate(request(prompt))
-        return out.token_ids, session.session_id
+        return out, session.session_id
     finally:
         verifier.close()
 
@@ -98,13 +111,63 @@ def received(server) -> dict[str, dict[str, int]]:
             for replica in fleet.replica_actors()}
 
 
+def scrape(server) -> list:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    return list(text_string_to_metric_families(urllib.request.urlopen(url, timeout=30).read().decode()))
+
+
+def value(families, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (0 when there are none)."""
+    return sum(s.value for f in families for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthWatch:
+    """The front's gRPC health as a load balancer watching it sees it: every status, in order."""
+
+    def __init__(self, port: int):
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.statuses: list[int] = []
+        self._call = health_pb2_grpc.HealthStub(self.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                self.statuses.append(reply.status)
+        except grpc.RpcError:
+            pass  # cancelled by close()
+
+    def reaches(self, status: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not (self.statuses and self.statuses[-1] == status) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return bool(self.statuses) and self.statuses[-1] == status
+
+    def close(self) -> None:
+        self._call.cancel()
+        self.channel.close()
+
+
+def replicas_serving(server, count: int, timeout_s: float) -> float:
+    """Scrape until the front reports ``count`` replicas serving; the last value read."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := value(scrape(server), "svlm_replicas_serving")) != count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return seen
+
+
 def test_sessions_spread_over_both_replicas_each_pinned_to_one_and_lossless(fleet, models):
     _, draft, expected = models
     address = f"127.0.0.1:{fleet.port}"
     placed = {}
     for prompt in PROMPTS:
-        tokens, session_id = decode(address, draft, prompt)
-        assert tokens == expected[prompt], prompt
+        result, session_id = decode(address, draft, prompt)
+        assert result.token_ids == expected[prompt], prompt
         placed[session_id] = replica_of(session_id)
     assert len(set(placed.values())) == 2, f"all sessions on one replica: {placed}"
     by_replica = received(fleet)
@@ -114,6 +177,29 @@ def test_sessions_spread_over_both_replicas_each_pinned_to_one_and_lossless(flee
         # Open, every Draft and Close reached the replica that holds the session, and no other.
         assert by_replica[replica].get(session_id, 0) >= 3, (session_id, by_replica)
         assert all(session_id not in got for other, got in by_replica.items() if other != replica), by_replica
+
+
+def test_the_fronts_metrics_show_each_replicas_drafted_and_accepted_tokens_by_model_and_replica(fleet, models):
+    folder, draft, expected = models
+    address = f"127.0.0.1:{fleet.port}"
+    before = scrape(fleet)
+    drafted, accepted = Counter(), Counter()  # per replica, as the robots saw their blocks verified
+    for prompt in PROMPTS[:4]:
+        result, session_id = decode(address, draft, prompt)
+        assert result.token_ids == expected[prompt], prompt
+        drafted[replica_of(session_id)] += result.drafted
+        accepted[replica_of(session_id)] += result.accepted
+    after = scrape(fleet)
+    replicas = set(fleet.service.fleet.replica_actors())
+    assert {s.labels.get("replica") for f in after for s in f.samples if f.name.startswith("svlm_spec_decode")} \
+        == replicas | {None}  # every replica's series, and the front's own (no replica label)
+    assert {s.labels["model"] for f in after for s in f.samples if f.name.startswith("svlm_")} == {str(folder)}
+    for replica in drafted:
+        for name, robots in (("svlm_spec_decode_draft_tokens_total", drafted),
+                             ("svlm_spec_decode_accepted_tokens_total", accepted)):
+            counted = value(after, name, model=str(folder), replica=replica) - value(before, name, replica=replica)
+            assert counted == robots[replica] > 0, (name, replica, counted, robots)
+    assert value(after, "svlm_replicas_serving", model=str(folder)) == 2
 
 
 def test_a_killed_replica_loses_only_its_sessions_which_reopen_losslessly(fleet, models):
@@ -146,10 +232,63 @@ def test_a_killed_replica_loses_only_its_sessions_which_reopen_losslessly(fleet,
 
     # What the robot does on replica_lost: open again (a live replica takes it) and re-decode.
     for prompt in lost:
-        tokens, session_id = decode(address, draft, prompt)
-        assert tokens == expected[prompt], prompt
+        result, session_id = decode(address, draft, prompt)
+        assert result.token_ids == expected[prompt], prompt
         assert replica_of(session_id) != victim
     verifier.close()
+
+
+def test_the_fronts_health_is_not_serving_while_no_replica_runs_and_serving_again_with_replacements(fleet):
+    import ray
+
+    watch = HealthWatch(fleet.port)
+    try:
+        assert watch.reaches(SERVING, 10), watch.statuses
+        killed = fleet.service.fleet.replica_actors()
+        for actor in killed.values():
+            ray.kill(actor, no_restart=True)
+        assert watch.reaches(NOT_SERVING, 30), watch.statuses
+        assert value(scrape(fleet), "svlm_scheduler_up", replica=None) == 0  # the front's own: nothing verifies
+        assert watch.reaches(SERVING, 180), watch.statuses  # Ray Serve started replacements
+        assert replicas_serving(fleet, 2, 120) == 2
+        assert not set(killed) & set(fleet.service.fleet.replica_actors())
+    finally:
+        watch.close()
+
+
+def test_the_fronts_health_is_not_serving_when_every_replicas_scheduler_broke_until_ray_replaces_them(
+        fleet, caplog):
+    import ray
+
+    def break_scheduler(actor) -> str:
+        """Runs in a replica's process: its scheduler's thread raises out of its loop at once."""
+        replica = actor._replica_impl._user_callable_wrapper.user_callable  # Ray Serve 2.60's ReplicaActor
+        scheduler = replica.service.scheduler
+
+        def broken() -> list:
+            raise RuntimeError("scheduler bug")
+
+        scheduler._ready = broken
+        with scheduler._cond:
+            scheduler._cond.notify_all()
+        return replica.replica
+
+    caplog.set_level(logging.INFO, logger="speculative_vlm.cloud.ray_serve")
+    watch = HealthWatch(fleet.port)
+    try:
+        assert watch.reaches(SERVING, 10), watch.statuses
+        broken = [ray.get(actor.__ray_call__.remote(break_scheduler), timeout=60)
+                  for actor in fleet.service.fleet.replica_actors().values()]
+        assert watch.reaches(NOT_SERVING, 30), watch.statuses
+        reasons = [r.reason for r in caplog.records if getattr(r, "event", "") == "fleet_not_serving"]
+        assert reasons and all(f"{replica}: the verification thread died" in reasons[0] for replica in broken), reasons
+        assert "scheduler bug" in reasons[0]
+        # Their health checks fail, so Ray Serve replaces them.
+        assert watch.reaches(SERVING, 180), watch.statuses
+        assert replicas_serving(fleet, 2, 120) == 2
+        assert not set(broken) & set(fleet.service.fleet.replica_actors())
+    finally:
+        watch.close()
 
 
 def test_a_drain_ends_every_replicas_sessions_with_draining_and_refuses_new_ones(fleet, models):

@@ -33,7 +33,19 @@ so the replica is pinned explicitly instead.
 A replica that dies loses only its sessions: their streams end with the retryable
 ``replica_lost`` code (``protocol.errors``; the robot sees ``LinkLost`` and reopens, and
 the new session goes to a live replica); the other replicas' sessions go on, and Ray Serve
-starts a replacement, which takes new sessions.
+starts a replacement, which takes new sessions. A replica whose verification broke for good
+(its batch scheduler is broken) fails Ray Serve's health check and is replaced the same way.
+
+Operations: the front's gRPC health is SERVING while at least one replica answers and can
+verify (the front asks them every ``HEALTH_PERIOD_S``), NOT_SERVING, with the reason logged,
+while none can (all dead, all broken, or none started yet), and SERVING again once a
+replacement can. The front's ``/metrics`` serves its own series (streams, the fleet's
+refusals, ``svlm_replicas_serving``) and, asked of every replica at each scrape, each replica's
+verification metrics with a ``replica`` label (the replica id that session ids start with).
+Ray's own metrics export was not used for them: it would need the metrics written twice
+(``ray.util.metrics`` in the replicas), is scraped per Ray node from Ray's agent rather than
+at the front's ``--metrics-bind``, and its names and labels are Ray's, so the Grafana
+dashboard of a single server would not apply.
 """
 
 from __future__ import annotations
@@ -46,11 +58,12 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from prometheus_client import Gauge
 
 from speculative_vlm.cloud.auth import AuthThrottle, TokenAuthenticator
 from speculative_vlm.cloud.config import ConfigError, ServerConfig
@@ -83,6 +96,10 @@ ROUTER_CLASS = "speculative_vlm.cloud.ray_serve:SessionPinnedRouter"
 SEND_TIMEOUT_S = 30.0
 # Sessions whose placement the front remembers (for operators and tests), most recent last.
 PLACEMENTS_KEPT = 4096
+# How often the front asks every replica whether it can verify (its gRPC health follows), and how long
+# it waits for the replicas' answers (to that, and to a scrape's request for their metrics).
+HEALTH_PERIOD_S = 1.0
+REPLICA_CALL_TIMEOUT_S = 5.0
 
 
 def pinned(replica: str, key: str) -> str:
@@ -191,7 +208,7 @@ class VerifierReplica:
         if hasattr(engine, "prefill_chunk_tokens"):
             engine.prefill_chunk_tokens = config.prefill_chunk_tokens
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.service = VerificationService(config, engine, ServerMetrics(), _FrontAuthenticated())
+        self.service = VerificationService(config, engine, ServerMetrics(config.model), _FrontAuthenticated())
         self._inboxes: dict[str, queue.Queue[Any]] = {}
         # Client messages each session's key brought to this replica (what pinning is judged by).
         self._received: OrderedDict[str, int] = OrderedDict()
@@ -267,6 +284,22 @@ class VerifierReplica:
 
     async def replica_id(self) -> str:
         return self.replica
+
+    async def health(self) -> tuple[str, str | None]:
+        """(this replica's id, why it cannot verify or None): what the front's health is made of."""
+        return self.replica, self.service.scheduler.broken
+
+    async def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose verification broke for good (its scheduler's
+        thread died, or a whole pass raised: a lost device) fails it, so Ray Serve stops routing
+        to it and starts a replacement."""
+        broken = self.service.scheduler.broken
+        if broken is not None:
+            raise RuntimeError(f"replica {self.replica} cannot verify any more: {broken}")
+
+    async def metric_families(self) -> tuple[str, list[Any]]:
+        """(this replica's id, its metric families) for the front's /metrics."""
+        return self.replica, list(self.service.metrics.registry.collect())
 
 
 # ---- the fleet ------------------------------------------------------------------------------
@@ -392,7 +425,83 @@ class FleetFront:
         self._draining = threading.Event()
         self._streams: dict[str, Any] = {}  # key -> the session's Ray stream, while it runs
         self._lock = threading.Lock()
+        # Whether any replica can verify (start_fleet waited for all of them), and why not.
+        self.serving: tuple[bool, str] = (True, "replicas started")
+        self._serving_watchers: list[Callable[[bool, str], None]] = []
+        self.replicas_serving = Gauge("svlm_replicas_serving", "verifier replicas that answer the front and can "
+                                      "verify (Ray Serve front only)", ["model"],
+                                      registry=metrics.registry).labels(config.model)
+        self.replicas_serving.set(fleet.replicas)
+        metrics.merge(self._replica_metrics)
+        threading.Thread(target=self._watch_replicas, daemon=True, name="front-health").start()
 
+    # -- what operators see: health and metrics of the replicas --------------------------------------
+    def watch_serving(self, on_change: Callable[[bool, str], None]) -> None:
+        """Call ``on_change(serving, reason)`` whenever whether any replica can verify changes (at once if
+        none can now). ``cloud.server.serve`` hands it the gRPC health service's setter."""
+        with self._lock:
+            self._serving_watchers.append(on_change)
+            serving, reason = self.serving
+        if not serving:
+            on_change(serving, reason)
+
+    def _ask(self, method: str) -> dict[str, Any]:
+        """Every live replica's answer to ``method``, asked at once: {replica: its answer, or the
+        exception when it gave none within ``REPLICA_CALL_TIMEOUT_S`` or was lost}."""
+        calls = {replica: self.fleet.call(method, replica).remote() for replica in self.fleet.replica_actors()}
+        deadline = time.monotonic() + REPLICA_CALL_TIMEOUT_S
+        answers: dict[str, Any] = {}
+        for replica, call in calls.items():
+            try:
+                answers[replica] = call.result(timeout_s=max(0.01, deadline - time.monotonic()))
+            except (TimeoutError, *self.lost_errors) as exc:
+                call.cancel()
+                answers[replica] = exc
+        return answers
+
+    def _replicas_serving(self) -> tuple[list[str], str]:
+        """(the replicas that can verify, why each other cannot)."""
+        serving, problems = [], []
+        for replica, answer in self._ask("health").items():
+            if isinstance(answer, BaseException):
+                problems.append(f"{replica}: no answer ({type(answer).__name__})")
+            elif answer[0] != replica:  # routed elsewhere: the replica is still starting, or gone
+                problems.append(f"{replica}: not running")
+            elif answer[1] is not None:
+                problems.append(f"{replica}: {answer[1]}")
+            else:
+                serving.append(replica)
+        return serving, "; ".join(problems) or "no verifier replica is running"
+
+    def _watch_replicas(self) -> None:
+        while not self._stopping.wait(HEALTH_PERIOD_S):
+            try:
+                serving, problems = self._replicas_serving()
+            except Exception as exc:  # Ray itself cannot be asked (the cluster went away)
+                serving, problems = [], f"cannot ask the replicas ({exc!r})"
+            if self._stopping.is_set() or self.fleet.stopped:  # stopped, or the front never started
+                return
+            self.replicas_serving.set(len(serving))
+            self.metrics.scheduler_up.set(1 if serving else 0)
+            now = (True, f"replicas serving: {', '.join(serving)}") if serving else \
+                (False, f"no verifier replica can verify: {problems}")
+            with self._lock:
+                changed, self.serving = now[0] != self.serving[0], now
+                watchers = list(self._serving_watchers) if changed else []
+            if changed:
+                (log.info if now[0] else log.error)("fleet serving" if now[0] else "fleet not serving", extra={
+                    "event": "fleet_serving" if now[0] else "fleet_not_serving", "reason": now[1]})
+            for on_change in watchers:
+                on_change(*now)
+
+    def _replica_metrics(self) -> list[tuple[dict[str, str], list[Any]]]:
+        """Every live replica's metric families, labelled with its id (``ServerMetrics.merge``: at each scrape)."""
+        if self._stopping.is_set():
+            return []
+        return [({"replica": replica}, answer[1]) for replica, answer in self._ask("metric_families").items()
+                if not isinstance(answer, BaseException) and answer[0] == replica]
+
+    # -- sessions --------------------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
         # Bytes in, bytes out: the replica parses (and refuses what does not parse).
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {

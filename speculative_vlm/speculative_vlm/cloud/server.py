@@ -181,6 +181,9 @@ def serve(config: ServerConfig, engine: Any = None,
     scheduler = getattr(service, "scheduler", None)  # the Ray Serve front has none: its replicas do
     if scheduler is not None:
         scheduler.watch(lambda reason: _not_serving(health_servicer, reason))
+    watch_serving = getattr(service, "watch_serving", None)  # the Ray Serve front: serving while a replica is
+    if watch_serving is not None:
+        watch_serving(lambda serving, reason: _set_serving(health_servicer, serving, reason))
     address = config.metrics_address
     metrics_port = metrics.serve(address[1], address[0]) if address is not None else None
     log.info("serving", extra={"event": "serving", "port": port, "bind": config.bind, "tls": config.tls,
@@ -195,6 +198,16 @@ def _not_serving(health_servicer: health.HealthServicer, reason: str) -> None:
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     log.error("health: NOT_SERVING", extra={"event": "not_serving", "reason": reason})
+
+
+def _set_serving(health_servicer: health.HealthServicer, serving: bool, reason: str) -> None:
+    """Whether the verifier can verify changed (the Ray Serve front: a replica can again, or none can)."""
+    if not serving:
+        _not_serving(health_servicer, reason)
+        return
+    for name in ("", SERVICE_NAME):  # ignored once a drain or stop has begun (graceful shutdown)
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("health: SERVING", extra={"event": "serving_again", "reason": reason})
 
 
 def _parser() -> argparse.ArgumentParser:
