@@ -146,14 +146,14 @@ def gibberish(split: str, rng: random.Random) -> str:
 
 
 # Words that carry the direction or the action; a typo there could change what is asked.
-_NO_TYPO = {"left", "right", "forward", "back", "backwards", "ahead", "reverse", "retreat", "down", "stand", "sit"}
+NO_TYPO_WORDS = {"left", "right", "forward", "back", "backwards", "ahead", "reverse", "retreat", "down", "stand", "sit"}
 
 
 def _typo(template: str, split: str, rng: random.Random) -> str:
     # Only words of the template itself (never a placeholder, so never the object or a number).
     words = template.split(" ")
     candidates = [i for i, w in enumerate(words) if "{" not in w and sum(c.isalpha() for c in w) >= 4
-                  and w.strip(",.?:").lower() not in _NO_TYPO]
+                  and w.strip(",.?:").lower() not in NO_TYPO_WORDS]
     if not candidates:
         return template
     i = rng.choice(candidates)

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--perturb", type=float, default=0.3, help="chance a move is replaced in those")
     data.add_argument("--data-seed", type=int, default=1,
                       help="episode seed of the training rollouts (eval's train-like episodes use seed 0)")
+    data.add_argument("--restyle", type=float, default=0.3,
+                      help="share of the episodes also trained with the instruction restyled (training/augment.py)")
     data.add_argument("--split-seed", type=int, default=0, help="which combinations are held out (as eval's)")
     data.add_argument("--data-cache", type=Path, default=DEFAULT_CACHE,
                       help="where rollouts are cached; an identical later run reuses them")
@@ -230,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
     from speculative_vlm.evaluation.single_step import expert_states
     from speculative_vlm.evaluation.splits import make_splits
     from speculative_vlm.evaluation.world import WorldConfig
+    from speculative_vlm.training.augment import restyled_copies
     from speculative_vlm.training.finetune import FitSettings, LoraSettings, add_lora, fit
     from speculative_vlm.training.target_data import (
         DataRecipe,
@@ -265,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = DataRecipe(args.episodes, args.perturbed_episodes, args.perturb, args.data_seed, args.split_seed)
     with log.phase("data"):
         examples = cached_examples(recipe, config, args.data_cache, log)
+        examples += restyled_copies(examples, args.restyle, args.data_seed)
         tokenizer = AutoTokenizer.from_pretrained(target_dir)
         model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
         tokens = tokenize(examples, tokenizer, stop_token_id(tokenizer, model.config))
@@ -277,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
             loop_episodes = [replace(e, max_steps=min(e.max_steps, args.eval_max_steps)) for e in loop_episodes]
         log(f"[data] held-out measurement: {len(states)} prompts, {len(loop_episodes)} episodes")
 
-    metrics: dict = {"data": {**data, "recipe": asdict(recipe)}}
+    metrics: dict = {"data": {**data, "recipe": {**asdict(recipe), "restyle": args.restyle}}}
     if args.baseline:
         with log.phase("measure stock"):
             stock = ModelAdapter(model, tokenizer, name=str(args.target))
