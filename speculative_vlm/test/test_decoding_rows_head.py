@@ -74,12 +74,35 @@ def test_the_system_prompt_is_prefilled_once_and_reused_and_nothing_past_it():
     for s in (reused_state, fresh_state):
         s.append([5, 9])
     assert torch.allclose(adapter.forward([reused_state])[0], fresh.forward([fresh_state])[0], atol=1e-4)
-    # Another system prompt shares nothing; a prompt with an image has no shared part.
+    # Another system prompt shares nothing.
     other = adapter.encode(SessionRequest(prompt="turn left", system="You drive a robot dog. Answer in JSON only, " * 4))
     adapter.start(other)
     assert adapter.prefill_reused == 2 * second.shared
-    vlm = tiny_vlm(seed=3)
+
+
+def test_an_image_prompt_shares_what_comes_before_its_image_and_decodes_as_without_the_cache():
+    from speculative_vlm.commands.prompts import SYSTEM_PROMPT
     from tiny_models import jpeg
 
-    with_image = vlm.encode(SessionRequest(prompt="walk to the red ball", image=jpeg(), system=SYSTEM_PROMPT))
-    assert with_image.shared == 0
+    vlm = tiny_vlm(seed=3)
+    first = vlm.encode(SessionRequest(prompt="walk to the red ball", image=jpeg((200, 30, 30)), system=SYSTEM_PROMPT))
+    second = vlm.encode(SessionRequest(prompt="turn left", image=jpeg((30, 30, 200)), system=SYSTEM_PROMPT))
+    image_token = vlm.model.config.image_token_id
+    assert first.shared == second.shared == first.ids.index(image_token) > 100
+    assert image_token not in first.ids[: first.shared]
+    vlm.start(first)
+    assert vlm.prefill_reused == 0
+    reused_state = vlm.start(second)  # other pixels, the same system part
+    assert vlm.prefill_reused == second.shared
+    fresh = type(vlm)(vlm.model, vlm.tokenizer, processor=vlm.processor)  # an empty cache
+    fresh_state = fresh.start(second)
+    assert fresh.prefill_reused == 0
+    for s in (reused_state, fresh_state):
+        s.append([5, 9])
+    reused, plain = vlm.forward([reused_state])[0], fresh.forward([fresh_state])[0]
+    assert torch.allclose(reused, plain, atol=1e-4)
+    # The pixels matter: the first prompt's image gives other logits after the same text.
+    other_image = vlm.encode(SessionRequest(prompt="turn left", image=jpeg((200, 30, 30)), system=SYSTEM_PROMPT))
+    other_state = vlm.start(other_image)
+    other_state.append([5, 9])
+    assert not torch.allclose(vlm.forward([other_state])[0], plain, atol=1e-4)

@@ -156,7 +156,10 @@ class ModelAdapter:
             inputs.pop("attention_mask", None)
             extra = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
                      for k, v in inputs.items()}
-            shared = 0  # equal ids, other pixels: nothing of an image prompt is reusable
+            # Everything before the first image token (the system prompt, the chat template, the
+            # user turn's opening) is text the pixels never touch: shared like a text prompt's.
+            image_token = getattr(self.model.config, "image_token_id", None)
+            shared = ids.index(image_token) if image_token in ids else 0
         else:
             template_owner = self.processor if (self.is_vlm and self.processor.chat_template) else self.tokenizer
 
@@ -191,8 +194,8 @@ class ModelAdapter:
         The part every prompt with the same system message shares (``prompt.shared`` ids:
         the system prompt and the chat template around it; robot commands share ~190 of
         ~230) is prefilled once and its keys/values reused. Nothing past it is ever reused,
-        so an instruction sent twice costs the same both times. Prompts with images have no
-        shared part (``shared`` is 0). ``chunk_tokens`` > 0 runs the prefill that many ids
+        so an instruction sent twice costs the same both times. A prompt with an image shares
+        what comes before its first image token. ``chunk_tokens`` > 0 runs the prefill that many ids
         at a time (see :class:`Prefill`, which a server steps itself between other work).
         """
         prefill = Prefill(self, prompt, chunk_tokens)
@@ -323,8 +326,8 @@ class Prefill:
     delays them by one chunk at most; :meth:`ModelAdapter.start` runs it to the end. The
     shared part (``prompt.shared``) is one step when the prefix cache has it, and is
     computed up to exactly its end otherwise, so it can be cached. With an image, the first
-    step runs through the last image token whatever the chunk size: the vision features
-    replace those tokens' embeddings in the one pass that carries the pixels.
+    step past the shared part runs through the last image token whatever the chunk size: the
+    vision features replace those tokens' embeddings in the one pass that carries the pixels.
     """
 
     def __init__(self, adapter: ModelAdapter, prompt: Prompt, chunk_tokens: int = 0):
@@ -336,6 +339,7 @@ class Prefill:
         shared = min(prompt.shared, self.end)
         self.shared = shared if shared >= adapter._prefix_cache.min_shared else 0
         self.steps = 0
+        self._pixels_fed = not prompt.extra
 
     @property
     def done(self) -> bool:
@@ -358,8 +362,9 @@ class Prefill:
         stop = self.shared if s.cached < self.shared else self.end
         if self.chunk_tokens:
             stop = min(stop, s.cached + self.chunk_tokens)
-        extra = self.prompt.extra if s.cached == 0 else {}
-        if extra:
+        extra = {}
+        if not self._pixels_fed and s.cached >= self.shared:  # the image tokens all come after the shared part
+            extra, self._pixels_fed = self.prompt.extra, True
             stop = max(stop, self._after_last_image_token())
         self.adapter.model(input_ids=torch.tensor([ids[s.cached : stop]], device=self.adapter.device),
                            past_key_values=s.cache,
