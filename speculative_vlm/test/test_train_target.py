@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from speculative_vlm.cli import train_target as train_target_cli
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT
 from speculative_vlm.decoding import model_store
 from speculative_vlm.decoding.models import ModelAdapter
@@ -177,14 +178,14 @@ def test_fit_stops_at_the_time_cap_and_says_so(tokens, tiny_folder):
 
 def test_train_target_writes_the_adapter_its_card_log_and_metrics(tiny_folder, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    train_target.add_arguments(parser)
+    train_target_cli.add_arguments(parser)
     out = tmp_path / "command-target-lora"
     args = parser.parse_args([
         "--target", str(tiny_folder), "--out", str(out), "--episodes", "3", "--perturbed-episodes", "1",
         "--epochs", "1", "--batch-size", "4", "--rank", "4", "--single-step", "3", "--probe", "2",
         "--probe-every", "2", "--eval-episodes", "2", "--eval-max-steps", "1", "--data-cache", str(tmp_path / "data"),
     ])
-    assert train_target.run(args) == 0
+    assert train_target_cli.run(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "card.md",
                                                      "metrics.json", "train-log.txt"]
     assert not out.with_name(out.name + ".partial").exists()

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from speculative_vlm.cli import train_target as train_target_cli
 from speculative_vlm.decoding import model_store
 from speculative_vlm.decoding.models import load_model
 from speculative_vlm.evaluation.phrasings import TRAIN
 from speculative_vlm.evaluation.splits import make_splits
 from speculative_vlm.evaluation.world import WorldConfig
-from speculative_vlm.training import target_data, train_target, train_vlm, vlm_frames
+from speculative_vlm.training import target_data, train_vlm, vlm_frames
 from tiny_models import VOCAB, tiny_causal_lm
 from tiny_vlm_target import TINY_VISION_ARGS, tiny_vlm_target
 from transformers import AutoModelForImageTextToText
@@ -144,7 +145,7 @@ def test_an_image_policy_sends_the_frame_and_no_describer_text_even_from_a_state
 
 def vision_args(backbone: Path, out: Path, tmp_path: Path, *extra: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    train_target.add_arguments(parser)
+    train_target_cli.add_arguments(parser)
     return parser.parse_args([
         "--vision", "--backbone", str(backbone), "--out", str(out), *TINY_VISION_ARGS,
         "--episodes", "3", "--perturbed-episodes", "1", "--epochs", "1", "--batch-size", "4", "--rank", "2",
@@ -154,11 +155,13 @@ def vision_args(backbone: Path, out: Path, tmp_path: Path, *extra: str) -> argpa
 
 def test_vision_flag_takes_the_vlm_defaults_and_leaves_the_text_targets_alone():
     parser = argparse.ArgumentParser()
-    train_target.add_arguments(parser)
+    train_target_cli.add_arguments(parser)
     text, vision = parser.parse_args([]), parser.parse_args(["--vision"])
     train_vlm.resolve_mode_defaults(text)
     train_vlm.resolve_mode_defaults(vision)
-    assert (text.epochs, text.rank, text.minutes) == (1.0, 16, 65.0)
+    assert (text.epochs, text.rank, text.minutes) == tuple(train_vlm.MODE_DEFAULTS[k][0]
+                                                          for k in ("epochs", "rank", "minutes"))
+    assert text.rank != vision.rank
     assert (vision.epochs, vision.rank, vision.minutes) == tuple(train_vlm.MODE_DEFAULTS[k][1]
                                                                    for k in ("epochs", "rank", "minutes"))
     assert vision.backbone == model_store.ROBOT_TARGET
@@ -176,7 +179,7 @@ def trained(tmp_path_factory):
     adapter.model.save_pretrained(backbone)
     adapter.tokenizer.save_pretrained(backbone)
     out = tmp_path / model_store.VLM_DELTA
-    assert train_target.run(vision_args(backbone, out, tmp_path, "--max-steps", "3")) == 0
+    assert train_target_cli.run(vision_args(backbone, out, tmp_path, "--max-steps", "3")) == 0
     return backbone, out
 
 

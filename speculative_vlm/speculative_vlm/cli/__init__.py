@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("speculative_vlm.cli.generate", "speculative decoding of one prompt, in one process"),
     "train-exits": ("speculative_vlm.cli.train_exits", "self-distil early-exit adapters on the robot's prompts"),
     "train-draft": ("speculative_vlm.cli.train_draft", "distil a small draft from the target's own answers"),
-    "train-target": ("speculative_vlm.training.train_target", "fine-tune the target (LoRA) on the expert's commands"),
+    "train-target": ("speculative_vlm.cli.train_target", "fine-tune the target (LoRA) on the expert's commands"),
     "record": ("speculative_vlm.cli.record", "record topics into a rosbag2 MCAP bag"),
     "replay": ("speculative_vlm.cli.replay", "play a rosbag2 bag with /clock"),
     "gen-protocol": ("speculative_vlm.cli.gen_protocol", "regenerate the cloud protocol stubs from the .proto"),

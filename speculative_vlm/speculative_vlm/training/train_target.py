@@ -16,7 +16,6 @@ model, on the held-out split only: single-step direction correctness on the held
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,73 +26,69 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from speculative_vlm.decoding.model_store import ROBOT_ADAPTER, ROBOT_TARGET, SMOLLM2
 from speculative_vlm.evaluation.world import SIM_CONFIG
 from speculative_vlm.training import train_vlm
 from speculative_vlm.training.target_data import DEFAULT_CACHE
+from speculative_vlm.training.vlm_frames import Variation
+from speculative_vlm.training.vlm_model import VisionSettings
 
 SHIPPED_ADAPTER = Path(__file__).resolve().parents[2] / "models" / ROBOT_ADAPTER
 MAX_ADAPTER_MB = 60.0  # what the project allows a shipped delta to weigh
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=SMOLLM2, help="base model folder or store name")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where the adapter, card.md, train-log.txt and metrics.json go (replaced whole); "
-                             f"default {SHIPPED_ADAPTER} (--vision: {train_vlm.SHIPPED_DELTA})")
-    data = parser.add_argument_group("data (train split only)")
-    data.add_argument("--episodes", type=int, default=900, help="expert rollouts")
-    data.add_argument("--perturbed-episodes", type=int, default=400,
-                      help="rollouts with some expert moves replaced by random ones (recovery states)")
-    data.add_argument("--perturb", type=float, default=0.3, help="chance a move is replaced in those")
-    data.add_argument("--data-seed", type=int, default=1,
-                      help="episode seed of the training rollouts (eval's train-like episodes use seed 0)")
-    data.add_argument("--restyle", type=float, default=0.3,
-                      help="share of the episodes also trained with the instruction restyled (training/augment.py)")
-    data.add_argument("--split-seed", type=int, default=0, help="which combinations are held out (as eval's)")
-    data.add_argument("--data-cache", type=Path, default=DEFAULT_CACHE,
-                      help="where rollouts are cached; an identical later run reuses them")
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=float, default=None, help=_modal("passes over the examples", "epochs"))
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=None, help=_modal("peak learning rate", "lr"))
-    train.add_argument("--warmup-steps", type=int, default=None, help=_modal("warm-up steps", "warmup_steps"))
-    train.add_argument("--rank", type=int, default=None, help=_modal("LoRA rank (--vision: 0 freezes the backbone)",
-                                                                     "rank"))
-    train.add_argument("--alpha", type=int, default=None, help=_modal("LoRA alpha", "alpha"))
-    train.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    train.add_argument("--minutes", type=float, default=None,
-                       help=_modal("hard cap on the training time; the schedule is by step, so a capped run is "
-                                   "shorter, not different", "minutes"))
-    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (pilots, tests)")
-    train.add_argument("--seed", type=int, default=0, help="torch seed and data order")
-    train.add_argument("--threads", type=int, default=2,
-                       help="torch CPU threads (1 when other work holds a core of two: seen here, two threads then "
-                            "waited on each other and ran several times slower than one)")
-    measure = parser.add_argument_group("measurement (held-out split only)")
-    measure.add_argument("--single-step", type=int, default=100,
-                         help="held-out prompts for single-step direction correctness (eval's first N)")
-    measure.add_argument("--eval-episodes", type=int, default=11, help="held-out closed-loop episodes per model")
-    measure.add_argument("--eval-max-steps", type=int, default=0,
-                         help="cap the closed-loop episodes' step limits (0: each family's own)")
-    measure.add_argument("--eval-seed", type=int, default=0, help="episode seed of the held-out measurement")
-    measure.add_argument("--probe", type=int, default=None,
-                         help=_modal("held-out prompts scored during training (monitoring only; 0: none)", "probe"))
-    measure.add_argument("--probe-every", type=int, default=None, help=_modal("steps between probes", "probe_every"))
-    measure.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                         help="also measure the stock model (--vision: the text target, reading scene text)")
-    measure.add_argument("--config", type=Path, default=SIM_CONFIG,
-                         help="bringup config whose motion limits and camera size apply")
-    train_vlm.add_vision_arguments(parser)
+@dataclass
+class TrainTargetOptions:
+    """One train-target run (``speculative-vlm train-target``'s options, ``cli/train_target.py``).
 
+    None leaves an option to the mode's default (``train_vlm.MODE_DEFAULTS``: the text target's or,
+    with ``vision``, the VLM's); :func:`run` fills them in.
+    """
 
-def _modal(text: str, name: str) -> str:
-    """Help naming an option's two defaults (train_vlm.MODE_DEFAULTS)."""
-    plain, vision = train_vlm.MODE_DEFAULTS[name]
-    return f"{text}; default {plain} (--vision: {vision})"
+    target: str = SMOLLM2  # base model folder or store name
+    out: Path | None = None  # None: the shipped folder (SHIPPED_ADAPTER, or train_vlm.SHIPPED_DELTA)
+    # data (train split only)
+    episodes: int = 900  # expert rollouts
+    perturbed_episodes: int = 400  # rollouts with some expert moves replaced by random ones
+    perturb: float = 0.3  # chance a move is replaced in those
+    data_seed: int = 1  # episode seed of the training rollouts (eval's train-like episodes use seed 0)
+    restyle: float = 0.3  # share of the episodes also trained with the instruction restyled (augment.py)
+    split_seed: int = 0  # which combinations are held out (as eval's)
+    data_cache: Path | None = DEFAULT_CACHE  # where rollouts are cached (None: no cache)
+    # training
+    epochs: float | None = None
+    batch_size: int = 8
+    lr: float | None = None
+    warmup_steps: int | None = None
+    rank: int | None = None
+    alpha: int | None = None
+    dropout: float = 0.05
+    minutes: float | None = None  # hard cap on the training time
+    max_steps: int | None = None
+    seed: int = 0  # torch seed and data order
+    threads: int = 2
+    # measurement (held-out split only)
+    single_step: int = 100
+    eval_episodes: int = 11
+    eval_max_steps: int = 0
+    eval_seed: int = 0
+    probe: int | None = None
+    probe_every: int | None = None
+    baseline: bool = True
+    config: Path = SIM_CONFIG
+    # the VLM target (vision=True): see train_vlm
+    vision: bool = False
+    backbone: str = ROBOT_TARGET
+    image_size: int = VisionSettings.image_size
+    patch_size: int = VisionSettings.patch_size
+    vision_layers: int = VisionSettings.layers
+    vision_hidden: int = VisionSettings.hidden
+    vision_heads: int = VisionSettings.heads
+    scale_factor: int = VisionSettings.scale_factor
+    plain_frames: float = Variation.plain
 
 
 class RunLog:
@@ -221,7 +216,7 @@ def save_adapter(peft_model, folder: Path, base: str) -> float:
     return weights.stat().st_size / 1e6
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: TrainTargetOptions) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -27,7 +27,6 @@ split only.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -40,14 +39,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
 from speculative_vlm.decoding.model_store import (
     IMAGE_ROWS_KEY,
-    ROBOT_TARGET,
-    SMOLLM2,
     VLM_CONFIG_FILE,
     VLM_DELTA,
     VLM_DELTA_FILE,
@@ -58,6 +56,9 @@ from speculative_vlm.decoding.models import common_prefix
 from speculative_vlm.training.target_data import FrameExample
 from speculative_vlm.training.vlm_frames import PLAIN, Variation, random_look, render_frame
 from speculative_vlm.training.vlm_model import VisionSettings
+
+if TYPE_CHECKING:
+    from speculative_vlm.training.train_target import TrainTargetOptions
 
 SHIPPED_DELTA = Path(__file__).resolve().parents[2] / "models" / VLM_DELTA
 TEXT_PROJECTIONS = r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -75,29 +76,7 @@ MODE_DEFAULTS: dict[str, tuple] = {
 }
 
 
-def add_vision_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``train-target --vision`` (the rest are train-target's own)."""
-    parser.add_argument("--vision", action="store_true",
-                        help="train the VLM target (vision tower + connector + LoRA on --backbone) from rendered "
-                             "camera frames; ships speculative_vlm/models/command-target-vlm (merged as "
-                             f"{VLM_TARGET})")
-    g = parser.add_argument_group("vision (with --vision)")
-    g.add_argument("--backbone", default=ROBOT_TARGET,
-                   help=f"the text model the VLM starts from: the text target (default) or {SMOLLM2} "
-                        "(tests, development); a folder or a store name")
-    v = VisionSettings()
-    g.add_argument("--image-size", type=int, default=v.image_size, help="px, square")
-    g.add_argument("--patch-size", type=int, default=v.patch_size)
-    g.add_argument("--vision-layers", type=int, default=v.layers)
-    g.add_argument("--vision-hidden", type=int, default=v.hidden)
-    g.add_argument("--vision-heads", type=int, default=v.heads)
-    g.add_argument("--scale-factor", type=int, default=v.scale_factor,
-                   help="pixel shuffle; image tokens = (image/patch)^2 / scale^2")
-    g.add_argument("--plain-frames", type=float, default=Variation().plain,
-                   help="share of frames rendered exactly as the simulator does (the rest vary)")
-
-
-def resolve_mode_defaults(args: argparse.Namespace) -> None:
+def resolve_mode_defaults(args: TrainTargetOptions) -> None:
     """Fill the options left at None with the text target's or the VLM's default."""
     for name, (text, vision) in MODE_DEFAULTS.items():
         if getattr(args, name, None) is None:
@@ -371,7 +350,7 @@ def save_delta(model, processor, folder: Path, backbone: str, backbone_stamp, se
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> int:
+def run(args: TrainTargetOptions) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from speculative_vlm.decoding.model_store import merge_vlm_delta, model_stamp, resolve
