@@ -1,11 +1,13 @@
-"""Test support for the cloud verifier under stress: raw streams as a broken or hostile client
-sends them (and how each ended: replies, gRPC status, error code), healthy robots decoding
-in a loop with every round timed, and the verifier server as a subprocess whose memory can
-be read. Real gRPC on loopback throughout, nothing mocked.
+"""Test support for the cloud verifier: the server started in this process with its tokens
+(:func:`serving`; conftest's ``cloud_server`` fixture), raw streams as a broken or hostile client
+sends them (and how each ended: replies, gRPC status, error code), healthy robots decoding in a
+loop with every round timed, and the verifier server as a subprocess whose memory can be read.
+Real gRPC on loopback throughout, nothing mocked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +20,9 @@ from pathlib import Path
 
 import grpc
 import psutil
+import pytest
+from speculative_vlm.cloud.config import ServerConfig
+from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
@@ -32,6 +37,39 @@ from speculative_vlm.protocol import verifier_pb2 as pb
 from speculative_vlm.protocol.client import METHOD, GrpcVerifier
 
 HERE = Path(__file__).resolve().parent
+
+
+# ---- the server in this process ---------------------------------------------------------------
+@contextlib.contextmanager
+def serving(config: ServerConfig, engine, tokens: str | None = None,
+            tokens_env: str = "SPECULATIVE_VLM_TOKENS") -> Iterator:
+    """The verifier serving ``engine`` with ``config`` until the block ends. ``tokens``
+    ("name:token,...") is in ``tokens_env`` while it starts, where an operator puts them."""
+    with pytest.MonkeyPatch.context() as env:
+        if tokens is not None:
+            env.setenv(tokens_env, tokens)
+        handle = serve(config, engine=engine)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+# ---- its metrics --------------------------------------------------------------------------------
+def scrape(metrics_port: int, timeout: float = 5.0) -> list:
+    """The metric families the server's /metrics on ``metrics_port`` serves now."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=timeout).read().decode()
+    return list(text_string_to_metric_families(text))
+
+
+def metric_sum(families: list, name: str, **labels: str | None) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (0 when there are none)."""
+    return sum(s.value for f in families for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 # ---- raw streams ------------------------------------------------------------------------------
@@ -231,15 +269,10 @@ class ServerProcess:
     def metric(self, name: str) -> float:
         """One sample from the server's /metrics: ``name`` or ``name{label="value",...}``, its model label aside."""
         import re
-        import urllib.request
 
-        from prometheus_client.parser import text_string_to_metric_families
-
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
         wanted_name, _, rest = name.partition("{")
         wanted = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-        for family in text_string_to_metric_families(text):
+        for family in scrape(self.metrics_port):
             for sample in family.samples:
                 labels = {k: v for k, v in sample.labels.items() if k != "model"}
                 if sample.name == wanted_name and labels == wanted:
@@ -263,8 +296,13 @@ def start_server(model_dir: Path, config: Path, tokens: str, seconds_per_token: 
 
 def start_server_script(script: str, *args: str, tokens: str = "") -> ServerProcess:
     """``python test/<script> args...`` (a wrapper around the real ``main()``); returns once it serves."""
+    return start_server_command([sys.executable, str(HERE / script), *args], tokens)
+
+
+def start_server_command(command: list[str], tokens: str = "") -> ServerProcess:
+    """A verifier server started by ``command`` with ``tokens`` in its environment; returns once it serves."""
     env = dict(os.environ, SPECULATIVE_VLM_TOKENS=tokens)
-    proc = subprocess.Popen([sys.executable, str(HERE / script), *args], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         line = proc.stderr.readline()

@@ -8,15 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import rclpy
 import yaml
 from ament_index_python.packages import get_package_share_directory
+from polling import wait_for, wait_until
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -27,7 +26,6 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 from speculative_vlm.bags import BagPlayer, BagRecorder, installed_typestore
-from speculative_vlm.nodes.spin import PoolExecutor
 
 from speculative_vlm_msgs.msg import LocomotionCommand
 
@@ -57,21 +55,6 @@ def cli(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-class Spinner:
-    """A test node spun by a background executor."""
-
-    def __init__(self, name: str) -> None:
-        self.node = Node(name)
-        self.executor = PoolExecutor()
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-
-
 class Inbox:
     """Messages received on one topic with their monotonic arrival times."""
 
@@ -86,34 +69,22 @@ class Inbox:
         return [m for _, m in self.items]
 
     def wait_for(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.items) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
+        """Wait until ``count`` messages have come (or ``timeout`` s); the test then checks what came."""
+        wait_for(lambda: len(self.items) >= count, timeout, step=0.02)
 
 
 @pytest.fixture
-def spinner(ros, request):
-    s = Spinner("test_bags_" + request.node.name.replace("[", "_").replace("]", "").replace("-", "_"))
-    yield s
-    s.close()
+def node(rclpy_context, spinner, request):
+    """A test node, named after the test, spun in the background."""
+    probe = Node("test_bags_" + request.node.name.replace("[", "_").replace("]", "").replace("-", "_"))
+    spinner.add(probe)
+    yield probe
+    spinner.remove(probe)
+    probe.destroy_node()
 
 
 @pytest.fixture(scope="module")
-def recorded_bag(ros, tmp_path_factory) -> Path:
+def recorded_bag(rclpy_context, tmp_path_factory) -> Path:
     """A bag recorded by `speculative-vlm record` (another process) from this process's publishers."""
     path = tmp_path_factory.mktemp("rec") / "bag"
     recorder = cli("record", "-o", str(path), IMAGE_TOPIC, COMMAND_TOPIC)
@@ -137,7 +108,7 @@ def recorded_bag(ros, tmp_path_factory) -> Path:
     return path
 
 
-def test_installed_definitions_hash_like_the_ros_build(ros):
+def test_installed_definitions_hash_like_the_ros_build(rclpy_context):
     store = installed_typestore(["sensor_msgs/msg/Image", "speculative_vlm_msgs/msg/LocomotionCommand"])
     for msgtype in ("sensor_msgs/msg/Image", "speculative_vlm_msgs/msg/LocomotionCommand", "std_msgs/msg/Header"):
         package, kind, name = msgtype.split("/")
@@ -165,10 +136,10 @@ def test_recorded_bag_decodes_with_its_own_definitions_in_another_tool(recorded_
     assert decoded[COMMAND_TOPIC][2].action == LocomotionCommand.MOVE
 
 
-def test_replay_delivers_the_same_messages_in_order_with_their_timing(recorded_bag, spinner):
+def test_replay_delivers_the_same_messages_in_order_with_their_timing(recorded_bag, node):
     inbox = {IMAGE_TOPIC: Inbox(), COMMAND_TOPIC: Inbox()}
-    spinner.node.create_subscription(Image, IMAGE_TOPIC, inbox[IMAGE_TOPIC], CAMERA_SUB_QOS)
-    spinner.node.create_subscription(LocomotionCommand, COMMAND_TOPIC, inbox[COMMAND_TOPIC], 10)
+    node.create_subscription(Image, IMAGE_TOPIC, inbox[IMAGE_TOPIC], CAMERA_SUB_QOS)
+    node.create_subscription(LocomotionCommand, COMMAND_TOPIC, inbox[COMMAND_TOPIC], 10)
     player = cli("replay", str(recorded_bag), "--wait-for-subscribers", "20")
     try:
         inbox[COMMAND_TOPIC].wait_for(FRAMES, 30)
@@ -194,15 +165,15 @@ def command_stamps(bag: Path) -> list[int]:
         return [t for _, t, _ in reader.messages(connections=[connection])]
 
 
-def test_replay_publishes_clock_from_the_bag_timestamps(recorded_bag, spinner):
+def test_replay_publishes_clock_from_the_bag_timestamps(recorded_bag, node):
     stamps_in_bag = command_stamps(recorded_bag)
     with Reader(recorded_bag) as reader:
         bag_start_ns = reader.start_time
     clocks = Inbox()
-    spinner.node.create_subscription(Clock, "/clock", clocks, 10)
+    node.create_subscription(Clock, "/clock", clocks, 10)
     commands = Inbox()
-    spinner.node.create_subscription(LocomotionCommand, COMMAND_TOPIC, commands, 10)
-    player = BagPlayer(spinner.node, recorded_bag, clock_hz=50.0, topics=[COMMAND_TOPIC], wait_for_subscribers_s=10)
+    node.create_subscription(LocomotionCommand, COMMAND_TOPIC, commands, 10)
+    player = BagPlayer(node, recorded_bag, clock_hz=50.0, topics=[COMMAND_TOPIC], wait_for_subscribers_s=10)
     player.play()
     time.sleep(0.2)
     stamps = [m.clock.sec * 10**9 + m.clock.nanosec for m in clocks.messages]
@@ -212,24 +183,24 @@ def test_replay_publishes_clock_from_the_bag_timestamps(recorded_bag, spinner):
     assert set(stamps_in_bag) <= set(stamps)  # each message is preceded by its own time
 
 
-def test_nodes_with_sim_time_follow_the_replayed_clock(recorded_bag, spinner, ros):
+def test_nodes_with_sim_time_follow_the_replayed_clock(recorded_bag, node, spinner):
     follower = Node("test_bags_sim_time_follower", parameter_overrides=[
         Parameter("use_sim_time", value=True)])
-    spinner.executor.add_node(follower)
+    spinner.add(follower)
     try:
         end_ns = command_stamps(recorded_bag)[-1]
-        wait_until(lambda: spinner.node.count_subscribers("/clock") > 0, 10, "the follower to subscribe to /clock")
-        BagPlayer(spinner.node, recorded_bag, rate=4.0, topics=[COMMAND_TOPIC]).play()
+        wait_until(lambda: node.count_subscribers("/clock") > 0, 10, "the follower to subscribe to /clock")
+        BagPlayer(node, recorded_bag, rate=4.0, topics=[COMMAND_TOPIC]).play()
         wait_until(lambda: follower.get_clock().now().nanoseconds == end_ns, 5, "the follower's clock to reach the bag end")
     finally:
-        spinner.executor.remove_node(follower)
+        spinner.remove(follower)
         follower.destroy_node()
 
 
-def test_rate_factor_compresses_playback_time(recorded_bag, spinner):
+def test_rate_factor_compresses_playback_time(recorded_bag, node):
     commands = Inbox()
-    spinner.node.create_subscription(LocomotionCommand, "/fast/command", commands, 10)
-    player = BagPlayer(spinner.node, recorded_bag, rate=3.0, topics=[COMMAND_TOPIC],
+    node.create_subscription(LocomotionCommand, "/fast/command", commands, 10)
+    player = BagPlayer(node, recorded_bag, rate=3.0, topics=[COMMAND_TOPIC],
                        remap={COMMAND_TOPIC: "/fast/command"}, wait_for_subscribers_s=10)
     player.play()
     commands.wait_for(FRAMES, 5)
@@ -239,24 +210,24 @@ def test_rate_factor_compresses_playback_time(recorded_bag, spinner):
     assert arrivals[-1] - arrivals[0] == pytest.approx((stamps[-1] - stamps[0]) / 1e9 / 3.0, abs=0.12)
 
 
-def test_start_offset_skips_the_beginning(recorded_bag, spinner):
+def test_start_offset_skips_the_beginning(recorded_bag, node):
     commands = Inbox()
-    spinner.node.create_subscription(LocomotionCommand, "/offset/motion/command", commands, 10)
+    node.create_subscription(LocomotionCommand, "/offset/motion/command", commands, 10)
     with Reader(recorded_bag) as reader:
         connection = next(c for c in reader.connections if c.topic == COMMAND_TOPIC)
         stamps = [t for _, t, _ in reader.messages(connections=[connection])]
         start_ns = reader.start_time
     offset_s = (stamps[3] - start_ns) / 1e9 - 0.01  # just before the fourth command
-    BagPlayer(spinner.node, recorded_bag, topics=[COMMAND_TOPIC], namespace="offset", start_offset_s=offset_s,
+    BagPlayer(node, recorded_bag, topics=[COMMAND_TOPIC], namespace="offset", start_offset_s=offset_s,
               wait_for_subscribers_s=10).play()
     commands.wait_for(FRAMES - 3, 5)
     assert [m.text for m in commands.messages] == [f"step {i}" for i in range(3, FRAMES)]
 
 
-def test_loop_plays_the_bag_again_until_stopped(recorded_bag, spinner):
+def test_loop_plays_the_bag_again_until_stopped(recorded_bag, node):
     commands = Inbox()
-    spinner.node.create_subscription(LocomotionCommand, "/loop/command", commands, 10)
-    player = BagPlayer(spinner.node, recorded_bag, rate=4.0, loop=True, topics=[COMMAND_TOPIC],
+    node.create_subscription(LocomotionCommand, "/loop/command", commands, 10)
+    player = BagPlayer(node, recorded_bag, rate=4.0, loop=True, topics=[COMMAND_TOPIC],
                        remap={COMMAND_TOPIC: "/loop/command"}, wait_for_subscribers_s=10)
     player.start()
     commands.wait_for(2 * FRAMES + 1, 10)
@@ -302,12 +273,12 @@ def write_bag_like_ros2_bag_record(path: Path, storage: StoragePlugin) -> list[I
 
 
 @pytest.mark.parametrize("storage", [StoragePlugin.MCAP, StoragePlugin.SQLITE3], ids=["mcap", "sqlite3"])
-def test_plays_a_bag_recorded_by_ros2_bag_record(tmp_path, spinner, storage):
+def test_plays_a_bag_recorded_by_ros2_bag_record(tmp_path, node, storage):
     path = tmp_path / "rosbag2_2026_11_22-10_00_00"
     expected = write_bag_like_ros2_bag_record(path, storage)
     frames = Inbox()
-    spinner.node.create_subscription(Image, "/go2/camera/image_raw", frames, CAMERA_SUB_QOS)
-    player = BagPlayer(spinner.node, path, namespace="go2", wait_for_subscribers_s=10)
+    node.create_subscription(Image, "/go2/camera/image_raw", frames, CAMERA_SUB_QOS)
+    player = BagPlayer(node, path, namespace="go2", wait_for_subscribers_s=10)
     report = player.play()
     frames.wait_for(len(expected), 5)
     assert report.published == {"/go2/camera/image_raw": len(expected)}
@@ -315,7 +286,7 @@ def test_plays_a_bag_recorded_by_ros2_bag_record(tmp_path, spinner, storage):
     assert player.mismatched == {}
 
 
-def test_player_warns_when_the_bag_has_another_definition_of_a_type(tmp_path, spinner):
+def test_player_warns_when_the_bag_has_another_definition_of_a_type(tmp_path, node):
     # An older LocomotionCommand without `verified` and `text`, recorded under the same name.
     store = get_typestore(Stores.ROS2_KILTED)
     store.register(get_types_from_msg("std_msgs/Header header\nuint8 action\nfloat32 vx\nfloat32 vy\n"
@@ -328,19 +299,19 @@ def test_player_warns_when_the_bag_has_another_definition_of_a_type(tmp_path, sp
                                                    frame_id="")
         writer.write(connection, 1, store.serialize_cdr(old(header=header, action=0, vx=0.5, vy=0.0, vyaw=0.0,
                                                             duration=1.0), "speculative_vlm_msgs/msg/LocomotionCommand"))
-    player = BagPlayer(spinner.node, path, topics=[COMMAND_TOPIC], namespace="old")
+    player = BagPlayer(node, path, topics=[COMMAND_TOPIC], namespace="old")
     assert set(player.mismatched) == {COMMAND_TOPIC}
 
 
-def test_recorder_api_records_in_process_and_refuses_to_overwrite(spinner, tmp_path):
+def test_recorder_api_records_in_process_and_refuses_to_overwrite(node, tmp_path):
     path = tmp_path / "api_bag"
-    publisher = spinner.node.create_publisher(LocomotionCommand, "/api/command", 10)
-    with BagRecorder(spinner.node, path, ["/api/command"]) as recorder:
+    publisher = node.create_publisher(LocomotionCommand, "/api/command", 10)
+    with BagRecorder(node, path, ["/api/command"]) as recorder:
         wait_until(lambda: publisher.get_subscription_count() > 0, 10, "the recorder to subscribe")
         for i in range(3):
             publisher.publish(command(i))
         wait_until(lambda: recorder.counts.get("/api/command") == 3, 5, "three recorded commands")
     with pytest.raises(FileExistsError, match="never overwrites"):
-        BagRecorder(spinner.node, path, ["/api/command"])
+        BagRecorder(node, path, ["/api/command"])
     with Reader(path) as reader:
         assert reader.message_count == 3

@@ -11,7 +11,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from go2_harness import Spinner, wait_for
+from go2_harness import Spinner
+from polling import wait_for
 from rclpy.node import Node
 from speculative_vlm.cloud.config import ServerConfig, ServerLimits
 from speculative_vlm.cloud.server import serve

@@ -12,14 +12,14 @@ import time
 
 import pytest
 from action_msgs.msg import GoalStatus
-from go2_harness import wait_for
+from polling import result_of, wait_for, wait_until
 from rclpy.parameter import Parameter
 from speculative_vlm.benchmark.netem import LinkProfile
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.nodes.ros_verifier import SPEC_QOS
 from speculative_vlm.protocol.client import GrpcVerifier
-from test_robot_graph import Graph, _wait
+from test_robot_graph import Graph
 
 from speculative_vlm_msgs.action import Instruct
 from speculative_vlm_msgs.msg import DraftBlock, Verdict
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.ros
 
 
 @pytest.fixture(scope="module")
-def graph(tmp_path_factory):
+def graph(rclpy_context, tmp_path_factory):
     g = Graph(tmp_path_factory.mktemp("streaming"))
     g.verdicts, g.drafts = [], []
     g.probe.create_subscription(Verdict, "spec/verdict", g.verdicts.append, SPEC_QOS)
@@ -105,7 +105,9 @@ def test_a_cloud_ar_goal_through_the_bridge_runs_the_target_s_own_commands_strea
     for tokens in sessions.values():
         assert [v.round for v in tokens] == list(range(len(tokens)))  # each token's index, in order
         assert tokens[-1].eos and not any(v.eos for v in tokens[:-1])
-    assert all(s.stats.drafted == 0 and s.stats.target_passes > 0 for s in step_feedback(feedback))
+    steps = step_feedback(feedback)
+    assert len(steps) == 2, f"{len(steps)} steps' feedback"
+    assert all(s.stats.drafted == 0 and s.stats.target_passes > 0 for s in steps)
 
 
 def test_cancelling_a_streamed_step_stops_the_stream_closes_the_session_and_ends_the_goal(graph):
@@ -119,17 +121,14 @@ def test_cancelling_a_streamed_step_stops_the_stream_closes_the_session_and_ends
         return [v for v in graph.verdicts[verdicts_before:] if v.kind == Verdict.TOKEN]
 
     try:
-        handle = _wait(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=1)), 30)
+        handle = result_of(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=1)), 30)
         result = handle.get_result_async()
-        deadline = time.monotonic() + 60
-        while not tokens():
-            assert time.monotonic() < deadline and not result.done(), "no token was streamed"
-            time.sleep(0.01)
+        wait_until(tokens, 60, "a streamed token", step=0.01, unless=result.done)
         [sid] = {v.session_id for v in tokens()}
         assert sid in bridge._sessions and graph.server.service.store.get(sid) is not None
         cancelled_at = time.monotonic()
-        _wait(handle.cancel_goal_async(), 10)
-        response = _wait(result, 30)
+        result_of(handle.cancel_goal_async(), 10)
+        response = result_of(result, 30)
         ended_s = time.monotonic() - cancelled_at
         streamed = len(tokens())
         assert wait_for(lambda: graph.server.service.store.get(sid) is None, 5.0), "the server still streams"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from go2_harness import SimProcess, join_domain, wait_for
+from go2_harness import SimProcess, join_domain
+from polling import wait_for
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from speculative_vlm.nodes.image_conversion import image_to_numpy, numpy_to_image

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from diagnostic_msgs.msg import DiagnosticArray
-from go2_harness import SimProcess, Spinner, join_domain, wait_for, write_clip
+from go2_harness import SimProcess, Spinner, assert_parameter_file_matches, join_domain, write_clip
+from polling import wait_for
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -131,13 +131,6 @@ def test_an_unknown_source_is_refused_with_the_valid_choices(ros):
 
 
 def test_the_shipped_parameter_file_sets_exactly_the_declared_parameters(ros):
-    params = yaml.safe_load((Path(__file__).parents[1] / "config" / "camera.yaml").read_text())["camera"]["ros__parameters"]
-    params["source"] = "topic"  # same keys, but no robot connection for this check
-    node = CameraNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    try:
-        declared = {name for name in node._parameters if name not in ("use_sim_time", "start_type_description_service")}
-        assert declared == set(params)
-        for name in declared:
-            assert node.describe_parameter(name).description, f"{name} has no description"
-    finally:
-        node.destroy_node()
+    # source=topic: the same keys, but no robot connection for this check
+    assert_parameter_file_matches(CameraNode, Path(__file__).parents[1] / "config" / "camera.yaml", "camera",
+                                  source="topic")

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cloud_harness import serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from speculative_vlm.cli import main as cli
 from speculative_vlm.cloud.config import ConfigError, ServerConfig
-from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, LinkLost, SessionRequest
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import tiny_pair
 
 TOKEN = "mtls-robot-token-0123456789abcdef"
 REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=8))
@@ -36,19 +35,12 @@ def pki(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def models():
-    return tiny_pair()
-
-
-@pytest.fixture(scope="module")
 def server(models, pki):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPECULATIVE_VLM_TEST_MTLS_TOKENS", f"robot1:{TOKEN}")
-        config = ServerConfig(bind="127.0.0.1:0", tls_cert=str(pki["cert"]), tls_key=str(pki["key"]),
-                              tls_client_ca=str(pki["ca"]), tokens_env="SPECULATIVE_VLM_TEST_MTLS_TOKENS")
-        handle = serve(config, engine=TargetEngine(models[0]))
-    yield handle
-    handle.stop()
+    config = ServerConfig(bind="127.0.0.1:0", tls_cert=str(pki["cert"]), tls_key=str(pki["key"]),
+                          tls_client_ca=str(pki["ca"]), tokens_env="SPECULATIVE_VLM_TEST_MTLS_TOKENS")
+    with serving(config, TargetEngine(models[0]), tokens=f"robot1:{TOKEN}",
+                 tokens_env="SPECULATIVE_VLM_TEST_MTLS_TOKENS") as handle:
+        yield handle
 
 
 def robot(server, pki, cert: str | None = None, key: str | None = None) -> GrpcVerifier:
@@ -115,15 +107,12 @@ def test_cloud_certs_keeps_an_existing_ca_so_its_client_certificates_stay_valid(
 
 
 @pytest.mark.ros
-def test_the_bridge_presents_its_tls_cert_and_key_parameters_to_the_verifier(server, pki, monkeypatch):
-    import rclpy
+def test_the_bridge_presents_its_tls_cert_and_key_parameters_to_the_verifier(server, pki, monkeypatch,
+                                                                           rclpy_context):
     from rclpy.parameter import Parameter
     from speculative_vlm.nodes.bridge import BridgeNode
 
     monkeypatch.setenv("SPECULATIVE_VLM_TOKEN", TOKEN)
-    started = not rclpy.ok()
-    if started:
-        rclpy.init()
     params = {"cloud_address": f"127.0.0.1:{server.port}", "auth_token_env": "SPECULATIVE_VLM_TOKEN",
               "tls_ca": str(pki["ca"]), "tls_cert": str(pki["robot_cert"]), "tls_key": str(pki["robot_key"])}
     node = BridgeNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
@@ -132,9 +121,5 @@ def test_the_bridge_presents_its_tls_cert_and_key_parameters_to_the_verifier(ser
     finally:
         node._verifier.close()
         node.destroy_node()
-    try:
-        with pytest.raises(ValueError, match="tls_cert and tls_key"):
-            BridgeNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items() if k != "tls_key"])
-    finally:
-        if started:
-            rclpy.try_shutdown()
+    with pytest.raises(ValueError, match="tls_cert and tls_key"):
+        BridgeNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items() if k != "tls_key"])

@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray
-from go2_harness import Spinner, wait_for
+from go2_harness import Spinner
+from polling import wait_for
 from rcl_interfaces.msg import Log
 from rclpy.node import Node
 from rclpy.parameter import Parameter

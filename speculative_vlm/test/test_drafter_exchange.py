@@ -8,13 +8,12 @@ cancelled once its step's statistics are out.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
 import pytest
-import rclpy
-from go2_harness import wait_for
+from go2_harness import Spinner
+from polling import wait_for
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
 from rclpy.node import Node
@@ -22,8 +21,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from speculative_vlm.nodes.ros_verifier import SPEC_QOS
-from speculative_vlm.nodes.spin import PoolExecutor
-from tiny_models import noisy_copy, tiny_causal_lm
+from tiny_models import tiny_pair
 
 from speculative_vlm_msgs.action import Instruct
 from speculative_vlm_msgs.msg import DecodingStats, DraftBlock, Verdict
@@ -36,7 +34,8 @@ def nanoseconds(stamp) -> int:
 
 
 class Exchange:
-    """Drafter + bridge (in-process target) + a probe that records the spec/* traffic."""
+    """Drafter + bridge (in-process target) + a probe that records the spec/* traffic, in a process
+    where rclpy is initialised (the ``rclpy_context`` fixture)."""
 
     def __init__(self, tmp_path) -> None:
         from speculative_vlm.decoding.inprocess import InProcessVerifier
@@ -47,12 +46,10 @@ class Exchange:
         from speculative_vlm.nodes.drafter import DrafterNode
         from speculative_vlm.nodes.image_conversion import numpy_to_image
 
-        target = tiny_causal_lm("llama", seed=9, layers=4)
-        draft = noisy_copy(target, noise=0.02, seed=4)
+        target, draft = tiny_pair(seed=9, noise=0.02, draft_seed=4)
         draft.model.save_pretrained(tmp_path / "draft")
         draft.tokenizer.save_pretrained(tmp_path / "draft")
         self.verifier = InProcessVerifier(TargetEngine(target, exit_layers=[2], max_batch=4))
-        rclpy.init()
         ns = "/t" + uuid.uuid4().hex[:8]
         self.bridge = BridgeNode(verifier=self.verifier, namespace=ns)
         self.drafter = DrafterNode(namespace=ns, parameter_overrides=[
@@ -70,11 +67,7 @@ class Exchange:
         frame = numpy_to_image(render_bgr(load_scene(None), 0.0, 0.0, 0.0, CameraModel(width=160, height=120)), "bgr8")
         frame_pub = self.probe.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
         self.probe.create_timer(0.2, lambda: frame_pub.publish(frame))
-        self.executor = PoolExecutor()
-        for node in (self.bridge, self.drafter, self.probe):
-            self.executor.add_node(node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = Spinner(self.bridge, self.drafter, self.probe)
         self.client = ActionClient(self.probe, Instruct, "instruct")
         assert self.client.wait_for_server(timeout_sec=30)
         assert self.drafter._loaded.wait(60) and self.drafter._decoder is not None, self.drafter._load_error
@@ -104,15 +97,14 @@ class Exchange:
 
     def close(self) -> None:
         self.client.destroy()
-        self.executor.shutdown(timeout_sec=2.0)
+        self.spinner.shutdown()
         for node in (self.drafter, self.bridge, self.probe):
             node.destroy_node()
         self.verifier.shutdown()
-        rclpy.try_shutdown()
 
 
 @pytest.fixture(scope="module")
-def exchange(tmp_path_factory):
+def exchange(rclpy_context, tmp_path_factory):
     e = Exchange(tmp_path_factory.mktemp("exchange"))
     yield e
     e.close()
@@ -140,4 +132,5 @@ def test_early_confidence_set_at_run_time_decides_which_early_verdicts_start_a_p
     exchange.set_parameter(Parameter("early_confidence", value=1.0))
     drafts, verdicts, _ = exchange.one_step()
     assert [v.kind for v in verdicts if v.kind == Verdict.EARLY], "the early exit still answers"
+    assert drafts, "no block drafted at threshold 1"
     assert not any(d.preemptive for d in drafts), "a preemptive block above the threshold set at run time"

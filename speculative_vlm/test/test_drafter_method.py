@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray
-from go2_harness import wait_for
+from polling import wait_for
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 from test_drafter_exchange import Exchange
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ros
 
 
 @pytest.fixture(scope="module")
-def exchange(tmp_path_factory):
+def exchange(rclpy_context, tmp_path_factory):
     e = Exchange(tmp_path_factory.mktemp("method"))
     yield e
     e.close()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from action_msgs.msg import GoalStatus
-from go2_harness import wait_for
+from polling import wait_for
 from rclpy.action import ActionServer, CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from test_drafter_exchange import Exchange
@@ -47,9 +47,7 @@ class MotionProbe:
 
         def follow() -> None:
             if answer is None:
-                deadline = time.monotonic() + 60.0
-                while not handle.is_cancel_requested and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_for(lambda: handle.is_cancel_requested, 60.0)
             handle.execute()
 
         threading.Thread(target=follow, daemon=True).start()
@@ -70,7 +68,7 @@ class MotionProbe:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory):
+def rig(rclpy_context, tmp_path_factory):
     exchange = Exchange(tmp_path_factory.mktemp("drafter_motion"))
     motion = MotionProbe(exchange.probe)
     assert wait_for(lambda: exchange.drafter._motion.server_is_ready(), 15.0)

@@ -8,19 +8,13 @@ import uuid
 import numpy as np
 import pytest
 import rclpy
-from go2_harness import Spinner, init_rclpy, wait_for
+from go2_harness import Spinner
 from nav_msgs.msg import Odometry
+from polling import wait_for
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 
 pytestmark = pytest.mark.ros
-
-
-@pytest.fixture(scope="module")
-def ros():
-    init_rclpy()
-    yield None
-    rclpy.try_shutdown()
 
 
 def odom(x: float, y: float, yaw: float) -> Odometry:
@@ -37,7 +31,7 @@ def grey_frame() -> Image:
 
 
 @pytest.fixture
-def drafter(ros):
+def drafter(rclpy_context):
     from speculative_vlm.nodes.drafter import DrafterNode
 
     namespace = f"t{uuid.uuid4().hex[:8]}"
@@ -45,9 +39,7 @@ def drafter(ros):
                        parameter_overrides=[Parameter("draft_model", value="/nonexistent/draft")])
     pub_node = rclpy.create_node("odom_source", namespace=namespace)
     pub = pub_node.create_publisher(Odometry, "odom", 10)
-    spinner = Spinner()
-    spinner.add(node)
-    spinner.add(pub_node)
+    spinner = Spinner(node, pub_node)
     yield node, pub
     spinner.shutdown()
     node.destroy_node()

@@ -10,7 +10,6 @@ import contextlib
 import json
 import socket
 import struct
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +21,7 @@ import rclpy
 import websockets
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from go2_harness import Spinner, own_context
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from nav_msgs.msg import Odometry
 from rclpy.node import Node
@@ -32,7 +32,6 @@ from sensor_msgs.msg import CompressedImage, Image
 from speculative_vlm.go2.scene import load_scene
 from speculative_vlm.nodes.foxglove_view import FoxgloveViewError, FoxgloveViewNode, start_for_bringup
 from speculative_vlm.nodes.image_conversion import numpy_to_image
-from speculative_vlm.nodes.spin import PoolExecutor
 from std_msgs.msg import Bool, String
 
 from speculative_vlm_msgs.msg import DecodingStats, LocomotionCommand
@@ -75,11 +74,7 @@ class Graph:
         overrides += [Parameter(k, value=v) for k, v in view_parameters.items()]
         self.view = FoxgloveViewNode(context=self.context, namespace=self.ns, parameter_overrides=overrides)
         self.probe = Node("probe", namespace=self.ns, context=self.context)
-        self.executor = PoolExecutor(context=self.context)
-        self.executor.add_node(self.view)
-        self.executor.add_node(self.probe)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = Spinner(self.view, self.probe, context=self.context)
         pub = self.probe.create_publisher
         self.pubs = {
             "image": pub(Image, "camera/image_raw", qos_profile_sensor_data),
@@ -124,7 +119,7 @@ class Graph:
         self.probe.get_logger().info("hello foxglove")
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2.0)
+        self.spinner.shutdown()
         self.view.destroy_node()
         self.probe.destroy_node()
         rclpy.shutdown(context=self.context)
@@ -268,14 +263,9 @@ def test_the_pose_path_and_logs_follow_the_graph():
 
 
 def test_a_port_in_use_is_refused_with_what_to_do():
-    with graph() as g:
-        context = rclpy.Context()
-        rclpy.init(context=context)
-        try:
-            with pytest.raises(FoxgloveViewError, match="port"):
-                FoxgloveViewNode(context=context, parameter_overrides=[Parameter("port", value=g.view.port)])
-        finally:
-            rclpy.shutdown(context=context)
+    with graph() as g, own_context() as context:
+        with pytest.raises(FoxgloveViewError, match="port"):
+            FoxgloveViewNode(context=context, parameter_overrides=[Parameter("port", value=g.view.port)])
 
 
 def test_start_only_parameters_are_read_only():

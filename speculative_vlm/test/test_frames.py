@@ -10,10 +10,10 @@ import math
 import uuid
 
 import pytest
-import rclpy
 from builtin_interfaces.msg import Time
-from go2_harness import init_rclpy, join_domain, wait_for
+from go2_harness import MotionRig
 from nav_msgs.msg import Odometry
+from polling import wait_for
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from speculative_vlm.nodes.frames import (
@@ -23,7 +23,6 @@ from speculative_vlm.nodes.frames import (
     odom_transform,
     quaternion_from_rpy,
 )
-from test_motion_node import Rig, world  # noqa: F401 - world is the fixture Rig needs
 
 pytestmark = pytest.mark.ros
 
@@ -70,9 +69,8 @@ def test_rpy_follows_ros_convention_yaw_about_z_after_pitch_about_y_after_roll_a
     assert q == pytest.approx((math.sin(0.15), 0.0, 0.0, math.cos(0.15)))
 
 
-def test_tf_topics_are_relative_so_a_namespace_applies():
+def test_tf_topics_are_relative_so_a_namespace_applies(rclpy_context):
     assert (TF_TOPIC, TF_STATIC_TOPIC) == ("tf", "tf_static")
-    init_rclpy()
     node = Node("frames_probe", namespace="/robot2")
     try:
         assert node.resolve_topic_name(TF_TOPIC) == "/robot2/tf"
@@ -81,11 +79,9 @@ def test_tf_topics_are_relative_so_a_namespace_applies():
         node.destroy_node()
 
 
-def test_the_camera_node_mounts_its_frame_on_base_link_from_its_parameters():
+def test_the_camera_node_mounts_its_frame_on_base_link_from_its_parameters(ros):
     from speculative_vlm.nodes.camera import CameraNode
 
-    join_domain()
-    init_rclpy()
     node = CameraNode(namespace="/t" + uuid.uuid4().hex[:8], parameter_overrides=[
         Parameter("source", value="topic"), Parameter("frame_id", value="head_cam"),
         Parameter("mount_x", value=0.25), Parameter("mount_z", value=0.1), Parameter("mount_pitch", value=0.2),
@@ -112,8 +108,8 @@ def test_odom_to_base_link_is_the_odometry_pose():
 
 
 @pytest.fixture
-def rig(world):  # noqa: F811 - the imported fixture
-    r = Rig(world, pose_covariance_diagonal=[0.02, 0.02, 0.05, 0.001, 0.001, 0.03])
+def rig(go2_world):
+    r = MotionRig(go2_world, pose_covariance_diagonal=[0.02, 0.02, 0.05, 0.001, 0.001, 0.03])
     yield r
     r.close()
 
@@ -132,7 +128,3 @@ def test_a_covariance_diagonal_without_six_variances_is_refused(rig):
     assert not result.successful and "6 finite variances" in result.reason
     result = rig.node.set_parameters([Parameter("twist_covariance_diagonal", value=[0.1, 0.1, 0.1, 0.1, 0.1, -1.0])])[0]
     assert not result.successful
-
-
-def teardown_module() -> None:
-    rclpy.try_shutdown()

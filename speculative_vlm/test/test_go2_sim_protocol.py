@@ -9,7 +9,8 @@ import time
 import cv2
 import numpy as np
 import pytest
-from go2_harness import SimProcess, join_domain, wait_for
+from go2_harness import SimProcess, join_domain
+from polling import wait_for
 from speculative_vlm.go2.sdk_backend import SportBackend, VideoBackend
 from speculative_vlm.go2.sim_model import REFUSED, Mode
 

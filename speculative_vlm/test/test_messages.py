@@ -45,12 +45,10 @@ def echo_process():
 
 
 @pytest.fixture(scope="module")
-def node():
-    rclpy.init()
+def node(rclpy_context):
     n = Node("test_messages")
     yield n
     n.destroy_node()
-    rclpy.shutdown()
 
 
 @pytest.mark.ros

@@ -36,12 +36,10 @@ def monitor_process():
 
 
 @pytest.fixture(scope="module")
-def node(monitor_process):
-    rclpy.init()
+def node(monitor_process, rclpy_context):
     n = Node("test_monitor", namespace="/mon")
     yield n
     n.destroy_node()
-    rclpy.shutdown()
 
 
 def collect(node: Node, msg_type, topic: str, qos, until, feed=None, timeout: float = 20.0) -> list:

@@ -10,10 +10,10 @@ import time
 
 import pytest
 from action_msgs.msg import GoalStatus
-from go2_harness import wait_for
+from go2_harness import STOP_MOVE
+from polling import wait_for
 from rclpy.action import ActionClient
 from std_msgs.msg import Bool
-from test_motion_node import STOP_MOVE, Rig, world  # noqa: F401 - world is the fixture Rig needs
 
 from speculative_vlm_msgs.action import ExecuteCommand
 from speculative_vlm_msgs.msg import LocomotionCommand
@@ -23,14 +23,12 @@ Result = ExecuteCommand.Result
 
 
 @pytest.fixture
-def rig(world):  # noqa: F811 - the imported fixture
-    r = Rig(world)
-    r.client = ActionClient(r.probe, ExecuteCommand, "motion/execute")
-    assert r.client.wait_for_server(timeout_sec=15.0)
-    r.wait_still()
-    yield r
-    r.client.destroy()
-    r.close()
+def rig(motion_rig):
+    """The motion rig with an action client for ``motion/execute`` on its probe node."""
+    motion_rig.client = ActionClient(motion_rig.probe, ExecuteCommand, "motion/execute")
+    assert motion_rig.client.wait_for_server(timeout_sec=15.0)
+    yield motion_rig
+    motion_rig.client.destroy()
 
 
 def _done(future, timeout: float = 10.0):
@@ -62,7 +60,9 @@ def test_a_goal_runs_its_clamped_duration_with_feedback_and_ends_completed(rig):
     remaining = [f.feedback.remaining_s for f in feedback]
     assert len(feedback) >= 5 and remaining == sorted(remaining, reverse=True)
     # The velocity streamed while time remains (at the end it is 0: StopMove is on its way).
-    assert all(f.feedback.vx == pytest.approx(0.6) for f in feedback if f.feedback.remaining_s > 0)
+    moving = [f for f in feedback if f.feedback.remaining_s > 0]
+    assert moving, "no feedback while time remained"
+    assert all(f.feedback.vx == pytest.approx(0.6) for f in moving)
 
 
 def test_cancelling_a_goal_stops_the_robot_at_once_and_ends_it_canceled(rig):

@@ -14,22 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from go2_harness import wait_for
+from go2_harness import MOVE, STOP_MOVE
+from polling import wait_for
 from speculative_vlm.nodes.motion import LATCHED
 from std_msgs.msg import Bool
-from test_motion_node import MOVE, STOP_MOVE, Rig, world  # noqa: F401 - world is the fixture Rig needs
 
 pytestmark = pytest.mark.ros
 
 PUBLISHER = Path(__file__).with_name("estop_publisher.py")
-
-
-@pytest.fixture
-def rig(world):  # noqa: F811 - the imported fixture
-    r = Rig(world)
-    r.wait_still()
-    yield r
-    r.close()
 
 
 class EstopProcess:
@@ -66,18 +58,18 @@ class EstopProcess:
 
 @pytest.mark.parametrize("kind", ["default", "transient_local", "best_effort"])
 def test_one_estop_from_another_process_stops_the_moving_robot_and_latches_whatever_its_qos(
-    rig, kind, record_property
+    motion_rig, kind, record_property
 ):
     engaged: list[bool] = []
-    rig.probe.create_subscription(Bool, "motion/estop_engaged", lambda m: engaged.append(m.data), LATCHED)
-    publisher = EstopProcess(rig.ns, kind)
+    motion_rig.probe.create_subscription(Bool, "motion/estop_engaged", lambda m: engaged.append(m.data), LATCHED)
+    publisher = EstopProcess(motion_rig.ns, kind)
     try:
         assert publisher.matched, f"no motion/estop subscription matches a {kind} publisher: {publisher.output}"
-        t0 = rig.move(0.5, 4.0)
-        assert wait_for(lambda: rig.state.speed() > 0.3, 5.0), "the robot never started moving"
+        t0 = motion_rig.move(0.5, 4.0)
+        assert wait_for(lambda: motion_rig.state.speed() > 0.3, 5.0), "the robot never started moving"
         t_estop = publisher.publish_once()
-        assert wait_for(lambda: rig.sport.since(t_estop, STOP_MOVE), 1.0), f"no StopMove after a {kind} e-stop"
-        t_stop = rig.sport.since(t_estop, STOP_MOVE)[0][0]
+        assert wait_for(lambda: motion_rig.sport.since(t_estop, STOP_MOVE), 1.0), f"no StopMove after a {kind} e-stop"
+        t_stop = motion_rig.sport.since(t_estop, STOP_MOVE)[0][0]
         latency = t_stop - t_estop
         record_property(f"estop_to_stopmove_s_{kind}", round(latency, 4))
         print(f"\ne-stop ({kind} QoS, other process) -> StopMove on the wire: {1000 * latency:.1f} ms")
@@ -85,13 +77,13 @@ def test_one_estop_from_another_process_stops_the_moving_robot_and_latches_whate
 
         # Latched: nothing moves the robot afterwards, not even a new command.
         assert wait_for(lambda: engaged and engaged[-1] is True, 2.0), "motion/estop_engaged never said True"
-        t_new = rig.move(0.4, 1.0)
+        t_new = motion_rig.move(0.4, 1.0)
         time.sleep(0.5)
-        requests = [api for _, api, _ in rig.sport.since(t0)]
+        requests = [api for _, api, _ in motion_rig.sport.since(t0)]
         first_stop = requests.index(STOP_MOVE)
         assert MOVE not in requests[first_stop:], "Move sent after the e-stop's StopMove"
-        assert not rig.sport.moves_since(t_new)
-        rig.wait_still(2.0)
-        assert rig.node.stream.estop_engaged
+        assert not motion_rig.sport.moves_since(t_new)
+        motion_rig.wait_still(2.0)
+        assert motion_rig.node.stream.estop_engaged
     finally:
         publisher.close()

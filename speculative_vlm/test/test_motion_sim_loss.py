@@ -6,9 +6,9 @@ import time
 import uuid
 
 import pytest
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from go2_harness import SimProcess, Spinner, StateTap, init_rclpy, join_domain, wait_for
+from go2_harness import SimProcess, Spinner, StateTap, go2_domain_id
+from polling import wait_for
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from speculative_vlm.nodes.motion import MotionNode
@@ -19,10 +19,9 @@ from speculative_vlm_msgs.msg import LocomotionCommand
 pytestmark = pytest.mark.ros
 
 
-def test_killing_the_robot_mid_motion_is_reported_in_diagnostics_and_the_node_keeps_running():
-    domain = join_domain()
+def test_killing_the_robot_mid_motion_is_reported_in_diagnostics_and_the_node_keeps_running(ros):
+    domain = go2_domain_id()
     sim = SimProcess()
-    init_rclpy()
     spinner = Spinner()
     state = StateTap()
     ns = "/t" + uuid.uuid4().hex[:8]
@@ -77,4 +76,3 @@ def test_killing_the_robot_mid_motion_is_reported_in_diagnostics_and_the_node_ke
         probe.destroy_node()
         state.close()
         spinner.shutdown()
-        rclpy.try_shutdown()

@@ -11,21 +11,14 @@ import threading
 import time
 
 import pytest
-import rclpy
+from polling import wait_for
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from speculative_vlm.nodes.spin import PoolExecutor
 from std_msgs.msg import Int32
 from std_srvs.srv import Trigger
 
-pytestmark = pytest.mark.ros
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ros():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
+pytestmark = [pytest.mark.ros, pytest.mark.usefixtures("rclpy_context")]
 
 
 def counting(executor_class):
@@ -60,16 +53,12 @@ def hand_offs_while_the_pool_is_busy(executor, messages: int = 5) -> int:
         executor.add_node(node)
     thread = threading.Thread(target=executor.spin, daemon=True)
     try:
-        deadline = time.monotonic() + 10
-        while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: pub.get_subscription_count() > 0, 10)
         thread.start()
         assert busy.wait(5.0)
         for i in range(messages):
             pub.publish(Int32(data=i))
-        deadline = time.monotonic() + 10
-        while len(received) < messages and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: len(received) >= messages, 10)
         assert received == list(range(messages))
         return executor.handed_off
     finally:

@@ -10,7 +10,8 @@ import time
 import uuid
 
 import pytest
-from go2_harness import SimProcess, Spinner, SportTap, StateTap, join_domain, wait_for, write_clip
+from go2_harness import SimProcess, Spinner, SportTap, StateTap, join_domain, write_clip
+from polling import wait_for
 from rcl_interfaces.msg import SetParametersResult
 from rcl_interfaces.srv import SetParameters
 from rclpy.node import Node

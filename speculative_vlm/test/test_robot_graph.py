@@ -14,10 +14,10 @@ import threading
 import time
 
 import pytest
-import rclpy
 from action_msgs.msg import GoalStatus
-from go2_harness import SimProcess, go2_domain_id
+from go2_harness import SimProcess, Spinner, go2_domain_id
 from nav_msgs.msg import Odometry
+from polling import result_of, wait_for, wait_until
 from rclpy.action import ActionClient
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -29,10 +29,9 @@ from speculative_vlm.cloud.server import serve
 from speculative_vlm.commands.schema import parse_command
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
-from speculative_vlm.nodes.spin import PoolExecutor
 from speculative_vlm.protocol.client import GrpcVerifier
 from std_msgs.msg import String
-from tiny_models import noisy_copy, tiny_causal_lm
+from tiny_models import tiny_pair
 
 from speculative_vlm_msgs.action import Instruct
 from speculative_vlm_msgs.msg import LocomotionCommand
@@ -48,12 +47,12 @@ def _params(**values) -> list[Parameter]:
 
 
 class Graph:
-    """Sim Go2 + verifier server + the robot nodes in this process, torn down together."""
+    """Sim Go2 + verifier server + the robot nodes in this process, torn down together; rclpy is
+    initialised by the ``rclpy_context`` fixture."""
 
     def __init__(self, tmp_path):
         # Seed 9 answers the start frame's prompts with MOVE commands, so the robot moves.
-        self.target = tiny_causal_lm("llama", seed=9, layers=4)
-        draft = noisy_copy(self.target, noise=0.02, seed=4)
+        self.target, draft = tiny_pair(seed=9, noise=0.02, draft_seed=4)
         self.draft_dir = tmp_path / "draft"
         draft.model.save_pretrained(self.draft_dir)
         draft.tokenizer.save_pretrained(self.draft_dir)
@@ -69,7 +68,6 @@ class Graph:
         from speculative_vlm.nodes.drafter import DrafterNode
         from speculative_vlm.nodes.motion import MotionNode
 
-        rclpy.init()
         self.nodes = [
             MotionNode(parameter_overrides=_params(
                 dds_domain_id=domain, autostart=True, max_vx=MAX_VX, min_vx=MIN_VX, max_vy=MAX_VY,
@@ -84,11 +82,7 @@ class Graph:
         self.camera_params = _params(dds_domain_id=domain, rate_hz=5.0, width=160, height=120)
         self.camera_class = CameraNode
         self.probe = Node("graph_probe")
-        self.executor = PoolExecutor()
-        for n in [*self.nodes, self.probe]:
-            self.executor.add_node(n)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = Spinner(*self.nodes, self.probe)
         self.client = ActionClient(self.probe, Instruct, "instruct")
         assert self.client.wait_for_server(timeout_sec=30)
         self.odom: list[Odometry] = []
@@ -123,9 +117,9 @@ class Graph:
         goal = Instruct.Goal(instruction=instruction, max_steps=max_steps)
         cb = feedback.append if feedback is not None else None
         send = self.client.send_goal_async(goal, feedback_callback=cb)
-        handle = _wait(send, 60)
+        handle = result_of(send, 60)
         assert handle.accepted
-        return _wait(handle.get_result_async(), 120)
+        return result_of(handle.get_result_async(), 120)
 
     def speed(self) -> float:
         if not self.odom:
@@ -137,24 +131,15 @@ class Graph:
         self.client.destroy()
         for n in reversed(self.nodes):
             n.destroy_node()
-        self.executor.shutdown(timeout_sec=2)
+        self.spinner.shutdown()
         self.probe.destroy_node()
-        rclpy.try_shutdown()
         self.server.stop(grace=0.0)
         self.link.stop()
         self.sim.stop()
 
 
-def _wait(future, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not future.done():
-        assert time.monotonic() < deadline, "timed out waiting for a ROS future"
-        time.sleep(0.02)
-    return future.result()
-
-
 @pytest.fixture(scope="module")
-def graph(tmp_path_factory):
+def graph(rclpy_context, tmp_path_factory):
     g = Graph(tmp_path_factory.mktemp("graph"))
     yield g
     g.close()
@@ -206,14 +191,12 @@ def test_commands_through_the_graph_equal_the_target_alone_on_frames_replayed_fr
     # 1. Record the simulated Go2's camera into a bag.
     graph.frame_timer.cancel()
     camera = graph.camera_class(parameter_overrides=graph.camera_params)
-    graph.executor.add_node(camera)
+    graph.spinner.add(camera)
     bag = tmp_path / "frames"
     recorder = BagRecorder(graph.probe, bag, topics=["camera/image_raw"])
-    deadline = time.monotonic() + 20
-    while recorder.counts.get("/camera/image_raw", 0) < 5 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: recorder.counts.get("/camera/image_raw", 0) >= 5, 20, step=0.1)
     recorder.close()
-    graph.executor.remove_node(camera)
+    graph.spinner.remove(camera)
     camera.destroy_node()
     assert recorder.counts.get("/camera/image_raw", 0) >= 5
     # 2. Replay it as the camera while the graph follows an instruction.
@@ -243,13 +226,13 @@ def test_commands_through_the_graph_equal_the_target_alone_on_frames_replayed_fr
 def test_cancel_stops_the_robot(graph):
     graph.active.clear()
     goal = Instruct.Goal(instruction="walk to the red ball", max_steps=20)
-    handle = _wait(graph.client.send_goal_async(goal), 30)
+    handle = result_of(graph.client.send_goal_async(goal), 30)
     result = handle.get_result_async()
     _wait_until_moving(graph, result)
     time.sleep(0.2)
     assert graph.speed() > 0.05  # moving when the cancel comes
-    _wait(handle.cancel_goal_async(), 10)
-    response = _wait(result, 30)
+    result_of(handle.cancel_goal_async(), 10)
+    response = result_of(result, 30)
     assert response.result.outcome == Outcome.CANCELED and not response.result.success, response.result.reason
     assert response.status == GoalStatus.STATUS_CANCELED
     time.sleep(1.0)  # StopMove went out at once; the sim decelerates within its limits
@@ -261,26 +244,24 @@ def _stamp(cmd: LocomotionCommand) -> tuple[int, int]:
 
 
 def _wait_until_moving(graph, result_future) -> None:
-    deadline = time.monotonic() + 60
-    while not any(a.action == LocomotionCommand.MOVE and a.duration > 0 for a in graph.active):
-        assert time.monotonic() < deadline and not result_future.done(), "no MOVE was executed"
-        time.sleep(0.02)
+    wait_until(lambda: any(a.action == LocomotionCommand.MOVE and a.duration > 0 for a in graph.active), 60,
+               "an executed MOVE", step=0.02, unless=result_future.done)
 
 
 def test_a_new_goal_preempts_the_running_one_which_stops_the_robot_and_ends_preempted(graph):
     graph.active.clear()
-    first = _wait(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=20)), 30)
+    first = result_of(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=20)), 30)
     first_result = first.get_result_async()
     _wait_until_moving(graph, first_result)
     # What the motion node executed, in order: the drafter's commands come as motion/execute goals,
     # its STOPs on motion/command, and the motion node echoes each on motion/active_command.
     sent = len(graph.active)
-    second = _wait(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=1)), 30)
+    second = result_of(graph.client.send_goal_async(Instruct.Goal(instruction="walk to the red ball", max_steps=1)), 30)
     assert second.accepted  # not rejected because another goal runs
-    old = _wait(first_result, 30)
+    old = result_of(first_result, 30)
     assert old.result.outcome == Outcome.PREEMPTED and not old.result.success, old.result.reason
     assert old.status == GoalStatus.STATUS_ABORTED and "newer goal" in old.result.reason
-    new = _wait(second.get_result_async(), 120)
+    new = result_of(second.get_result_async(), 120)
     assert new.result.outcome in (Outcome.SUCCEEDED, Outcome.STEP_LIMIT), new.result.reason
     assert new.result.steps == 1  # the new goal ran
     after = graph.active[sent:]
@@ -296,21 +277,18 @@ def test_a_cancel_during_decoding_ends_the_goal_within_one_round(graph):
     commands_before = len(graph.commands)
     try:
         feedback = []
-        handle = _wait(graph.client.send_goal_async(
+        handle = result_of(graph.client.send_goal_async(
             Instruct.Goal(instruction="walk to the red ball", max_steps=1), feedback_callback=feedback.append), 30)
         result = handle.get_result_async()
 
         def rounds_seen() -> int:  # one feedback with the verified text per round, until the command
             return sum(1 for f in list(feedback) if f.feedback.text and not f.feedback.command.text)
 
-        deadline = time.monotonic() + 60
-        while rounds_seen() < 1:
-            assert time.monotonic() < deadline and not result.done(), "no round was verified"
-            time.sleep(0.01)
-        _wait(handle.cancel_goal_async(), 10)
+        wait_until(lambda: rounds_seen() >= 1, 60, "a verified round", step=0.01, unless=result.done)
+        result_of(handle.cancel_goal_async(), 10)
         time.sleep(0.1)  # feedback of a round verified just before the cancel arrived is in
         rounds_at_cancel = rounds_seen()
-        response = _wait(result, 30)
+        response = result_of(result, 30)
     finally:
         graph.link.profile = LinkProfile()
     assert response.result.outcome == Outcome.CANCELED and response.status == GoalStatus.STATUS_CANCELED

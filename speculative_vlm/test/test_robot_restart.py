@@ -18,11 +18,12 @@ import time
 
 import pytest
 from cloud_harness import ServerProcess, start_server_script
+from polling import result_of, wait_until
 from rclpy.parameter import Parameter
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.protocol.client import GrpcVerifier
-from test_robot_graph import Graph, _wait
+from test_robot_graph import Graph
 
 from speculative_vlm_msgs.action import Instruct
 from speculative_vlm_msgs.msg import LocomotionCommand, Verdict
@@ -75,7 +76,7 @@ class RestartableGraph(Graph):
 
 
 @pytest.fixture(scope="module")
-def graph(tmp_path_factory):
+def graph(rclpy_context, tmp_path_factory):
     g = RestartableGraph(tmp_path_factory.mktemp("restart"))
     drafter = g.nodes[2]
     drafter.set_parameters([Parameter("retry_backoff_s", value=0.2), Parameter("retry_backoff_max_s", value=2.0),
@@ -90,7 +91,7 @@ def graph(tmp_path_factory):
 def _goal(graph, feedback: list):
     send = graph.client.send_goal_async(Instruct.Goal(instruction=INSTRUCTION, max_steps=STEPS),
                                         feedback_callback=feedback.append)
-    handle = _wait(send, 60)
+    handle = result_of(send, 60)
     assert handle.accepted
     return handle.get_result_async()
 
@@ -107,7 +108,7 @@ def _decoding(feedback: list, step: int) -> bool:
 def test_a_verifier_restarted_mid_step_costs_the_goal_time_only_with_the_same_commands(graph):
     # An undisturbed run first: the reference.
     began = time.monotonic()
-    reference = _wait(_goal(graph, []), 120).result
+    reference = result_of(_goal(graph, []), 120).result
     undisturbed_s = time.monotonic() - began
     assert reference.outcome in (Outcome.SUCCEEDED, Outcome.STEP_LIMIT), reference.reason
     assert len(reference.commands) >= 2, reference.reason  # the restart lands in step 2
@@ -117,13 +118,10 @@ def test_a_verifier_restarted_mid_step_costs_the_goal_time_only_with_the_same_co
     feedback: list = []
     began = time.monotonic()
     result_future = _goal(graph, feedback)
-    deadline = time.monotonic() + 60
-    while not _decoding(feedback, 2):
-        assert time.monotonic() < deadline and not result_future.done(), "step 2 never started decoding"
-        time.sleep(0.005)
+    wait_until(lambda: _decoding(feedback, 2), 60, "step 2 decoding", step=0.005, unless=result_future.done)
     down_s = graph.server.terminate()
     up_s = graph.server.start()  # the same port
-    response = _wait(result_future, 120)
+    response = result_of(result_future, 120)
     disturbed_s = time.monotonic() - began
     result = response.result
 
@@ -153,13 +151,11 @@ def test_a_verifier_that_does_not_come_back_ends_the_goal_link_lost_once_the_ret
     try:
         feedback: list = []
         result_future = _goal(graph, feedback)
-        deadline = time.monotonic() + 60
-        while not _decoding(feedback, 1):
-            assert time.monotonic() < deadline and not result_future.done(), "step 1 never started decoding"
-            time.sleep(0.005)
+        wait_until(lambda: _decoding(feedback, 1), 60, "step 1 decoding", step=0.005,
+                   unless=result_future.done)
         graph.server.terminate()
         began = time.monotonic()
-        response = _wait(result_future, 60)
+        response = result_of(result_future, 60)
         ended_after = time.monotonic() - began
     finally:
         graph.server.start()
@@ -188,17 +184,15 @@ def test_a_bridge_whose_cloud_address_is_down_opens_on_its_fallback_address(grap
     probe.create_subscription(DiagnosticArray, "/diagnostics", lambda m: links.extend(
         s for s in m.status if s.name == "/spare/bridge: cloud link"), 10)
     for node in (bridge, probe):
-        graph.executor.add_node(node)
+        graph.spinner.add(node)
     try:
         session = RosVerifier(probe, service_timeout_s=30.0).open(
             SessionRequest(prompt="turn left", settings=GenerationSettings(max_new_tokens=4)))
         assert session.session_id
         session.close()
-        deadline = time.monotonic() + 10
-        while not [s for s in list(links) if s.hardware_id == live]:
-            assert time.monotonic() < deadline, [s.hardware_id for s in links]
-            time.sleep(0.05)
+        wait_until(lambda: [s for s in list(links) if s.hardware_id == live], 10,
+                   f"a cloud link status naming {live}")
     finally:
         for node in (bridge, probe):
-            graph.executor.remove_node(node)
+            graph.spinner.remove(node)
             node.destroy_node()

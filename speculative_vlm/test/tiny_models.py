@@ -68,10 +68,12 @@ def noisy_copy(adapter: ModelAdapter, noise: float = 0.02, seed: int = 1) -> Mod
     return ModelAdapter(model, adapter.tokenizer, adapter.processor, name=adapter.name + "-draft")
 
 
-def tiny_pair(seed: int = 0, noise: float = 0.05) -> tuple[ModelAdapter, ModelAdapter]:
-    """A tiny llama target and a noisy-copy draft for it: the cloud tests' robot and verifier."""
-    target = tiny_causal_lm(seed=seed)
-    return target, noisy_copy(target, noise=noise)
+def tiny_pair(seed: int = 0, noise: float = 0.05, draft_seed: int = 1, arch: str = "llama",
+              layers: int = 4) -> tuple[ModelAdapter, ModelAdapter]:
+    """A tiny target (:func:`tiny_causal_lm`) and a noisy-copy draft for it (:func:`noisy_copy`):
+    the verifier's model and the robot's."""
+    target = tiny_causal_lm(arch, seed=seed, layers=layers)
+    return target, noisy_copy(target, noise=noise, seed=draft_seed)
 
 
 def target_alone(engine, request) -> list[int]:
