@@ -8,8 +8,8 @@ import dataclasses
 import math
 
 import pytest
+from cloud_harness import serving
 from speculative_vlm.cloud.config import ServerConfig
-from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding import admission
 from speculative_vlm.decoding.inprocess import InProcessVerifier
 from speculative_vlm.decoding.target_engine import TargetEngine
@@ -142,12 +142,9 @@ def test_the_in_process_verifier_refuses_a_nan_probability_and_serves_the_other_
 
 @pytest.fixture(scope="module")
 def server(target):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN}")
-    handle = serve(ServerConfig(bind="127.0.0.1:0"), engine=TargetEngine(target, exit_layers=[0]))
-    mp.undo()
-    yield handle
-    handle.stop()
+    engine = TargetEngine(target, exit_layers=[0])
+    with serving(ServerConfig(bind="127.0.0.1:0"), engine, tokens=f"robot:{TOKEN}") as handle:
+        yield handle
 
 
 @pytest.fixture

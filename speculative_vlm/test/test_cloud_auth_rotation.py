@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from polling import wait_for
 from speculative_vlm.cloud.config import ServerConfig
-from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
@@ -23,17 +22,11 @@ from speculative_vlm.decoding.verifier import (
     VerdictKind,
 )
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import tiny_pair
 
 OLD = "old-robot-token-00000000000000"
 NEW = "new-robot-token-11111111111111"
 REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=8))
 NO_ENV = "SPECULATIVE_VLM_TEST_NO_TOKENS"  # the file is the only source of tokens here
-
-
-@pytest.fixture(scope="module")
-def models():
-    return tiny_pair()
 
 
 def write_tokens(path: Path, lines: list[str]) -> None:
@@ -44,14 +37,12 @@ def write_tokens(path: Path, lines: list[str]) -> None:
 
 
 @pytest.fixture
-def server(models, tmp_path, monkeypatch):
+def server(models, tmp_path, monkeypatch, cloud_server):
     monkeypatch.delenv(NO_ENV, raising=False)
     tokens = tmp_path / "tokens.txt"
     write_tokens(tokens, [f"robot-a {OLD}"])
     config = ServerConfig(bind="127.0.0.1:0", tokens_file=str(tokens), tokens_env=NO_ENV, exit_layers=(2,))
-    handle = serve(config, engine=TargetEngine(models[0], exit_layers=[2]))
-    yield handle, tokens
-    handle.stop()
+    return cloud_server(config, TargetEngine(models[0], exit_layers=[2])), tokens
 
 
 def opens(port: int, token: str) -> str:
@@ -130,9 +121,7 @@ def test_sighup_makes_a_running_server_process_read_its_tokens_file_again(models
         os.utime(tokens, ns=(state.st_atime_ns, state.st_mtime_ns))
         assert opens(server.port, NEW) == "unauthenticated"
         os.kill(server.pid, signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while server.event("tokens_reloaded") is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: server.event("tokens_reloaded") is not None, 10, step=0.05)
         assert server.event("tokens_reloaded") is not None, json.dumps(server.log[-5:])
         assert opens(server.port, NEW) == "opened"
         assert opens(server.port, OLD) == "unauthenticated"

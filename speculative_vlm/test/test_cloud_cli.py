@@ -51,15 +51,6 @@ def test_half_a_tls_pair_is_refused():
         ServerConfig(tls_cert="server.crt").validate()
 
 
-@pytest.fixture
-def restore_logging():
-    """main() configures the package logger for a process; put it back for the other tests."""
-    logger = logging.getLogger("speculative_vlm")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
-
-
 def test_the_server_refuses_to_start_insecurely_and_says_why(monkeypatch, capsys, restore_logging):
     monkeypatch.setenv("SPECULATIVE_VLM_TOKENS", "robot:0123456789abcdef0123")
     assert main(["--bind", "0.0.0.0:0", "--model", "never-loaded"]) == 2

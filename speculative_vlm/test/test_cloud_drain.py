@@ -19,6 +19,7 @@ import grpc
 import pytest
 from cloud_harness import open_message, raw_stream, start_server_script
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from polling import wait_until
 from speculative_vlm.cloud.config import ConfigError, ServerConfig
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.cloud.service import SERVICE_NAME
@@ -39,7 +40,7 @@ from speculative_vlm.decoding.verifier import (
 )
 from speculative_vlm.protocol import errors
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import noisy_copy, target_alone, tiny_causal_lm
+from tiny_models import target_alone, tiny_pair
 
 REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=12))
 S = grpc.StatusCode
@@ -93,8 +94,7 @@ def test_a_negative_drain_timeout_is_refused():
 # ---- an in-process server that drains ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def models():
-    target = tiny_causal_lm("llama", seed=9, layers=4)
-    return target, noisy_copy(target, noise=0.02, seed=4)
+    return tiny_pair(seed=9, noise=0.02, draft_seed=4)
 
 
 def _serve(target) -> object:
@@ -162,11 +162,8 @@ def _health(address: str) -> int:
 
 def _event(server, name: str) -> dict:
     """The server's JSON log line for ``name`` (its reader thread may be a moment behind the exit)."""
-    deadline = time.monotonic() + 5
-    while (line := server.event(name)) is None:
-        assert time.monotonic() < deadline, f"no {name!r} in the server's log"
-        time.sleep(0.05)
-    return line
+    wait_until(lambda: server.event(name) is not None, 5, f"{name!r} in the server's log")
+    return server.event(name)
 
 
 def _first_block(verifier: GrpcVerifier) -> tuple[object, DraftBlock]:

@@ -1,16 +1,14 @@
 """Link and server faults: the robot learns of them within its deadlines, through typed
 errors and the link state, never by hanging; and it recovers when the cloud is back."""
 
-import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
+from cloud_harness import start_server_command
 from speculative_vlm.benchmark.netem import DelayProxy, LinkProfile
 from speculative_vlm.cloud.config import ServerConfig
 from speculative_vlm.cloud.server import serve
@@ -26,16 +24,11 @@ from speculative_vlm.decoding.verifier import (
 )
 from speculative_vlm.protocol.client import GrpcVerifier
 from speculative_vlm.protocol.link import LinkState
-from tiny_models import target_alone, tiny_pair
+from tiny_models import target_alone
 
 TOKEN = "faults-test-token-0123456789abcdef"
 REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=16))
 BLOCK = DraftBlock(round=0, base_length=0, base_tail=(), tokens=(1, 2, 3))
-
-
-@pytest.fixture(scope="module")
-def models():
-    return tiny_pair()
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +51,16 @@ def _decode(models, verifier) -> list[int]:
     return SpeculativeDecoder(models[1], verifier, verdict_timeout_s=30).generate(REQUEST).token_ids
 
 
-def test_a_killed_server_process_is_reported_lost_within_the_deadline(models, tmp_path, tokens_env):
+def test_a_killed_server_process_is_reported_lost_within_the_deadline(models, tmp_path):
     model_dir = tmp_path / "tiny-target"
     models[0].model.save_pretrained(model_dir)
     models[0].tokenizer.save_pretrained(model_dir)
-    proc = subprocess.Popen(
+    server = start_server_command(
         [sys.executable, "-m", "speculative_vlm.cloud.server", "--model", str(model_dir), "--bind", "127.0.0.1:0",
-         "--torch-threads", "1"], stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+         "--torch-threads", "1"], tokens=f"robot:{TOKEN}")
+    proc = server.proc
     try:
-        port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line, "server exited before serving"
-            if line.startswith("{") and json.loads(line).get("event") == "serving":
-                port = json.loads(line)["port"]
-        verifier = GrpcVerifier(f"127.0.0.1:{port}", token=TOKEN, verdict_timeout_s=5)
+        verifier = GrpcVerifier(f"127.0.0.1:{server.port}", token=TOKEN, verdict_timeout_s=5)
         states = []
         verifier.add_link_listener(lambda state, reason: states.append(state))
         session = verifier.open(REQUEST)

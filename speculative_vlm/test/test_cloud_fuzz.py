@@ -9,16 +9,17 @@ import time
 
 import grpc
 import pytest
+from cloud_harness import serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from polling import wait_for
 from speculative_vlm.cloud.config import ServerConfig, ServerLimits
-from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.protocol import verifier_pb2 as pb
 from speculative_vlm.protocol.client import METHOD, GrpcVerifier
-from tiny_models import VOCAB, target_alone, tiny_pair
+from tiny_models import VOCAB, target_alone
 
 HEALTHY, FUZZER = "healthy-robot-token-000000000000", "fuzzing-client-token-1111111111"
 REQUEST = SessionRequest("walk to the red ball", settings=GenerationSettings(max_new_tokens=16))
@@ -108,20 +109,12 @@ ANSWERS = {"opened", "final", "dropped", "error"}
 
 
 @pytest.fixture(scope="module")
-def models():
-    return tiny_pair()
-
-
-@pytest.fixture(scope="module")
 def server(models):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SPECULATIVE_VLM_TOKENS", f"healthy:{HEALTHY},fuzzer:{FUZZER}")
-    handle = serve(ServerConfig(bind="127.0.0.1:0", max_batch=4, max_wait_ms=5, exit_layers=(1,),
-                                limits=ServerLimits(requests_per_second=10_000, burst=10_000)),
-                   engine=TargetEngine(models[0], exit_layers=[1], max_batch=4))
-    mp.undo()
-    yield handle
-    handle.stop()
+    config = ServerConfig(bind="127.0.0.1:0", max_batch=4, max_wait_ms=5, exit_layers=(1,),
+                          limits=ServerLimits(requests_per_second=10_000, burst=10_000))
+    engine = TargetEngine(models[0], exit_layers=[1], max_batch=4)
+    with serving(config, engine, tokens=f"healthy:{HEALTHY},fuzzer:{FUZZER}") as handle:
+        yield handle
 
 
 class HealthyRobot:
@@ -198,9 +191,7 @@ def test_no_protocol_message_harms_another_session_or_the_server(models, server)
     elapsed = time.monotonic() - started
     assert robot.outputs, "the healthy robot never finished a decode"
     assert all(out == expected for out in robot.outputs), [o for o in robot.outputs if o != expected][:1]
-    deadline = time.monotonic() + 10
-    while server.service.engine.sessions and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not server.service.engine.sessions, 10, step=0.05)
     assert not server.service.engine.sessions, "sessions were left open on the target"
     print(f"\nfuzz: 150 streams in {elapsed:.1f} s; the healthy robot decoded {len(robot.outputs)} times, "
           "every output equal to the target alone")

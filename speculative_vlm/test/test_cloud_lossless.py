@@ -15,7 +15,7 @@ from speculative_vlm.decoding.policy import FixedLength
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest, VerdictKind
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import jpeg, noisy_copy, tiny_causal_lm, tiny_vlm, tiny_vlm_text_draft
+from tiny_models import jpeg, tiny_pair, tiny_vlm, tiny_vlm_text_draft
 
 TOKEN = "lossless-test-token-0123456789abcdef"
 PROMPTS = [
@@ -62,8 +62,7 @@ class Cloud:
 
 @pytest.fixture(scope="module")
 def pair():
-    target = tiny_causal_lm("llama", seed=3)
-    return target, noisy_copy(target, noise=0.02)
+    return tiny_pair(seed=3, noise=0.02)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cloud_harness import metric_sum, scrape
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from polling import read_until
 from prometheus_client.parser import text_string_to_metric_families
 from speculative_vlm.cloud.config import ConfigError, ServerConfig
 from speculative_vlm.cloud.metrics import ServerMetrics
-from speculative_vlm.cloud.server import _parser, config_from_args, serve
+from speculative_vlm.cloud.server import _parser, config_from_args
 from speculative_vlm.cloud.service import SERVICE_NAME
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
@@ -35,7 +37,6 @@ from speculative_vlm.decoding.verifier import (
     VerifierSession,
 )
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import tiny_pair
 
 TOKEN = "metrics-test-token-0123456789"
 MODEL = "tiny-llama-target"
@@ -43,30 +44,21 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "config" / "grafana" / "verifi
 PROMPTS = ["walk to the red ball", "turn left slowly", "sit down now"]
 
 
-@pytest.fixture(scope="module")
-def models():
-    return tiny_pair()
+@pytest.fixture
+def server(models, cloud_server):
+    """Starts the verifier, with metrics, for a test: ``server(**config changes)``; stopped after it."""
 
+    def start(**changes):
+        config = ServerConfig(model=MODEL, bind="127.0.0.1:0", metrics_bind="127.0.0.1:0", exit_layers=(2,),
+                              **changes)
+        engine = TargetEngine(models[0], exit_layers=[2], max_batch=config.max_batch)
+        return cloud_server(config, engine, tokens=f"robots:{TOKEN}")
 
-def _server(models, monkeypatch, **changes):
-    monkeypatch.setenv("SPECULATIVE_VLM_TOKENS", f"robots:{TOKEN}")
-    config = ServerConfig(model=MODEL, bind="127.0.0.1:0", metrics_bind="127.0.0.1:0", exit_layers=(2,), **changes)
-    return serve(config, engine=TargetEngine(models[0], exit_layers=[2], max_batch=config.max_batch))
+    return start
 
 
 def _request(prompt: str, max_new_tokens: int = 24) -> SessionRequest:
     return SessionRequest(prompt=prompt, settings=GenerationSettings(max_new_tokens=max_new_tokens))
-
-
-def _scrape(handle) -> list:
-    url = f"http://127.0.0.1:{handle.metrics_port}/metrics"
-    return list(text_string_to_metric_families(urllib.request.urlopen(url, timeout=5).read().decode()))
-
-
-def _value(families, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (0 when there are none)."""
-    return sum(s.value for f in families for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 class _Recording(Verifier):
@@ -110,77 +102,63 @@ def _decode(models, handle, prompts=PROMPTS, preempt: bool = False):
 
 def _settled(handle, name: str, expected: float, timeout: float = 5.0, **labels: str) -> list:
     """Scrape until ``name`` reaches ``expected`` (the server counts a session as it closes)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        families = _scrape(handle)
-        if _value(families, name, **labels) == expected or time.monotonic() > deadline:
-            return families
-        time.sleep(0.05)
+    return read_until(lambda: scrape(handle.metrics_port),
+                      lambda families: metric_sum(families, name, **labels) == expected, timeout)
 
 
-def test_every_metric_sample_carries_the_served_models_name(models, monkeypatch):
-    handle = _server(models, monkeypatch)
-    try:
-        _decode(models, handle, PROMPTS[:1])
-        samples = [s for f in _scrape(handle) if f.name.startswith("svlm_") for s in f.samples]
-        assert len(samples) > 50
-        assert {s.labels.get("model") for s in samples} == {MODEL}
-    finally:
-        handle.stop()
+def test_every_metric_sample_carries_the_served_models_name(models, server):
+    handle = server()
+    _decode(models, handle, PROMPTS[:1])
+    samples = [s for f in scrape(handle.metrics_port) if f.name.startswith("svlm_") for s in f.samples]
+    assert len(samples) > 50
+    assert {s.labels.get("model") for s in samples} == {MODEL}
 
 
-def test_drafted_and_accepted_tokens_are_the_robots_own_totals(models, monkeypatch):
-    handle = _server(models, monkeypatch)
-    try:
-        results, _ = _decode(models, handle)
-        families = _scrape(handle)
-        drafted, accepted = sum(r.drafted for r in results), sum(r.accepted for r in results)
-        assert 0 < accepted < drafted  # a noisy draft: some accepted, some not
-        assert _value(families, "svlm_spec_decode_draft_tokens_total") == drafted
-        assert _value(families, "svlm_spec_decode_accepted_tokens_total") == accepted
-        assert _value(families, "svlm_spec_decode_drafts_total") == sum(len(r.rounds) for r in results)
-    finally:
-        handle.stop()
+def test_drafted_and_accepted_tokens_are_the_robots_own_totals(models, server):
+    handle = server()
+    results, _ = _decode(models, handle)
+    families = scrape(handle.metrics_port)
+    drafted, accepted = sum(r.drafted for r in results), sum(r.accepted for r in results)
+    assert 0 < accepted < drafted  # a noisy draft: some accepted, some not
+    assert metric_sum(families, "svlm_spec_decode_draft_tokens_total") == drafted
+    assert metric_sum(families, "svlm_spec_decode_accepted_tokens_total") == accepted
+    assert metric_sum(families, "svlm_spec_decode_drafts_total") == sum(len(r.rounds) for r in results)
 
 
-def test_accepted_tokens_per_position_count_each_accepted_prefix_position(models, monkeypatch):
-    handle = _server(models, monkeypatch)
-    try:
-        results, _ = _decode(models, handle)
-        rounds = [r for result in results for r in result.rounds]
-        families = _scrape(handle)
-        for position in range(max(r.drafted for r in rounds)):
-            assert _value(families, "svlm_spec_decode_accepted_tokens_per_pos_total", position=str(position)) == \
-                sum(r.accepted > position for r in rounds)
-            assert _value(families, "svlm_spec_decode_draft_tokens_per_pos_total", position=str(position)) == \
-                sum(r.drafted > position for r in rounds)
-    finally:
-        handle.stop()
+def test_accepted_tokens_per_position_count_each_accepted_prefix_position(models, server):
+    handle = server()
+    results, _ = _decode(models, handle)
+    rounds = [r for result in results for r in result.rounds]
+    families = scrape(handle.metrics_port)
+    longest = max(r.drafted for r in rounds)
+    assert longest > 0, "no block was drafted"
+    for position in range(longest):
+        assert metric_sum(families, "svlm_spec_decode_accepted_tokens_per_pos_total", position=str(position)) == \
+            sum(r.accepted > position for r in rounds)
+        assert metric_sum(families, "svlm_spec_decode_draft_tokens_per_pos_total", position=str(position)) == \
+            sum(r.drafted > position for r in rounds)
 
 
-def test_early_verdicts_are_judged_hit_or_miss_against_their_final_verdict_per_exit_layer(models, monkeypatch):
-    handle = _server(models, monkeypatch)
-    try:
-        _, sessions = _decode(models, handle)
-        seen: Counter[tuple[int, str]] = Counter()
-        for verdicts in sessions:
-            finals = {v.round: v for v in verdicts if v.kind is VerdictKind.FINAL}
-            for v in verdicts:
-                if v.kind is VerdictKind.EARLY:
-                    same = (v.accepted, v.token) == (finals[v.round].accepted, finals[v.round].token)
-                    seen[v.exit_layer, "hit" if same else "miss"] += 1
-        assert seen[2, "hit"] > 0 and seen[2, "miss"] > 0  # both outcomes occur with this draft
-        families = _scrape(handle)
-        for (layer, outcome), count in seen.items():
-            name = {"hit": "svlm_early_verdict_hits_total", "miss": "svlm_early_verdict_misses_total"}[outcome]
-            assert _value(families, name, exit_layer=str(layer)) == count
-        assert _value(families, "svlm_early_verdicts_total", exit_layer="2") == seen[2, "hit"] + seen[2, "miss"]
-    finally:
-        handle.stop()
+def test_early_verdicts_are_judged_hit_or_miss_against_their_final_verdict_per_exit_layer(models, server):
+    handle = server()
+    _, sessions = _decode(models, handle)
+    seen: Counter[tuple[int, str]] = Counter()
+    for verdicts in sessions:
+        finals = {v.round: v for v in verdicts if v.kind is VerdictKind.FINAL}
+        for v in verdicts:
+            if v.kind is VerdictKind.EARLY:
+                same = (v.accepted, v.token) == (finals[v.round].accepted, finals[v.round].token)
+                seen[v.exit_layer, "hit" if same else "miss"] += 1
+    assert seen[2, "hit"] > 0 and seen[2, "miss"] > 0  # both outcomes occur with this draft
+    families = scrape(handle.metrics_port)
+    for (layer, outcome), count in seen.items():
+        name = {"hit": "svlm_early_verdict_hits_total", "miss": "svlm_early_verdict_misses_total"}[outcome]
+        assert metric_sum(families, name, exit_layer=str(layer)) == count
+    assert metric_sum(families, "svlm_early_verdicts_total", exit_layer="2") == seen[2, "hit"] + seen[2, "miss"]
 
 
-def test_time_to_first_token_is_observed_once_per_session_from_open_to_its_first_token(models, monkeypatch):
-    handle = _server(models, monkeypatch)
+def test_time_to_first_token_is_observed_once_per_session_from_open_to_its_first_token(models, server):
+    handle = server()
     verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
     try:
         started = time.monotonic()
@@ -188,61 +166,53 @@ def test_time_to_first_token_is_observed_once_per_session_from_open_to_its_first
         streamed = verifier.generate(_request(PROMPTS[2]))
         elapsed = time.monotonic() - started
         assert results[0].token_ids and streamed
-        families = _scrape(handle)
+        families = scrape(handle.metrics_port)
         name = "svlm_time_to_first_token_seconds"
-        assert _value(families, name + "_count", mode="speculative") == 2
-        assert _value(families, name + "_count", mode="autoregressive") == 1
+        assert metric_sum(families, name + "_count", mode="speculative") == 2
+        assert metric_sum(families, name + "_count", mode="autoregressive") == 1
         # From the server's side of each Open: within the wall time the robots saw for all three.
-        assert 0 < _value(families, name + "_sum", mode="speculative") < elapsed
-        assert 0 < _value(families, name + "_sum", mode="autoregressive") < elapsed
+        assert 0 < metric_sum(families, name + "_sum", mode="speculative") < elapsed
+        assert 0 < metric_sum(families, name + "_sum", mode="autoregressive") < elapsed
     finally:
         verifier.close()
-        handle.stop()
 
 
-def test_refusals_are_counted_by_their_error_code(models, monkeypatch):
-    handle = _server(models, monkeypatch)
-    try:
-        intruder = GrpcVerifier(f"127.0.0.1:{handle.port}", token="not-the-token-at-all-000", open_timeout_s=5)
-        with pytest.raises(Refused) as refused:
-            intruder.open(_request(PROMPTS[0]))
-        intruder.close()
-        assert refused.value.code == "unauthenticated"
-        families = _scrape(handle)
-        assert _value(families, "svlm_refusals_total", code="unauthenticated") == 1
-        assert _value(families, "svlm_refusals_total") == 1
-    finally:
-        handle.stop()
+def test_refusals_are_counted_by_their_error_code(server):
+    handle = server()
+    intruder = GrpcVerifier(f"127.0.0.1:{handle.port}", token="not-the-token-at-all-000", open_timeout_s=5)
+    with pytest.raises(Refused) as refused:
+        intruder.open(_request(PROMPTS[0]))
+    intruder.close()
+    assert refused.value.code == "unauthenticated"
+    families = scrape(handle.metrics_port)
+    assert metric_sum(families, "svlm_refusals_total", code="unauthenticated") == 1
+    assert metric_sum(families, "svlm_refusals_total") == 1
 
 
-def test_sessions_gauge_counts_open_sessions_while_they_are_open(models, monkeypatch):
-    handle = _server(models, monkeypatch)
+def test_sessions_gauge_counts_open_sessions_while_they_are_open(server):
+    handle = server()
     verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
     try:
         sessions = [verifier.open(_request(p)) for p in PROMPTS[:2]]
-        assert _value(_scrape(handle), "svlm_sessions_open") == 2
+        assert metric_sum(scrape(handle.metrics_port), "svlm_sessions_open") == 2
         for session in sessions:
             session.close()
-        assert _value(_settled(handle, "svlm_sessions_open", 0), "svlm_sessions_open") == 0
-        assert _value(_scrape(handle), "svlm_sessions_total") == 2
+        assert metric_sum(_settled(handle, "svlm_sessions_open", 0), "svlm_sessions_open") == 0
+        assert metric_sum(scrape(handle.metrics_port), "svlm_sessions_total") == 2
     finally:
         verifier.close()
-        handle.stop()
 
 
-def test_batch_size_queue_time_and_pass_time_are_observed_for_every_pass(models, monkeypatch):
-    handle = _server(models, monkeypatch)
-    try:
-        results, _ = _decode(models, handle, PROMPTS[:2])
-        families = _scrape(handle)
-        passes = sum(len(r.rounds) for r in results)  # one robot at a time: one block per pass
-        assert _value(families, "svlm_batch_size_count") == passes
-        assert _value(families, "svlm_batch_size_sum") == passes
-        assert _value(families, "svlm_verify_latency_seconds_count") == passes
-        assert _value(families, "svlm_queue_wait_seconds_count") == passes
-        assert 0 < _value(families, "svlm_verify_latency_seconds_sum") < sum(r.wall_s for r in results)
-    finally:
-        handle.stop()
+def test_batch_size_queue_time_and_pass_time_are_observed_for_every_pass(models, server):
+    handle = server()
+    results, _ = _decode(models, handle, PROMPTS[:2])
+    families = scrape(handle.metrics_port)
+    passes = sum(len(r.rounds) for r in results)  # one robot at a time: one block per pass
+    assert metric_sum(families, "svlm_batch_size_count") == passes
+    assert metric_sum(families, "svlm_batch_size_sum") == passes
+    assert metric_sum(families, "svlm_verify_latency_seconds_count") == passes
+    assert metric_sum(families, "svlm_queue_wait_seconds_count") == passes
+    assert 0 < metric_sum(families, "svlm_verify_latency_seconds_sum") < sum(r.wall_s for r in results)
 
 
 def test_a_merged_registrys_samples_are_served_in_the_same_families_with_its_labels():
@@ -258,14 +228,14 @@ def test_a_merged_registrys_samples_are_served_in_the_same_families_with_its_lab
         front.stop()
     assert text.count("# TYPE svlm_spec_decode_draft_tokens_total counter") == 1  # one family, both servers' samples
     families = list(text_string_to_metric_families(text))
-    assert _value(families, "svlm_spec_decode_draft_tokens_total", model=MODEL, replica="r1") == 4
-    assert _value(families, "svlm_spec_decode_accepted_tokens_total", model=MODEL, replica="r1") == 3
-    assert _value(families, "svlm_spec_decode_accepted_tokens_total") == 3  # the front's own sample is 0
-    assert _value(families, "svlm_refusals_total", code="draining") == 1
+    assert metric_sum(families, "svlm_spec_decode_draft_tokens_total", model=MODEL, replica="r1") == 4
+    assert metric_sum(families, "svlm_spec_decode_accepted_tokens_total", model=MODEL, replica="r1") == 3
+    assert metric_sum(families, "svlm_spec_decode_accepted_tokens_total") == 3  # the front's own sample is 0
+    assert metric_sum(families, "svlm_refusals_total", code="draining") == 1
     assert not [s for f in families for s in f.samples if s.name == "svlm_refusals_total" and "replica" in s.labels]
 
 
-def test_metrics_bind_takes_a_host_and_port_from_the_flag(models, monkeypatch):
+def test_metrics_bind_takes_a_host_and_port_from_the_flag(server):
     config = config_from_args(_parser().parse_args(["--metrics-bind", "0.0.0.0:9464", "--no-auth"]))
     assert config.metrics_address == ("0.0.0.0", 9464)
     assert config_from_args(_parser().parse_args(["--metrics-port", "9100"])).metrics_address == ("127.0.0.1", 9100)
@@ -274,36 +244,27 @@ def test_metrics_bind_takes_a_host_and_port_from_the_flag(models, monkeypatch):
         ServerConfig(metrics_bind="9464").validate()
     with pytest.raises(ConfigError, match="not both"):
         ServerConfig(metrics_bind="127.0.0.1:1", metrics_port=2).validate()
-    handle = _server(models, monkeypatch)
-    try:
-        assert handle.metrics_port > 0 and _scrape(handle)
-    finally:
-        handle.stop()
+    handle = server()
+    assert handle.metrics_port > 0 and scrape(handle.metrics_port)
 
 
-def test_reflection_describes_the_verifier_and_health_services(models, monkeypatch):
-    handle = _server(models, monkeypatch)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
-            database = ProtoReflectionDescriptorDatabase(channel)
-            assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(database.get_services())
-            service = DescriptorPool(database).FindServiceByName(SERVICE_NAME)
-            session = service.methods_by_name["Session"]
-            assert session.client_streaming and session.server_streaming
-            assert session.input_type.full_name == "speculative_vlm.v1.ClientMessage"
-    finally:
-        handle.stop()
+def test_reflection_describes_the_verifier_and_health_services(server):
+    handle = server()
+    with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(database.get_services())
+        service = DescriptorPool(database).FindServiceByName(SERVICE_NAME)
+        session = service.methods_by_name["Session"]
+        assert session.client_streaming and session.server_streaming
+        assert session.input_type.full_name == "speculative_vlm.v1.ClientMessage"
 
 
-def test_reflection_can_be_turned_off(models, monkeypatch):
-    handle = _server(models, monkeypatch, reflection=False)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
-            with pytest.raises(grpc.RpcError) as failed:
-                ProtoReflectionDescriptorDatabase(channel).get_services()
-            assert failed.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    finally:
-        handle.stop()
+def test_reflection_can_be_turned_off(server):
+    handle = server(reflection=False)
+    with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+        with pytest.raises(grpc.RpcError) as failed:
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert failed.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
 def _health(handle) -> dict[str, int]:
@@ -314,55 +275,47 @@ def _health(handle) -> dict[str, int]:
 
 
 def _wait_health(handle, status: int, timeout: float = 5.0) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while (seen := _health(handle)) != {"": status, SERVICE_NAME: status} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return seen
+    return read_until(lambda: _health(handle), lambda seen: seen == {"": status, SERVICE_NAME: status},
+                      timeout)
 
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def test_health_goes_not_serving_when_the_verification_thread_dies(models, monkeypatch):
-    handle = _server(models, monkeypatch)
-    try:
-        _decode(models, handle, PROMPTS[:1])  # refused and failed blocks before: still serving
-        assert _health(handle) == {"": SERVING, SERVICE_NAME: SERVING}
+def test_health_goes_not_serving_when_the_verification_thread_dies(models, server):
+    handle = server()
+    _decode(models, handle, PROMPTS[:1])  # refused and failed blocks before: still serving
+    assert _health(handle) == {"": SERVING, SERVICE_NAME: SERVING}
 
-        def broken() -> list:
-            raise RuntimeError("scheduler bug")
+    def broken() -> list:
+        raise RuntimeError("scheduler bug")
 
-        handle.service.scheduler._ready = broken  # the thread's next wake-up raises out of its loop
-        verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
-        first = threading.Thread(target=lambda: _try_decode(models, verifier), daemon=True)
-        first.start()  # its block wakes the thread, which dies: that robot's verdict never comes
-        assert _wait_health(handle, NOT_SERVING) == {"": NOT_SERVING, SERVICE_NAME: NOT_SERVING}
-        assert not handle.service.scheduler._thread.is_alive()
-        assert _value(_scrape(handle), "svlm_scheduler_up") == 0
-        # A robot arriving now is told at its first block, instead of waiting for a verdict that never comes.
-        assert _try_decode(models, verifier) == "verify_failed"
-        verifier.close()
-    finally:
-        handle.stop()
+    handle.service.scheduler._ready = broken  # the thread's next wake-up raises out of its loop
+    verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
+    first = threading.Thread(target=lambda: _try_decode(models, verifier), daemon=True)
+    first.start()  # its block wakes the thread, which dies: that robot's verdict never comes
+    assert _wait_health(handle, NOT_SERVING) == {"": NOT_SERVING, SERVICE_NAME: NOT_SERVING}
+    assert not handle.service.scheduler._thread.is_alive()
+    assert metric_sum(scrape(handle.metrics_port), "svlm_scheduler_up") == 0
+    # A robot arriving now is told at its first block, instead of waiting for a verdict that never comes.
+    assert _try_decode(models, verifier) == "verify_failed"
+    verifier.close()
 
 
-def test_health_goes_not_serving_when_a_verification_pass_raises_as_a_whole(models, monkeypatch):
-    handle = _server(models, monkeypatch)
-    try:
-        assert _value(_scrape(handle), "svlm_scheduler_up") == 1
+def test_health_goes_not_serving_when_a_verification_pass_raises_as_a_whole(models, server, monkeypatch):
+    handle = server()
+    assert metric_sum(scrape(handle.metrics_port), "svlm_scheduler_up") == 1
 
-        def device_lost(items, on_early=None):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    def device_lost(items, on_early=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        monkeypatch.setattr(handle.service.engine, "verify", device_lost)
-        verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
-        assert _try_decode(models, verifier) == "verify_failed"  # the robot is told, not left waiting
-        assert _wait_health(handle, NOT_SERVING) == {"": NOT_SERVING, SERVICE_NAME: NOT_SERVING}
-        assert handle.service.scheduler.broken and "illegal memory access" in handle.service.scheduler.broken
-        verifier.close()
-    finally:
-        handle.stop()
+    monkeypatch.setattr(handle.service.engine, "verify", device_lost)
+    verifier = GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN)
+    assert _try_decode(models, verifier) == "verify_failed"  # the robot is told, not left waiting
+    assert _wait_health(handle, NOT_SERVING) == {"": NOT_SERVING, SERVICE_NAME: NOT_SERVING}
+    assert handle.service.scheduler.broken and "illegal memory access" in handle.service.scheduler.broken
+    verifier.close()
 
 
 def _try_decode(models, verifier: GrpcVerifier) -> str:
@@ -420,15 +373,12 @@ def missing_from(dashboard: dict, families) -> dict[str, set[str]]:
     return {name: panels for name, panels in dashboard_metrics(dashboard).items() if name not in exposed}
 
 
-def test_every_metric_the_dashboard_plots_exists_after_a_real_decode(models, monkeypatch):
+def test_every_metric_the_dashboard_plots_exists_after_a_real_decode(models, server):
     dashboard = json.loads(DASHBOARD.read_text())
-    handle = _server(models, monkeypatch)
-    try:
-        _decode(models, handle, PROMPTS[:2], preempt=True)
-        GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN).generate(_request(PROMPTS[2]))
-        families = _scrape(handle)
-    finally:
-        handle.stop()
+    handle = server()
+    _decode(models, handle, PROMPTS[:2], preempt=True)
+    GrpcVerifier(f"127.0.0.1:{handle.port}", token=TOKEN).generate(_request(PROMPTS[2]))
+    families = scrape(handle.metrics_port)
     plotted = dashboard_metrics(dashboard)
     assert len(plotted) >= 15, sorted(plotted)  # the issue's list: acceptance, positions, exits, TTFT, ...
     assert missing_from(dashboard, families) == {}
@@ -437,13 +387,10 @@ def test_every_metric_the_dashboard_plots_exists_after_a_real_decode(models, mon
     assert {n for n in plotted if n not in with_samples and not n.startswith("svlm_refusals")} == set()
 
 
-def test_the_dashboard_check_names_a_panel_that_plots_a_metric_the_server_lacks(models, monkeypatch):
+def test_the_dashboard_check_names_a_panel_that_plots_a_metric_the_server_lacks(server):
     dashboard = json.loads(DASHBOARD.read_text())
     dashboard["panels"].append({"title": "typo", "targets": [
         {"expr": 'sum by (model) (rate(svlm_spec_decode_acepted_tokens_total{model=~"$model"}[5m]))'}]})
-    handle = _server(models, monkeypatch)
-    try:
-        families = _scrape(handle)
-    finally:
-        handle.stop()
+    handle = server()
+    families = scrape(handle.metrics_port)
     assert missing_from(dashboard, families) == {"svlm_spec_decode_acepted_tokens_total": {"typo"}}

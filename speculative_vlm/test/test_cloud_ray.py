@@ -15,7 +15,6 @@ import itertools
 import logging
 import threading
 import time
-import urllib.request
 from collections import Counter
 
 import grpc
@@ -23,8 +22,9 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
+from cloud_harness import metric_sum, scrape  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from polling import read_until, wait_for  # noqa: E402
 from speculative_vlm.cloud.config import ServerConfig  # noqa: E402
 from speculative_vlm.cloud.ray_serve import serve_fleet  # noqa: E402
 from speculative_vlm.cloud.server import main  # noqa: E402
@@ -111,17 +111,6 @@ def received(server) -> dict[str, dict[str, int]]:
             for replica in fleet.replica_actors()}
 
 
-def scrape(server) -> list:
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    return list(text_string_to_metric_families(urllib.request.urlopen(url, timeout=30).read().decode()))
-
-
-def value(families, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (0 when there are none)."""
-    return sum(s.value for f in families for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -143,10 +132,7 @@ class HealthWatch:
             pass  # cancelled by close()
 
     def reaches(self, status: int, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while not (self.statuses and self.statuses[-1] == status) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return bool(self.statuses) and self.statuses[-1] == status
+        return wait_for(lambda: bool(self.statuses) and self.statuses[-1] == status, timeout_s, step=0.05)
 
     def close(self) -> None:
         self._call.cancel()
@@ -155,10 +141,8 @@ class HealthWatch:
 
 def replicas_serving(server, count: int, timeout_s: float) -> float:
     """Scrape until the front reports ``count`` replicas serving; the last value read."""
-    deadline = time.monotonic() + timeout_s
-    while (seen := value(scrape(server), "svlm_replicas_serving")) != count and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return seen
+    return read_until(lambda: metric_sum(scrape(server.metrics_port, timeout=30), "svlm_replicas_serving"),
+                      lambda seen: seen == count, timeout_s, step=0.5)
 
 
 def test_sessions_spread_over_both_replicas_each_pinned_to_one_and_lossless(fleet, models):
@@ -182,14 +166,14 @@ def test_sessions_spread_over_both_replicas_each_pinned_to_one_and_lossless(flee
 def test_the_fronts_metrics_show_each_replicas_drafted_and_accepted_tokens_by_model_and_replica(fleet, models):
     folder, draft, expected = models
     address = f"127.0.0.1:{fleet.port}"
-    before = scrape(fleet)
+    before = scrape(fleet.metrics_port, timeout=30)
     drafted, accepted = Counter(), Counter()  # per replica, as the robots saw their blocks verified
     for prompt in PROMPTS[:4]:
         result, session_id = decode(address, draft, prompt)
         assert result.token_ids == expected[prompt], prompt
         drafted[replica_of(session_id)] += result.drafted
         accepted[replica_of(session_id)] += result.accepted
-    after = scrape(fleet)
+    after = scrape(fleet.metrics_port, timeout=30)
     replicas = set(fleet.service.fleet.replica_actors())
     assert {s.labels.get("replica") for f in after for s in f.samples if f.name.startswith("svlm_spec_decode")} \
         == replicas | {None}  # every replica's series, and the front's own (no replica label)
@@ -197,9 +181,9 @@ def test_the_fronts_metrics_show_each_replicas_drafted_and_accepted_tokens_by_mo
     for replica in drafted:
         for name, robots in (("svlm_spec_decode_draft_tokens_total", drafted),
                              ("svlm_spec_decode_accepted_tokens_total", accepted)):
-            counted = value(after, name, model=str(folder), replica=replica) - value(before, name, replica=replica)
+            counted = metric_sum(after, name, model=str(folder), replica=replica) - metric_sum(before, name, replica=replica)
             assert counted == robots[replica] > 0, (name, replica, counted, robots)
-    assert value(after, "svlm_replicas_serving", model=str(folder)) == 2
+    assert metric_sum(after, "svlm_replicas_serving", model=str(folder)) == 2
 
 
 def test_a_killed_replica_loses_only_its_sessions_which_reopen_losslessly(fleet, models):
@@ -221,9 +205,7 @@ def test_a_killed_replica_loses_only_its_sessions_which_reopen_losslessly(fleet,
             SpeculativeDecoder(draft, HeldSession(held[prompt]), verdict_timeout_s=60).generate(request(prompt))
 
     # Ray Serve starts a replacement; the survivors' sessions stay where their caches are.
-    deadline = time.monotonic() + 120
-    while len(fleet.service.fleet.replica_actors()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for(lambda: len(fleet.service.fleet.replica_actors()) >= 2, 120, step=0.5)
     replicas = fleet.service.fleet.replica_actors()
     assert len(replicas) == 2 and victim not in replicas, f"no replacement within 120 s: {list(replicas)}"
     for prompt in (p for p in prompts if on[p] != victim):
@@ -248,7 +230,7 @@ def test_the_fronts_health_is_not_serving_while_no_replica_runs_and_serving_agai
         for actor in killed.values():
             ray.kill(actor, no_restart=True)
         assert watch.reaches(NOT_SERVING, 30), watch.statuses
-        assert value(scrape(fleet), "svlm_scheduler_up", replica=None) == 0  # the front's own: nothing verifies
+        assert metric_sum(scrape(fleet.metrics_port, timeout=30), "svlm_scheduler_up", replica=None) == 0  # the front's own: nothing verifies
         assert watch.reaches(SERVING, 180), watch.statuses  # Ray Serve started replacements
         assert replicas_serving(fleet, 2, 120) == 2
         assert not set(killed) & set(fleet.service.fleet.replica_actors())

@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from cloud_harness import serving
 from speculative_vlm.cloud.config import ServerConfig, ServerLimits
 from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.loop import SpeculativeDecoder
@@ -22,7 +23,7 @@ from speculative_vlm.decoding.verifier import (
 from speculative_vlm.protocol import convert
 from speculative_vlm.protocol import verifier_pb2 as pb
 from speculative_vlm.protocol.client import METHOD, GrpcVerifier
-from tiny_models import jpeg, target_alone, tiny_pair
+from tiny_models import jpeg, target_alone
 
 HEALTHY, INTRUDER = "healthy-robot-token-000000000000", "intruder-robot-token-11111111111"
 HEALTHY_REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=32))
@@ -32,24 +33,16 @@ LIMITS = ServerLimits(max_message_bytes=256 * 1024, max_image_bytes=32 * 1024, m
 
 
 @pytest.fixture(scope="module")
-def models():
-    return tiny_pair()
-
-
-@pytest.fixture(scope="module")
 def expected(models):
     return target_alone(TargetEngine(models[0]), HEALTHY_REQUEST)
 
 
 @pytest.fixture(scope="module")
 def server(models):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SPECULATIVE_VLM_TOKENS", f"healthy:{HEALTHY},intruder:{INTRUDER}")
-    handle = serve(ServerConfig(bind="127.0.0.1:0", session_idle_s=1.0, limits=LIMITS, max_wait_ms=2),
-                   engine=TargetEngine(models[0], exit_layers=[2]))
-    mp.undo()
-    yield handle
-    handle.stop()
+    config = ServerConfig(bind="127.0.0.1:0", session_idle_s=1.0, limits=LIMITS, max_wait_ms=2)
+    engine = TargetEngine(models[0], exit_layers=[2])
+    with serving(config, engine, tokens=f"healthy:{HEALTHY},intruder:{INTRUDER}") as handle:
+        yield handle
 
 
 @pytest.fixture

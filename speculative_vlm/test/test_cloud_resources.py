@@ -9,7 +9,8 @@ import time
 
 import grpc
 import pytest
-from cloud_harness import RawStream, open_message, raw_stream
+from cloud_harness import RawStream, open_message, raw_stream, serving
+from polling import wait_for
 from speculative_vlm.cloud.auth import AuthThrottle, AuthThrottled
 from speculative_vlm.cloud.config import ConfigError, ServerConfig, ServerLimits
 from speculative_vlm.cloud.limits import KVBudget, LimitExceeded
@@ -185,16 +186,12 @@ def models():
 
 @pytest.fixture(scope="module")
 def server(models):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN},other:{OTHER}")
     engine = TargetEngine(models[0])
     limits = ServerLimits(max_sessions=5, max_sessions_per_client=3, max_prompt_tokens=400, kv_budget_mb=1.0,
                     max_new_tokens=256)
     config = ServerConfig(bind="127.0.0.1:0", open_timeout_s=0.5, prefill_chunk_tokens=16, limits=limits)
-    handle = serve(config, engine=engine)
-    mp.undo()
-    yield handle
-    handle.stop()
+    with serving(config, engine, tokens=f"robot:{TOKEN},other:{OTHER}") as handle:
+        yield handle
 
 
 def _address(server) -> str:
@@ -268,9 +265,7 @@ def test_a_session_whose_kv_cache_would_exceed_the_budget_is_refused(server, mod
         for session in sessions:
             session.close()
         verifier.close()
-    deadline = time.monotonic() + 5
-    while server.metrics.kv_reserved_bytes._value.get() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not server.metrics.kv_reserved_bytes._value.get(), 5, step=0.05)
     assert server.metrics.kv_reserved_bytes._value.get() == 0
 
 

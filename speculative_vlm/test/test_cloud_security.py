@@ -9,15 +9,10 @@ from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, LinkLost, Refused, SessionRequest
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import target_alone, tiny_pair
+from tiny_models import target_alone
 
 TOKEN = "security-test-token-abcdef0123456789"
 REQUEST = SessionRequest(prompt="walk to the red ball", settings=GenerationSettings(max_new_tokens=8))
-
-
-@pytest.fixture(scope="module")
-def models():
-    return tiny_pair()
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +26,8 @@ def tokens_env(monkeypatch):
 
 
 @pytest.fixture
-def server(models, tokens_env):
-    handle = serve(ServerConfig(bind="127.0.0.1:0"), engine=TargetEngine(models[0]))
-    yield handle
-    handle.stop()
+def server(models, tokens_env, cloud_server):
+    return cloud_server(ServerConfig(bind="127.0.0.1:0"), TargetEngine(models[0]))
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +36,9 @@ def cert_pair(tmp_path_factory):
 
 
 @pytest.fixture
-def tls_server(models, tokens_env, cert_pair):
-    handle = serve(ServerConfig(bind="127.0.0.1:0", tls_cert=str(cert_pair.cert), tls_key=str(cert_pair.key)),
-                   engine=TargetEngine(models[0]))
-    yield handle
-    handle.stop()
+def tls_server(models, tokens_env, cert_pair, cloud_server):
+    return cloud_server(ServerConfig(bind="127.0.0.1:0", tls_cert=str(cert_pair.cert), tls_key=str(cert_pair.key)),
+                        TargetEngine(models[0]))
 
 
 def test_plaintext_on_a_non_loopback_address_is_refused_at_start(tokens_env):

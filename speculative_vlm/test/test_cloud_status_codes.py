@@ -8,9 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from cloud_harness import RawStream, draft_message, open_message, raw_stream
+from cloud_harness import RawStream, draft_message, open_message, raw_stream, serving
 from speculative_vlm.cloud.config import ServerConfig, ServerLimits
-from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import (
     DraftBlock,
@@ -26,7 +25,6 @@ from speculative_vlm.decoding.verifier import (
 from speculative_vlm.protocol import errors
 from speculative_vlm.protocol import verifier_pb2 as pb
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import tiny_pair
 
 TOKEN, OTHER = "status-codes-token-0123456789abcd", "status-codes-other-0123456789abcd"
 REQUEST = SessionRequest(prompt="turn left", settings=GenerationSettings(max_new_tokens=8))
@@ -34,15 +32,11 @@ S = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
-def server():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SPECULATIVE_VLM_TOKENS", f"robot:{TOKEN},other:{OTHER}")
-    handle = serve(ServerConfig(bind="127.0.0.1:0", open_timeout_s=0.5,
-                                limits=ServerLimits(max_sessions_per_client=2, max_prompt_tokens=64)),
-                   engine=TargetEngine(tiny_pair()[0]))
-    mp.undo()
-    yield handle
-    handle.stop()
+def server(models):
+    with serving(ServerConfig(bind="127.0.0.1:0", open_timeout_s=0.5,
+                              limits=ServerLimits(max_sessions_per_client=2, max_prompt_tokens=64)),
+                 TargetEngine(models[0]), tokens=f"robot:{TOKEN},other:{OTHER}") as handle:
+        yield handle
 
 
 def _address(server) -> str:

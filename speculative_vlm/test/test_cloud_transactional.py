@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from cloud_harness import serving
 from speculative_vlm.cloud.config import ServerConfig, ServerLimits
-from speculative_vlm.cloud.server import serve
 from speculative_vlm.decoding import admission
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.rules import InvalidProbability
@@ -35,18 +35,13 @@ from speculative_vlm.decoding.verifier import (
 )
 from speculative_vlm.protocol import verifier_pb2 as pb
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import target_alone, tiny_pair
+from tiny_models import target_alone
 
 PROMPTS = ["walk to the red ball", "turn left slowly", "sit down now", "go back two metres"]
 POISON = "poison: stand on one leg"
 GREEDY = GenerationSettings(max_new_tokens=24)
 SAMPLING = GenerationSettings(temperature=1.0, max_new_tokens=24)
 ROUNDS = 5
-
-
-@pytest.fixture(scope="module")
-def models():
-    return tiny_pair()
 
 
 @pytest.fixture(scope="module")
@@ -246,14 +241,11 @@ HEALTHY, INTRUDER = "healthy-robots-token-000000000000", "intruder-robot-token-1
 
 @pytest.fixture(scope="module")
 def server(models):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SPECULATIVE_VLM_TOKENS", f"healthy:{HEALTHY},intruder:{INTRUDER}")
     engine = TargetEngine(models[0], exit_layers=[1], max_batch=8)
-    handle = serve(ServerConfig(bind="127.0.0.1:0", max_batch=8, max_wait_ms=15, exit_layers=(1,),
-                                limits=ServerLimits(requests_per_second=10_000, burst=10_000)), engine=engine)
-    mp.undo()
-    yield handle
-    handle.stop()
+    config = ServerConfig(bind="127.0.0.1:0", max_batch=8, max_wait_ms=15, exit_layers=(1,),
+                          limits=ServerLimits(requests_per_second=10_000, burst=10_000))
+    with serving(config, engine, tokens=f"healthy:{HEALTHY},intruder:{INTRUDER}") as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

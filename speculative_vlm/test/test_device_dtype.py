@@ -34,16 +34,16 @@ from speculative_vlm.decoding.models import ModelAdapter, RowsHead, describe, lo
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest, VerdictKind
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import noisy_copy, target_alone, tiny_causal_lm
+from tiny_models import target_alone, tiny_causal_lm, tiny_pair
 from torch.overrides import TorchFunctionMode
 
 PROMPTS = ["walk to the red ball", "sit down", "the blue chair is 3 m ahead, slightly right; go there"]
 EXACT_DTYPES = ["float32", "float16"]  # bfloat16: see test_bfloat16_output_is_the_targets_own_but_at_near_ties
 
 
-def tiny_pair(dtype: str) -> tuple[ModelAdapter, ModelAdapter]:
-    target = tiny_causal_lm("llama", seed=3)
-    draft = noisy_copy(target, noise=0.02)
+def tiny_pair_in(dtype: str) -> tuple[ModelAdapter, ModelAdapter]:
+    """tiny_models.tiny_pair (seed 3, noise 0.02), both in ``dtype``."""
+    target, draft = tiny_pair(seed=3, noise=0.02)
     return target.to(dtype=dtype), draft.to(dtype=dtype)
 
 
@@ -154,17 +154,6 @@ def test_server_flags_and_yaml_set_the_targets_device_and_dtype(tmp_path):
         ServerConfig(dtype="fp8").validate()
 
 
-@pytest.fixture
-def restore_logging():
-    """main() configures the package logger for a process; put it back for the other tests."""
-    import logging
-
-    logger = logging.getLogger("speculative_vlm")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate, logger.level = saved
-
-
 def test_the_server_refuses_to_start_on_cuda_without_cuda_and_says_why(monkeypatch, capsys, restore_logging):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["--bind", "127.0.0.1:0", "--no-auth", "--model", "never-loaded", "--device", "cuda"]) == 2
@@ -186,7 +175,7 @@ def test_an_adapter_moved_to_a_dtype_reports_it_and_forgets_cached_prompts():
 # ---- lossless in every dtype --------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 def test_greedy_speculative_output_is_the_targets_own_in_the_same_dtype(dtype):
-    target, draft = tiny_pair(dtype)
+    target, draft = tiny_pair_in(dtype)
     accepted = 0
     for request in requests():
         result = speculative(target, draft, request)
@@ -198,7 +187,7 @@ def test_greedy_speculative_output_is_the_targets_own_in_the_same_dtype(dtype):
 def test_bfloat16_output_is_the_targets_own_but_at_near_ties():
     # Seen here: "sit down" and "turn around" part from the target alone at token 12 and 20, where the
     # target's two best logits are 1 ulp apart and exactly equal; the other four are the target's own.
-    target, draft = tiny_pair("bfloat16")
+    target, draft = tiny_pair_in("bfloat16")
     checked = [SessionRequest(p, settings=GenerationSettings(max_new_tokens=24, grammar=g))
                for p, g in [(p, "") for p in [*PROMPTS, "turn around"]] + [(p, "command") for p in PROMPTS[::2]]]
     same = 0
@@ -212,7 +201,7 @@ def test_bfloat16_output_is_the_targets_own_but_at_near_ties():
 
 
 def test_the_near_tie_rule_tells_an_unverified_output_from_the_targets():
-    target, draft = tiny_pair("bfloat16")
+    target, draft = tiny_pair_in("bfloat16")
     for request in requests()[:2]:
         unverified = target_alone(TargetEngine(draft), request)  # the draft alone
         holds, why = first_divergence_is_a_near_tie(target, request, unverified, target_alone(TargetEngine(target),
@@ -222,7 +211,7 @@ def test_the_near_tie_rule_tells_an_unverified_output_from_the_targets():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_greedy_output_over_grpc_is_the_targets_own_in_the_same_dtype(dtype):
-    target, draft = tiny_pair(dtype)
+    target, draft = tiny_pair_in(dtype)
     server = serve(ServerConfig(bind="127.0.0.1:0", require_auth=False, dtype=dtype, exit_layers=(1, 2)),
                    engine=TargetEngine(target, exit_layers=[1, 2]))
     verifier = GrpcVerifier(server.address)
@@ -264,7 +253,7 @@ def test_trained_exit_heads_load_in_the_targets_dtype_and_give_float32_logits(tm
 
 
 def test_early_verdicts_from_trained_exits_in_bfloat16_leave_the_output_the_targets(tmp_path):
-    target, draft = tiny_pair("bfloat16")
+    target, draft = tiny_pair_in("bfloat16")
     engine = TargetEngine(target, exit_layers=[1, 2], exit_heads=trained_exits(target, tmp_path / "exits.pt"))
     request = SessionRequest("walk to the red ball", settings=GenerationSettings(max_new_tokens=16, grammar="command"))
     early = []
@@ -335,7 +324,7 @@ def test_narrowed_heads_and_trained_exits_follow_a_model_on_another_device(tmp_p
 
 
 def test_a_decoding_round_creates_every_tensor_on_the_models_device():
-    target, draft = tiny_pair("float32")
+    target, draft = tiny_pair_in("float32")
     grammar = SessionRequest("walk to the red ball", settings=GenerationSettings(max_new_tokens=12, grammar="command"))
     free = SessionRequest("sit down", settings=GenerationSettings(max_new_tokens=12))
     sampled = SessionRequest("sit down", settings=GenerationSettings(max_new_tokens=12, temperature=0.8, seed=4))
