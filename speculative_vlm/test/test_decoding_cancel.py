@@ -9,15 +9,14 @@ from speculative_vlm.decoding.loop import Cancelled, SpeculativeDecoder
 from speculative_vlm.decoding.policy import FixedLength
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
-from tiny_models import noisy_copy, tiny_causal_lm
+from tiny_models import tiny_pair
 
 REQUEST = SessionRequest("walk to the red ball", settings=GenerationSettings(max_new_tokens=40))
 
 
 @pytest.fixture(scope="module")
 def pair():
-    target = tiny_causal_lm("llama", seed=3, layers=3)
-    return target, noisy_copy(target, noise=0.05)
+    return tiny_pair(seed=3, noise=0.05, layers=3)
 
 
 def _decoder(pair, verifier) -> SpeculativeDecoder:

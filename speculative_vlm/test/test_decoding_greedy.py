@@ -9,7 +9,7 @@ from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest
-from tiny_models import jpeg, noisy_copy, tiny_causal_lm, tiny_vlm, tiny_vlm_text_draft
+from tiny_models import jpeg, noisy_copy, tiny_pair, tiny_vlm, tiny_vlm_text_draft
 
 PROMPTS = [
     "walk to the red ball",
@@ -35,14 +35,12 @@ def hf_greedy(adapter, request: SessionRequest) -> list[int]:
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def pair(request):
-    target = tiny_causal_lm(request.param, seed=3)
-    return target, noisy_copy(target, noise=0.02)
+    return tiny_pair(seed=3, noise=0.02, arch=request.param)
 
 
 @pytest.fixture(scope="module")
 def llama_pair():
-    target = tiny_causal_lm("llama", seed=3)
-    return target, noisy_copy(target, noise=0.02)
+    return tiny_pair(seed=3, noise=0.02)
 
 
 def speculative(target, draft, request, exit_layers=(), **kwargs):
@@ -67,7 +65,7 @@ def test_every_draft_length_from_1_to_8_gives_the_target_output(llama_pair, leng
     request = SessionRequest(PROMPTS[1], settings=GenerationSettings(max_new_tokens=18))
     result = speculative(target, draft, request, policy=FixedLength(length), preempt=False)
     assert result.token_ids == hf_greedy(target, request)
-    assert all(r.drafted <= length for r in result.rounds)
+    assert result.rounds and all(r.drafted <= length for r in result.rounds)
 
 
 @pytest.mark.parametrize(

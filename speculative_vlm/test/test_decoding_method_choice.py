@@ -26,7 +26,7 @@ from speculative_vlm.decoding.policy import (
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.protocol.client import GrpcVerifier
-from tiny_models import noisy_copy, slow_down, target_alone, tiny_causal_lm
+from tiny_models import noisy_copy, slow_down, target_alone, tiny_causal_lm, tiny_pair
 
 # A command-like session: 39 output tokens, 24 of them decided by the target (the grammar forces
 # the rest); drafting 3 ms per token, a pass 40 ms + 5 ms per drafted token, a streamed step 40 ms.
@@ -199,8 +199,7 @@ def requests() -> list[SessionRequest]:
 
 @pytest.fixture(scope="module")
 def pair():
-    target = tiny_causal_lm("llama", seed=3)
-    return target, noisy_copy(target, noise=0.02)
+    return tiny_pair(seed=3, noise=0.02)
 
 
 def test_cloud_ar_in_process_streams_exactly_the_target_output(pair):
