@@ -92,13 +92,54 @@ class TrainTargetOptions:
 
 
 class RunLog:
-    """Progress lines on stdout, also written to ``train-log.txt``; phases timed with the peak RSS."""
+    """One run's bookkeeping: progress lines on stdout, also written to ``train-log.txt`` in the staging
+    folder; phases timed with the peak RSS; what the run records about itself (:meth:`record`); the
+    staging folder replacing ``out`` once the run is done (:meth:`publish`).
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    It starts by logging the command (``default_command`` when not run as ``train-target``) and the
+    machine's state, with lines tagged ``[tag]``.
+    """
+
+    def __init__(self, out: Path, tag: str, threads: int, default_command: str, note: str = "") -> None:
+        self.began = time.monotonic()
+        self.out, self.tag = out, tag
+        self.stage = out.with_name(out.name + ".partial")  # the shipped folder is replaced only by a finished run
+        shutil.rmtree(self.stage, ignore_errors=True)
+        self.path = self.stage / "train-log.txt"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
         self.phases: dict[str, float] = {}
+        self.command = "speculative-vlm train-target " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+            if len(sys.argv) > 1 and sys.argv[1] == "train-target" else default_command
+        self.load_start = os.getloadavg()[0]
+        self(f"[{tag}] {self.command}")
+        self(f"[{tag}] {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {threads} torch threads on "
+             f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load average "
+             f"{self.load_start:.2f}{note}")
+
+    def record(self, args: TrainTargetOptions) -> dict:
+        """What the run says about itself in metrics.json: phases, memory, time, machine, command, measurement."""
+        return {
+            "phases_s": self.phases,
+            "peak_rss_mb": round(peak_rss_mb()),
+            "total_minutes": round((time.monotonic() - self.began) / 60, 1),
+            "threads": args.threads,
+            "load_average": {"start": round(self.load_start, 2), "end": round(os.getloadavg()[0], 2)},
+            "command": self.command,
+            "eval": {"seed": args.eval_seed, "split_seed": args.split_seed, "config": str(args.config),
+                     "max_steps": args.eval_max_steps},
+        }
+
+    def publish(self, metrics: dict, card_text: str, store_name: str) -> int:
+        """Write metrics.json and card.md, then replace ``out`` with the staging folder."""
+        self(f"[{self.tag}] done in {metrics['total_minutes']} min, peak RSS {metrics['peak_rss_mb']} MB")
+        (self.stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (self.stage / "card.md").write_text(card_text)
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.stage.replace(self.out)
+        print(f"[{self.tag}] wrote {self.out}; `speculative-vlm prepare-models` merges it into the store as "
+              f"{store_name}", flush=True)
+        return 0
 
     def __call__(self, line: str) -> None:
         print(line, flush=True)
@@ -240,20 +281,12 @@ def run(args: TrainTargetOptions) -> int:
     if getattr(args, "vision", False):
         return train_vlm.run(args)
     train_vlm.resolve_mode_defaults(args)
-    began = time.monotonic()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out: Path = args.out if args.out is not None else SHIPPED_ADAPTER
-    stage = out.with_name(out.name + ".partial")  # the shipped folder is replaced only by a finished run
-    shutil.rmtree(stage, ignore_errors=True)
-    log = RunLog(stage / "train-log.txt")
-    command = "speculative-vlm train-target " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "train-target" else "speculative-vlm train-target"
-    load_start = os.getloadavg()[0]
-    log(f"[train-target] {command}")
-    log(f"[train-target] {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {args.threads} torch threads "
-        f"on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load average {load_start:.2f} "
-        "(other work on the machine slows every phase)")
+    log = RunLog(out, "train-target", args.threads, "speculative-vlm train-target",
+                 " (other work on the machine slows every phase)")
+    stage = log.stage
     # The target learns the prompts with the progress line (training_examples always has it), so it
     # is measured with it, the stock model too (the same prompts side by side).
     config = replace(WorldConfig.from_config(args.config), progress_line=True)
@@ -319,23 +352,9 @@ def run(args: TrainTargetOptions) -> int:
                    "base": base_name},
         "training": asdict(report),
         "adapter_mb": round(size_mb, 1),
-        "phases_s": log.phases,
-        "peak_rss_mb": round(peak_rss_mb()),
-        "total_minutes": round((time.monotonic() - began) / 60, 1),
-        "threads": args.threads,
-        "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
-        "command": command,
-        "eval": {"seed": args.eval_seed, "split_seed": args.split_seed, "config": str(args.config),
-                 "max_steps": args.eval_max_steps},
+        **log.record(args),
     })
-    log(f"[train-target] done in {metrics['total_minutes']} min, peak RSS {metrics['peak_rss_mb']} MB")
-    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (stage / "card.md").write_text(card(metrics))
-    shutil.rmtree(out, ignore_errors=True)
-    stage.replace(out)
-    print(f"[train-target] wrote {out}; `speculative-vlm prepare-models` merges it into the store as {ROBOT_TARGET}",
-          flush=True)
-    return 0
+    return log.publish(metrics, card(metrics), ROBOT_TARGET)
 
 
 def _pct(k: int, n: int) -> str:

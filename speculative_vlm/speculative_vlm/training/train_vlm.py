@@ -29,12 +29,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import platform
 import random
-import shlex
-import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -366,19 +361,11 @@ def run(args: TrainTargetOptions) -> int:
     from speculative_vlm.training.vlm_model import build_vlm, vision_parameters
 
     resolve_mode_defaults(args)
-    began = time.monotonic()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out: Path = args.out if args.out is not None else SHIPPED_DELTA
-    stage = out.with_name(out.name + ".partial")
-    shutil.rmtree(stage, ignore_errors=True)
-    log = train_target.RunLog(stage / "train-log.txt")
-    command = "speculative-vlm train-target " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "train-target" else "speculative-vlm train-target --vision"
-    load_start = os.getloadavg()[0]
-    log(f"[train-vlm] {command}")
-    log(f"[train-vlm] {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {args.threads} torch threads "
-        f"on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load average {load_start:.2f}")
+    log = train_target.RunLog(out, "train-vlm", args.threads, "speculative-vlm train-target --vision")
+    stage = log.stage
     config = replace(WorldConfig.from_config(args.config), progress_line=True)
     backbone_dir = resolve(args.backbone)
     backbone_name = args.backbone if not Path(args.backbone).expanduser().is_dir() else str(backbone_dir)
@@ -475,23 +462,9 @@ def run(args: TrainTargetOptions) -> int:
         "render_minutes": round(steps.render_s / 60, 1),
         "prefill": prefill_ms,
         "delta_mb": round(size_mb, 1),
-        "phases_s": log.phases,
-        "peak_rss_mb": round(train_target.peak_rss_mb()),
-        "total_minutes": round((time.monotonic() - began) / 60, 1),
-        "threads": args.threads,
-        "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
-        "command": command,
-        "eval": {"seed": args.eval_seed, "split_seed": args.split_seed, "config": str(args.config),
-                 "max_steps": args.eval_max_steps},
+        **log.record(args),
     })
-    log(f"[train-vlm] done in {metrics['total_minutes']} min, peak RSS {metrics['peak_rss_mb']} MB")
-    (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (stage / "card.md").write_text(card(metrics))
-    shutil.rmtree(out, ignore_errors=True)
-    stage.replace(out)
-    print(f"[train-vlm] wrote {out}; `speculative-vlm prepare-models` merges it into the store as {VLM_TARGET}",
-          flush=True)
-    return 0
+    return log.publish(metrics, card(metrics), VLM_TARGET)
 
 
 def closed_loop(adapter, episodes: Sequence, config, log: Callable[[str], None]) -> list:
