@@ -37,7 +37,8 @@ starts a replacement, which takes new sessions. A replica whose verification bro
 (its batch scheduler is broken) fails Ray Serve's health check and is replaced the same way.
 
 Operations: the front's gRPC health is SERVING while at least one replica answers and can
-verify (the front asks them every ``HEALTH_PERIOD_S``), NOT_SERVING, with the reason logged,
+verify (the front asks Ray Serve's controller how many run, then the running ones, every
+``HEALTH_PERIOD_S``), NOT_SERVING, with the reason logged,
 while none can (all dead, all broken, or none started yet), and SERVING again once a
 replacement can. The front's ``/metrics`` serves its own series (streams, the fleet's
 refusals, ``svlm_replicas_serving``) and, asked of every replica at each scrape, each replica's
@@ -459,8 +460,26 @@ class FleetFront:
                 answers[replica] = exc
         return answers
 
+    def _replicas_running(self) -> tuple[int, str]:
+        """(how many replicas Ray Serve's controller has RUNNING, every state it counts).
+
+        Asked before the replicas themselves: a health call made while no replica runs waits in
+        the handle's queue for up to ``REPLICA_CALL_TIMEOUT_S`` and is then answered by a
+        replacement that became ready meanwhile, which would hide the gap."""
+        from ray import serve
+
+        app = serve.status().applications.get(APP_NAME)
+        deployment = app.deployments.get(DEPLOYMENT_NAME) if app is not None else None
+        states = {str(getattr(state, "value", state)): count
+                  for state, count in (deployment.replica_states if deployment is not None else {}).items()}
+        counts = ", ".join(f"{state} {count}" for state, count in sorted(states.items())) or "no replicas"
+        return states.get("RUNNING", 0), counts
+
     def _replicas_serving(self) -> tuple[list[str], str]:
         """(the replicas that can verify, why each other cannot)."""
+        running, counts = self._replicas_running()
+        if not running:
+            return [], f"no verifier replica is running (Ray Serve: {counts})"
         serving, problems = [], []
         for replica, answer in self._ask("health").items():
             if isinstance(answer, BaseException):
