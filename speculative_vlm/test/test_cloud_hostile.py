@@ -205,9 +205,10 @@ def test_a_maximum_length_prefill_delays_each_healthy_pass_by_one_chunk_at_most(
         attack.notes.append(f"the prefill took {prefill_s:.2f} s; {waits['+Inf']:.0f} verification passes "
                             f"waited for the model, the longest at most {longest} s (a chunk is "
                             f"{CHUNK * SECONDS_PER_TOKEN:.3f} s)")
-    # The server's own count: no pass waited for more than a chunk and some scheduling jitter (0.21 s
-    # at most seen with three CPU burners beside the suite), where the whole prefill is 3.6 s.
-    assert waits["0.5"] == waits["+Inf"] > 0
+    # The server's own count: no pass waited for more than a chunk, a healthy pass and some scheduling
+    # jitter (0.21 s at most seen with three CPU burners beside the suite, over 0.5 s once in a full
+    # suite on a loaded CI machine), where a pass behind the whole prefill would wait 3.6 s.
+    assert waits["1.0"] == waits["+Inf"] > 0
     assert prefill_s > (MAX_PROMPT_TOKENS - 1) * SECONDS_PER_TOKEN
     assert too_long.value.code == "prompt_too_long"
     assert f"{MAX_PROMPT_TOKENS + 1} tokens" in too_long.value.reason
