@@ -1,6 +1,6 @@
 """`speculative-vlm bench`: run every method side by side and write the report, CSV and plots.
 
-    speculative-vlm bench            # full: SmolLM2 target + the shipped draft (~20 min on 2 cores)
+    speculative-vlm bench            # full: the sim config's target + the shipped draft (~10 min on 2 cores)
     speculative-vlm bench --quick    # tiny random models, seconds; what the test suite runs
 
 Phases, each in its own pinned processes: (1) in one process, the target alone (which fixes
@@ -48,7 +48,7 @@ class BenchOptions:
 
     quick: bool = False  # tiny random models and few prompts (CI)
     out: Path | None = None  # results folder (None: DEFAULT_OUT; quick: a temporary folder)
-    target: str = "smollm2-135m-instruct"
+    target: str | None = None  # None: the sim config's cloud_server model (the trained target)
     draft: str | None = None  # None: DEFAULT_DRAFT when it holds a model, else STAND_IN_DRAFT in bfloat16
     draft_dtype: str | None = None
     exit_layers: str | None = None  # None: the earliest trained layer, or 3/4 depth without trained heads
@@ -93,6 +93,8 @@ def run_bench(options: BenchOptions) -> int:
     from speculative_vlm.benchmark.fleet import run_fleet
     from speculative_vlm.benchmark.netem import DelayProxy
     from speculative_vlm.benchmark.workload import build_prompts, contact_sheet
+    from speculative_vlm.evaluation.world import SIM_CONFIG
+    from speculative_vlm.training.train_exits import RobotRequests, config_target
 
     started = time.time()
     load_before = os.getloadavg()[0]  # other work on the machine makes timings noisy; the report says how busy it was
@@ -106,7 +108,7 @@ def run_bench(options: BenchOptions) -> int:
         target, draft = build(workdir)
         draft_dtype, stand_in = None, False
     else:
-        target = options.target
+        target = options.target or config_target(SIM_CONFIG)
         draft, draft_dtype, stand_in = resolve_draft(options)
     n_prompts = options.prompts or (2 if quick else 10)
     free_prompts = min(n_prompts, options.free_prompts if options.free_prompts is not None else (1 if quick else 3))
@@ -134,7 +136,8 @@ def run_bench(options: BenchOptions) -> int:
     progress("bench", f"{'quick' if quick else 'full'} run: target {target}, draft {draft}"
                       f"{' (stand-in, ' + str(draft_dtype) + ')' if stand_in else ''}, {n_prompts} prompts, "
                       f"RTTs {rtts} ms, exits at {list(exit_layers)}, fleet {fleet_sizes}; work in {workdir}")
-    prompts, frames = build_prompts(n_prompts)
+    # As the sim config's drafter asks: with the progress line when it sends one (the trained target reads it).
+    prompts, frames = build_prompts(n_prompts, progress=RobotRequests.from_config(SIM_CONFIG).progress_line)
     prompt_json = [p.to_json() for p in prompts]
     common = {"target": target, "draft": draft, "draft_dtype": draft_dtype, "prompts": prompt_json,
               "gamma": options.gamma, "max_new_tokens": options.max_new_tokens, "free_prompts": free_prompts,
@@ -217,7 +220,7 @@ def run_bench(options: BenchOptions) -> int:
                                      workdir, cloud_cores, robot_cores)
 
     meta = {"quick": quick, "target": target, "draft": draft, "draft_dtype": draft_dtype, "stand_in": stand_in,
-            "prompts": n_prompts, "free_prompts": free_prompts, "rtts_ms": rtts, "methods": methods,
+            "prompts": n_prompts, "progress_line": bool(prompts and prompts[0].progress), "free_prompts": free_prompts, "rtts_ms": rtts, "methods": methods,
             "bandwidth_mbps": options.bandwidth_mbps,
             "jitter_ms": options.jitter_ms, "exit_layers": list(exit_layers), "exit_heads": exit_heads,
             "early_threshold": options.early_threshold,

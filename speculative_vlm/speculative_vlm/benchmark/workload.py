@@ -4,6 +4,8 @@ Every method sees the same prompts. Each prompt comes from a real rendered frame
 packaged scene at a robot pose (``go2.render``), turned into scene text by the same
 describer the robot's drafter uses (``commands.scene_text.describe_image``), and an
 instruction drawn from the training templates (``commands.prompts``) about what is in view.
+With ``progress`` on (the sim config's drafter sends it, and the trained target reads it), the
+user turn also carries the progress line the robot sends with an instruction's first command.
 Deterministic for a seed.
 """
 
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from speculative_vlm.commands.prompts import SYSTEM_PROMPT, sample_instruction, user_message
-from speculative_vlm.commands.scene_text import NamedPoint
+from speculative_vlm.commands.prompts import SYSTEM_PROMPT, Progress, sample_instruction, user_message
+from speculative_vlm.commands.scene_text import NamedPoint, Pose
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.go2.render import CameraModel, render_bgr
 from speculative_vlm.go2.scene import load_scene
@@ -32,10 +34,11 @@ class BenchPrompt:
     pose: tuple[float, float, float]  # x, y, yaw of the robot when the frame was taken
     instruction: str
     scene_text: str
+    progress: str = ""  # the progress line, when the robot sends one
 
     @property
     def user(self) -> str:
-        return user_message(self.instruction, self.scene_text)
+        return user_message(self.instruction, self.scene_text, self.progress)
 
     def request(self, grammar: bool = True, max_new_tokens: int = 64) -> SessionRequest:
         return SessionRequest(prompt=self.user, system=SYSTEM_PROMPT,
@@ -44,15 +47,17 @@ class BenchPrompt:
 
     def to_json(self) -> dict:
         return {"index": self.index, "pose": list(self.pose), "instruction": self.instruction,
-                "scene_text": self.scene_text}
+                "scene_text": self.scene_text, "progress": self.progress}
 
     @staticmethod
     def from_json(data: dict) -> BenchPrompt:
-        return BenchPrompt(data["index"], tuple(data["pose"]), data["instruction"], data["scene_text"])
+        return BenchPrompt(data["index"], tuple(data["pose"]), data["instruction"], data["scene_text"],
+                           data.get("progress", ""))
 
 
-def build_prompts(count: int, seed: int = 7) -> tuple[list[BenchPrompt], list[np.ndarray]]:
-    """``count`` prompts and their BGR frames: poses spread over the room, looking roughly at the objects."""
+def build_prompts(count: int, seed: int = 7, progress: bool = False) -> tuple[list[BenchPrompt], list[np.ndarray]]:
+    """``count`` prompts and their BGR frames: poses spread over the room, looking roughly at the objects;
+    with ``progress``, each carries the progress line of an instruction's first command."""
     from speculative_vlm.commands.scene_text import describe_image
 
     scene = load_scene(None)
@@ -67,7 +72,7 @@ def build_prompts(count: int, seed: int = 7) -> tuple[list[BenchPrompt], list[np
         yaw = math.atan2(target.y - y, target.x - x) + rng.gauss(0.0, 0.5 if rng.random() < 0.8 else 2.0)
         frame = render_bgr(scene, x, y, yaw, CAMERA)
         prompts.append(BenchPrompt(i, (round(x, 2), round(y, 2), round(yaw, 2)), sample_instruction(rng, objects),
-                              describe_image(frame)))
+                                   describe_image(frame), Progress(Pose(x, y, yaw)).text() if progress else ""))
         frames.append(frame)
     return prompts, frames
 

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random models and few prompts (CI)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results folder (default {DEFAULT_OUT}; --quick: a temporary folder)")
-    parser.add_argument("--target", default=D.target, help="target model folder or store name")
+    parser.add_argument("--target", default=D.target,
+                        help="target model folder or store name (default: the sim config's cloud_server model)")
     parser.add_argument("--draft", default=None,
                         help=f"draft model folder (default {DEFAULT_DRAFT} when it holds a model, "
                              f"else {STAND_IN_DRAFT} in bfloat16 as a stand-in)")
