@@ -5,7 +5,9 @@ verbs and synonyms, different word order), held-out object phrases may use shape
 synonyms ("sphere", "violet"), and the surface styles differ (train: lower or sentence case,
 "please", a full stop, a dropped letter; held-out: ALL CAPS, Title Case, "could you ...?",
 "..., thanks!", swapped or doubled letters). Typos never touch the object phrase or a number, so
-what is asked stays well defined.
+what is asked stays well defined. The train templates are many per family (the trained target
+learns the intent, not a handful of sentences); they were widened without copying a held-out
+verb or word order: the object-first and number-first orders stay held-out only.
 """
 
 from __future__ import annotations
@@ -21,71 +23,88 @@ TRAIN, HELDOUT = "train", "heldout"
 TEMPLATES: dict[tuple[Family, str], dict[str, tuple[str, ...]]] = {
     (Family.GO_TO, ""): {
         TRAIN: ("walk to the {obj}", "go to the {obj}", "approach the {obj}", "move to the {obj}",
-                "walk over to the {obj}", "go up to the {obj}", "walk towards the {obj} and stop there"),
+                "walk over to the {obj}", "go up to the {obj}", "walk towards the {obj} and stop there",
+                "come over to the {obj}", "travel to the {obj}", "walk up to the {obj}", "reach the {obj}",
+                "go stand next to the {obj}", "your destination is the {obj}", "see the {obj}? go to it",
+                "trot over to the {obj}", "go near the {obj}"),
         HELDOUT: ("head over to the {obj}", "make your way to the {obj}", "navigate to the {obj}",
                   "the {obj}: go there", "get close to the {obj}", "to the {obj}, walk"),
     },
     (Family.FACE, ""): {
-        TRAIN: ("turn to face the {obj}", "face the {obj}", "turn towards the {obj}", "look at the {obj}"),
+        TRAIN: ("turn to face the {obj}", "face the {obj}", "turn towards the {obj}", "look at the {obj}",
+                "look towards the {obj}", "turn until the {obj} is in front of you", "aim at the {obj}",
+                "square up to the {obj}", "watch the {obj}", "turn so you look at the {obj}",
+                "without walking, turn to the {obj}"),
         HELDOUT: ("point yourself at the {obj}", "rotate until you face the {obj}", "the {obj}, face it",
                   "orient toward the {obj}"),
     },
     (Family.BACK_AWAY, ""): {
-        TRAIN: ("back away from the {obj}", "step back from the {obj}", "move away from the {obj} backwards"),
+        TRAIN: ("back away from the {obj}", "step back from the {obj}", "move away from the {obj} backwards",
+                "walk backwards away from the {obj}", "move back from the {obj}",
+                "give the {obj} some space; step back"),
         HELDOUT: ("retreat from the {obj}", "back off from the {obj}", "from the {obj}, back away"),
     },
     (Family.WALK, "forward"): {
-        TRAIN: ("walk forward {n} meters", "go forward {n} m", "move ahead {n} meters", "walk {n} meters forward"),
+        TRAIN: ("walk forward {n} meters", "go forward {n} m", "move ahead {n} meters", "walk {n} meters forward",
+                "go straight {n} meters", "move forward {n} m", "march forward {n} meters"),
         HELDOUT: ("advance {n} metres", "{n} metres forward, go", "proceed straight ahead for {n} meters",
                   "step forward {n} metres"),
     },
     (Family.WALK, "back"): {
-        TRAIN: ("walk back {n} meters", "go backwards {n} m", "back up {n} meters", "walk {n} meters backwards"),
+        TRAIN: ("walk back {n} meters", "go backwards {n} m", "back up {n} meters", "walk {n} meters backwards",
+                "walk backward {n} meters", "move back {n} m", "march backwards {n} meters"),
         HELDOUT: ("reverse {n} metres", "{n} metres back, go", "retreat {n} meters", "move in reverse for {n} metres"),
     },
     (Family.TURN, "left"): {
-        TRAIN: ("turn left", "turn left {deg} degrees", "rotate left by {deg} degrees", "turn {deg} degrees to the left"),
+        TRAIN: ("turn left", "turn left {deg} degrees", "rotate left by {deg} degrees", "turn {deg} degrees to the left",
+                "rotate left", "turn to your left", "turn counterclockwise {deg} degrees", "swing left {deg} degrees"),
         HELDOUT: ("spin to the left {deg} degrees", "do a {deg} degree turn to the left", "left turn", "pivot left"),
     },
     (Family.TURN, "right"): {
         TRAIN: ("turn right", "turn right {deg} degrees", "rotate right by {deg} degrees",
-                "turn {deg} degrees to the right"),
+                "turn {deg} degrees to the right", "rotate right", "turn to your right",
+                "turn clockwise {deg} degrees", "swing right {deg} degrees"),
         HELDOUT: ("spin to the right {deg} degrees", "do a {deg} degree turn to the right", "right turn",
                   "pivot right"),
     },
     (Family.SIDESTEP, "left"): {
-        TRAIN: ("step to the left", "sidestep left", "step left {n} meters", "sidestep {n} m to the left"),
+        TRAIN: ("step to the left", "sidestep left", "step left {n} meters", "sidestep {n} m to the left",
+                "take a step to the left", "crab walk left", "side step {n} meters left"),
         HELDOUT: ("strafe left", "slide {n} metres to the left", "shuffle sideways to the left",
                   "move sideways left {n} metres"),
     },
     (Family.SIDESTEP, "right"): {
-        TRAIN: ("step to the right", "sidestep right", "step right {n} meters", "sidestep {n} m to the right"),
+        TRAIN: ("step to the right", "sidestep right", "step right {n} meters", "sidestep {n} m to the right",
+                "take a step to the right", "crab walk right", "side step {n} meters right"),
         HELDOUT: ("strafe right", "slide {n} metres to the right", "shuffle sideways to the right",
                   "move sideways right {n} metres"),
     },
     (Family.POSTURE, "sit"): {
-        TRAIN: ("sit down", "sit", "sit on the floor"),
+        TRAIN: ("sit down", "sit", "sit on the floor", "sit down now", "be seated"),
         HELDOUT: ("take a seat", "have a seat", "rest on your haunches"),
     },
     (Family.POSTURE, "stand_down"): {
-        TRAIN: ("lie down", "stand down", "lie on the floor"),
+        TRAIN: ("lie down", "stand down", "lie on the floor", "lie down on the ground", "drop to the floor"),
         HELDOUT: ("lay down", "get down flat", "go prone"),
     },
     (Family.POSTURE, "stand_up"): {
-        TRAIN: ("stand up", "get up"),
+        TRAIN: ("stand up", "get up", "stand tall", "stand upright"),
         HELDOUT: ("rise", "on your feet", "get back up"),
     },
     (Family.STOP, ""): {
-        TRAIN: ("stop", "stop moving", "stay where you are", "halt"),
+        TRAIN: ("stop", "stop moving", "stay where you are", "halt", "stop right there", "wait here",
+                "cease moving"),
         HELDOUT: ("freeze", "hold still", "don't move", "stay put"),
     },
     (Family.FIND, ""): {
-        TRAIN: ("find the {obj}", "look for the {obj}", "search for the {obj}"),
+        TRAIN: ("find the {obj}", "look for the {obj}", "search for the {obj}", "look around for the {obj}",
+                "go find the {obj}", "turn until you see the {obj}", "spot the {obj}"),
         HELDOUT: ("locate the {obj}", "where is the {obj}? find it", "seek out the {obj}"),
     },
     (Family.REFUSE, ""): {
         TRAIN: ("jump off the table", "fly to the moon", "climb the wall", "bite the mailman",
-                "run into the street", "self destruct"),
+                "run into the street", "self destruct", "jump over the fence", "eat the sofa",
+                "break the window", "climb the tree"),
         HELDOUT: ("leap off the balcony", "dive into the pool", "attack the cat", "drive the car",
                   "swim across the lake"),
     },
