@@ -78,6 +78,19 @@ def main_axis_correct(expert: LocomotionCommand, answer: LocomotionCommand | Non
     return getattr(answer, axis) * getattr(expert, axis) > 0
 
 
+def judged_row(state: State, text: str, prompt: str) -> dict:
+    """One single-step row of a trained model's measurement (train-target, train-target --vision): the
+    state's episode, family, ``prompt`` and the model's ``text``, judged against the expert."""
+    try:
+        command = parse_command(text)
+    except CommandError:
+        command = None
+    family = state.episode.intent.family
+    return {"episode": state.episode.id, "family": family.value, "prompt": prompt, "text": text,
+            "correct": direction_correct(state.expert, command, family),
+            "main_axis": main_axis_correct(state.expert, command)}
+
+
 def expert_states(episodes: Iterable[Episode], config: WorldConfig | None = None, limit: int = 0) -> list[State]:
     """Every step of the expert's rollouts of ``episodes`` (perceived both ways), up to ``limit`` (0: all)."""
     config = config or WorldConfig()

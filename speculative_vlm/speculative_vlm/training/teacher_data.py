@@ -153,17 +153,27 @@ def generate_batch(
     pad_id: int,
     top_k: int = 32,
     matchers: list | None = None,
+    vocab: int | None = None,
+    images: dict[str, torch.Tensor] | None = None,
+    unshared_token: int | None = None,
 ) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
     """Greedy answers for a batch of token prompts; with ``matchers`` (one xgrammar matcher each) constrained.
 
-    Returns, per prompt, the answer ids and the top-k (ids, log-probs) at each answer step,
-    taken after the grammar mask, which is the distribution the constrained target acts on.
+    The prompts' common prefix runs once; the rest is left-padded. Returns, per prompt, the answer
+    ids and the top-k (ids, log-probs) at each answer step, taken after the grammar mask, which is
+    the distribution the constrained target acts on. Logits past ``vocab`` (default: the model's
+    ``config.vocab_size``) are dropped. A VLM gets its frames' ``images`` (``pixel_values`` and
+    ``pixel_attention_mask``, one image per prompt) with the prompts' suffixes, and the shared
+    prefix stops before ``unshared_token`` (the first image token), so the image tokens are always
+    fed with their pixels.
     """
     import xgrammar as xgr
 
     batch = len(prompts)
     # Keep one prompt token out of the shared prefix so every row has a suffix to feed.
     shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
+    if unshared_token is not None:
+        shared = min([shared] + [list(p).index(unshared_token) for p in prompts if unshared_token in p])
     suffixes = [list(p[shared:]) for p in prompts]
     width = max(len(s) for s in suffixes)
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -182,9 +192,9 @@ def generate_batch(
         cache = out.past_key_values
         cache.batch_repeat_interleave(batch)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **(images or {}))
     cache = out.past_key_values
-    vocab = model.config.vocab_size
+    vocab = vocab or model.config.vocab_size
     bitmask = xgr.allocate_token_bitmask(batch, vocab) if matchers else None
     answers: list[list[int]] = [[] for _ in range(batch)]
     tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(batch)]

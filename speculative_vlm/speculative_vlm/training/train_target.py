@@ -170,8 +170,7 @@ def single_step(model, tokenizer, states: Sequence, batch_size: int = 16) -> lis
     import xgrammar as xgr
 
     from speculative_vlm.commands.grammar import compile_grammar
-    from speculative_vlm.commands.schema import CommandError, parse_command
-    from speculative_vlm.evaluation.single_step import direction_correct, main_axis_correct
+    from speculative_vlm.evaluation.single_step import judged_row
     from speculative_vlm.training.target_data import prompt_ids
     from speculative_vlm.training.teacher_data import generate_batch
 
@@ -188,23 +187,17 @@ def single_step(model, tokenizer, states: Sequence, batch_size: int = 16) -> lis
                               matchers=[xgr.GrammarMatcher(compiled) for _ in chunk])
         for state, (answer, _, _) in zip(chunk, outs, strict=True):
             text = tokenizer.decode([t for t in answer if t not in stop_ids], skip_special_tokens=True)
-            try:
-                command = parse_command(text)
-            except CommandError:
-                command = None
-            family = state.episode.intent.family
-            rows.append({"episode": state.episode.id, "family": family.value, "prompt": state.observation.prompt(),
-                         "text": text, "correct": direction_correct(state.expert, command, family),
-                         "main_axis": main_axis_correct(state.expert, command)})
+            rows.append(judged_row(state, text, state.observation.prompt()))
     return rows
 
 
-def closed_loop(adapter, episodes: Sequence, config, log: Callable[[str], None]) -> list:
-    """Held-out episodes run by the model alone (the engine, command grammar, greedy) in the in-process sim."""
+def closed_loop(adapter, episodes: Sequence, config, log: Callable[[str], None], perception: str = "scene_text") -> list:
+    """Held-out episodes run by the model alone (the engine, command grammar, greedy) in the in-process sim,
+    seeing each frame as scene text or (``perception="image"``, a VLM) as the frame itself."""
     from speculative_vlm.evaluation.policies import ModelPolicy
     from speculative_vlm.evaluation.runner import run_episode
 
-    policy = ModelPolicy(adapter, name=adapter.name)
+    policy = ModelPolicy(adapter, perception=perception, name=adapter.name)
     results = []
     try:
         for episode in episodes:

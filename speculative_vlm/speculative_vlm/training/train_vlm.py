@@ -31,7 +31,7 @@ import io
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,10 +136,15 @@ class FrameBatch:
     images: dict[str, torch.Tensor]
 
 
+def first_image_token(processor) -> int:
+    """The id that opens an image in a prompt (Idefics3's ``<fake_token_around_image>``)."""
+    return processor.tokenizer.convert_tokens_to_ids("<fake_token_around_image>")
+
+
 def collate_frames(examples: Sequence[FrameTokens], jpegs: Sequence[bytes], processor, pad_id: int) -> FrameBatch:
     """As :func:`speculative_vlm.training.finetune.collate`, with the frames' pixels; the shared prefix stops
     before the first image token, so the image tokens are always fed with their pixels."""
-    first_image = processor.tokenizer.convert_tokens_to_ids("<fake_token_around_image>")
+    first_image = first_image_token(processor)
     seqs = [list(e.prompt_ids) + list(e.answer_ids) for e in examples]
     shared = min(common_prefix([e.prompt_ids for e in examples]),
                  min(e.prompt_ids.index(first_image) for e in examples))
@@ -226,52 +231,18 @@ def add_trainable(vlm, rank: int, alpha: int, dropout: float):
 
 
 # ---- measurement -----------------------------------------------------------------------------------------
-@torch.inference_mode()
 def greedy_batch(vlm, processor, prompts: Sequence[Sequence[int]], jpegs: Sequence[bytes], stop_ids: set[int],
                  vocab: int, matchers: list | None = None, max_new_tokens: int = 64) -> list[list[int]]:
-    """Greedy answers of the VLM to a batch of image prompts (left-padded), constrained by ``matchers``
-    (one xgrammar matcher each) when given: what the engine answers one at a time."""
-    import xgrammar as xgr
+    """Greedy answers of the VLM to a batch of image prompts, constrained by ``matchers`` (one xgrammar
+    matcher each) when given: what the engine answers one at a time
+    (:func:`~speculative_vlm.training.teacher_data.generate_batch` with the frames' pixels)."""
+    from speculative_vlm.training.teacher_data import generate_batch
 
-    batch = len(prompts)
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    width = max(len(p) for p in prompts)
-    ids = torch.full((batch, width), pad, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    pos = torch.zeros((batch, width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(list(p))
-        mask[row, width - len(p):] = 1
-        pos[row, width - len(p):] = torch.arange(len(p))
-    next_pos = torch.tensor([len(p) for p in prompts])
-    out = vlm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-              **pixels(processor, jpegs))
-    bitmask = xgr.allocate_token_bitmask(batch, vocab) if matchers else None
-    answers: list[list[int]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1, :vocab].float()
-        if matchers:
-            for row in range(batch):
-                if not done[row]:
-                    matchers[row].fill_next_token_bitmask(bitmask, row)
-            xgr.apply_token_bitmask_inplace(logits, bitmask)
-        chosen = logits.argmax(-1)
-        for row in range(batch):
-            if done[row]:
-                continue
-            token = int(chosen[row])
-            answers[row].append(token)
-            if matchers:
-                matchers[row].accept_token(token)
-            done[row] = token in stop_ids or (matchers is not None and matchers[row].is_terminated())
-        if all(done):
-            break
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], 1)
-        out = vlm(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                  past_key_values=out.past_key_values, use_cache=True)
-        next_pos = next_pos + 1
-    return answers
+    outs = generate_batch(vlm, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad, top_k=1,
+                          matchers=matchers, vocab=vocab, images=pixels(processor, jpegs),
+                          unshared_token=first_image_token(processor))
+    return [answer for answer, _, _ in outs]
 
 
 def single_step(vlm, processor, states: Sequence, vocab: int, batch_size: int = 8,
@@ -281,8 +252,7 @@ def single_step(vlm, processor, states: Sequence, vocab: int, batch_size: int = 
     import xgrammar as xgr
 
     from speculative_vlm.commands.grammar import compile_grammar
-    from speculative_vlm.commands.schema import CommandError, parse_command
-    from speculative_vlm.evaluation.single_step import direction_correct, main_axis_correct
+    from speculative_vlm.evaluation.single_step import judged_row
 
     eos = vlm.generation_config.eos_token_id
     stop_ids = set(eos if isinstance(eos, list) else [eos])
@@ -296,16 +266,8 @@ def single_step(vlm, processor, states: Sequence, vocab: int, batch_size: int = 
                                [xgr.GrammarMatcher(compiled) for _ in chunk])
         for state, answer in zip(chunk, answers, strict=True):
             text = processor.tokenizer.decode([t for t in answer if t not in stop_ids], skip_special_tokens=True)
-            try:
-                command = parse_command(text)
-            except CommandError:
-                command = None
-            family = state.episode.intent.family
-            rows.append({"episode": state.episode.id, "family": family.value,
-                         "prompt": user_message(state.observation.instruction, "", state.observation.progress),
-                         "text": text,
-                         "correct": direction_correct(state.expert, command, family),
-                         "main_axis": main_axis_correct(state.expert, command)})
+            rows.append(judged_row(state, text, user_message(state.observation.instruction, "",
+                                                             state.observation.progress)))
     return rows
 
 
@@ -448,7 +410,7 @@ def run(args: TrainTargetOptions) -> int:
         single = single_step(merged_model, merged_processor, states[: args.single_step], merged.vocab_size)
         log(f"[eval] {merged.name}: {sum(r['correct'] for r in single)}/{len(single)} direction-correct; closed "
             f"loop on {len(loop_episodes)} held-out episodes")
-        loop = closed_loop(merged, loop_episodes, config, log)
+        loop = train_target.closed_loop(merged, loop_episodes, config, log, perception="image")
         metrics["trained"] = train_target._scores(merged.name, single, loop)
         log(f"[eval] {merged.name}: closed loop {metrics['trained']['closed_loop']['passed']}/{len(loop)} succeeded")
 
@@ -465,24 +427,6 @@ def run(args: TrainTargetOptions) -> int:
         **log.record(args),
     })
     return log.publish(metrics, card(metrics), VLM_TARGET)
-
-
-def closed_loop(adapter, episodes: Sequence, config, log: Callable[[str], None]) -> list:
-    """Held-out episodes run by the VLM alone from its frames (the engine, command grammar, greedy)."""
-    from speculative_vlm.evaluation.policies import ModelPolicy
-    from speculative_vlm.evaluation.runner import run_episode
-
-    policy = ModelPolicy(adapter, perception="image", name=adapter.name)
-    results = []
-    try:
-        for episode in episodes:
-            r = run_episode(episode, policy, config)
-            results.append(r)
-            log(f"[eval]   {episode.id} {episode.intent.family.value:9s} {'ok  ' if r.success else 'FAIL'} "
-                f"{len(r.steps):2d} steps  {episode.instruction!r}: {r.why}")
-    finally:
-        policy.close()
-    return results
 
 
 def prefill_cost(adapter, observation, repeats: int = 3) -> dict:
