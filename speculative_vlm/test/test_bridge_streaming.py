@@ -14,12 +14,12 @@ import pytest
 from action_msgs.msg import GoalStatus
 from polling import result_of, wait_for, wait_until
 from rclpy.parameter import Parameter
+from robot_graph_harness import Graph
 from speculative_vlm.benchmark.netem import LinkProfile
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.nodes.ros_verifier import SPEC_QOS
 from speculative_vlm.protocol.client import GrpcVerifier
-from test_robot_graph import Graph
 
 from speculative_vlm_msgs.action import Instruct
 from speculative_vlm_msgs.msg import DraftBlock, Verdict

@@ -6,12 +6,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from camera_harness import CameraRig
 from go2_harness import SimProcess, join_domain
 from polling import wait_for
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from speculative_vlm.nodes.image_conversion import image_to_numpy, numpy_to_image
-from test_camera_node import CameraRig
 
 pytestmark = pytest.mark.ros
 

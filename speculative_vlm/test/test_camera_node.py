@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from diagnostic_msgs.msg import DiagnosticArray
-from go2_harness import SimProcess, Spinner, assert_parameter_file_matches, join_domain, write_clip
+from camera_harness import CameraRig
+from go2_harness import SimProcess, assert_parameter_file_matches, join_domain, write_clip
 from polling import wait_for
-from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import Image
 from speculative_vlm.nodes.camera import CameraNode, CameraSourceError
 from speculative_vlm.nodes.image_conversion import image_to_numpy, numpy_to_image
 
 pytestmark = pytest.mark.ros
-
-
-class CameraRig:
-    def __init__(self, **params) -> None:
-        self.ns = "/t" + uuid.uuid4().hex[:8]
-        self.node = CameraNode(
-            namespace=self.ns, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()]
-        )
-        self.probe = Node("probe", namespace=self.ns)
-        self.images: list[Image] = []
-        self.infos: list[CameraInfo] = []
-        self.diagnostics: list[DiagnosticArray] = []
-        self.probe.create_subscription(Image, "camera/image_raw", self.images.append, qos_profile_sensor_data)
-        self.probe.create_subscription(CameraInfo, "camera/camera_info", self.infos.append, qos_profile_sensor_data)
-        self.probe.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
-        # An executor per rig: nodes added to and removed from a long-running executor
-        # were seen to stop receiving under load.
-        self.spinner = Spinner()
-        self.spinner.add(self.node)
-        self.spinner.add(self.probe)
-        assert wait_for(lambda: self.node._image_pub.get_subscription_count() > 0, 15.0), "probe never matched"
-
-    def close(self) -> None:
-        self.spinner.shutdown()
-        self.node.destroy_node()
-        self.probe.destroy_node()
 
 
 def test_frames_from_the_go2_video_service_arrive_as_bgr8_images_of_the_requested_size(ros):

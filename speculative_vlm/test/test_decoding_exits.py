@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from hf_reference import hf_greedy
 from speculative_vlm.decoding.exits import ExitAdapter, ExitHeads, load_exit_heads, save_exit_heads
 from speculative_vlm.decoding.inprocess import InProcessVerifier
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest, VerdictKind
-from test_decoding_greedy import hf_greedy
 from tiny_models import noisy_copy, tiny_causal_lm
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from hf_reference import hf_greedy
 from speculative_vlm.decoding.inprocess import InProcessVerifier
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.policy import AdaptiveLength, FixedLength
@@ -18,19 +18,6 @@ PROMPTS = [
     "the blue chair is 3 m ahead, slightly right; go there",
     "back up half a metre",
 ]
-
-
-def hf_greedy(adapter, request: SessionRequest) -> list[int]:
-    prompt = adapter.encode(request)
-    out = adapter.model.generate(
-        input_ids=torch.tensor([prompt.ids]),
-        **prompt.extra,
-        max_new_tokens=request.settings.max_new_tokens,
-        do_sample=False,
-        eos_token_id=list(adapter.eos_token_ids),
-        pad_token_id=adapter.pad_token_id,
-    )
-    return out[0, len(prompt.ids) :].tolist()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hf_reference import hf_greedy
 from speculative_vlm.decoding.inprocess import InProcessVerifier
 from speculative_vlm.decoding.loop import SpeculativeDecoder
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
-from test_decoding_greedy import hf_greedy
 from tiny_models import noisy_copy, tiny_causal_lm
 
 PROMPTS = ["walk to the red ball", "sit down", "turn right and stop at the wall", "stand up"]

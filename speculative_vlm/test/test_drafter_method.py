@@ -11,10 +11,10 @@ import uuid
 
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray
+from drafter_harness import Exchange
 from polling import wait_for
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
-from test_drafter_exchange import Exchange
 
 from speculative_vlm_msgs.msg import Verdict
 

@@ -13,10 +13,10 @@ import time
 
 import pytest
 from action_msgs.msg import GoalStatus
+from drafter_harness import Exchange
 from polling import wait_for
 from rclpy.action import ActionServer, CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
-from test_drafter_exchange import Exchange
 
 from speculative_vlm_msgs.action import ExecuteCommand, Instruct
 from speculative_vlm_msgs.msg import LocomotionCommand

@@ -20,10 +20,10 @@ import pytest
 from cloud_harness import ServerProcess, start_server_script
 from polling import result_of, wait_until
 from rclpy.parameter import Parameter
+from robot_graph_harness import Graph
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT
 from speculative_vlm.decoding.verifier import GenerationSettings, SessionRequest
 from speculative_vlm.protocol.client import GrpcVerifier
-from test_robot_graph import Graph
 
 from speculative_vlm_msgs.action import Instruct
 from speculative_vlm_msgs.msg import LocomotionCommand, Verdict
