@@ -30,8 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--perturb", type=float, default=D.perturb, help="chance a move is replaced in those")
     data.add_argument("--data-seed", type=int, default=D.data_seed,
                       help="episode seed of the training rollouts (eval's train-like episodes use seed 0)")
+    data.add_argument("--reword", type=float, default=D.reword,
+                      help="share of the steps trained with a fresh train-split wording of their instruction "
+                           "(training/augment.py)")
     data.add_argument("--restyle", type=float, default=D.restyle,
-                      help="share of the episodes also trained with the instruction restyled (training/augment.py)")
+                      help="share of those fresh wordings also restyled (train-only surface changes)")
     data.add_argument("--split-seed", type=int, default=D.split_seed, help="which combinations are held out (as eval's)")
     data.add_argument("--data-cache", type=Path, default=D.data_cache,
                       help="where rollouts are cached; an identical later run reuses them")
@@ -44,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                      "rank"))
     train.add_argument("--alpha", type=int, default=None, help=_modal("LoRA alpha", "alpha"))
     train.add_argument("--dropout", type=float, default=D.dropout, help="LoRA dropout")
+    train.add_argument("--autocast", default=D.autocast, choices=("bfloat16", "float16", "none"),
+                       help="mixed precision of the forward pass, float32 weights and optimiser ('none': float32 "
+                            "throughout)")
     train.add_argument("--minutes", type=float, default=None,
                        help=_modal("hard cap on the training time; the schedule is by step, so a capped run is "
                                    "shorter, not different", "minutes"))
@@ -96,7 +102,7 @@ def _add_vision_arguments(parser: argparse.ArgumentParser) -> None:
                    help="share of frames rendered exactly as the simulator does (the rest vary)")
 
 
-
-
 def run(args: argparse.Namespace) -> int:
-    return train_target(TrainTargetOptions(**vars(args)))
+    options = vars(args)
+    options["autocast"] = None if options["autocast"] == "none" else options["autocast"]
+    return train_target(TrainTargetOptions(**options))

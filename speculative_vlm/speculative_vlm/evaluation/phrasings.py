@@ -3,11 +3,15 @@
 Train-like and held-out phrasings never meet: each family's templates are split in two (different
 verbs and synonyms, different word order), held-out object phrases may use shape and colour
 synonyms ("sphere", "violet"), and the surface styles differ (train: lower or sentence case,
-"please", a full stop, a dropped letter; held-out: ALL CAPS, Title Case, "could you ...?",
-"..., thanks!", swapped or doubled letters). Typos never touch the object phrase or a number, so
-what is asked stays well defined. The train templates are many per family (the trained target
-learns the intent, not a handful of sentences); they were widened without copying a held-out
-verb or word order: the object-first and number-first orders stay held-out only.
+"please", "can you ...?", "... for me", "hey, ...", a full stop, a dropped letter; held-out:
+ALL CAPS, Title Case, "could you ...?", "would you kindly ...", "..., thanks!", swapped or
+doubled letters). Typos never touch the object phrase or a number, so what is asked stays well
+defined. The train templates are many per family (the trained target learns the intent, not a
+handful of sentences); they were widened without copying a held-out verb or a word a held-out
+template turns on ("close", "flat", "still", "feet", "sideways", ...): the held-out object-first
+orders ("the X: go there", "to the X, walk", "the X, face it") and number-first orders stay
+held-out only (training names an object before its verb only in "see the X? go to it" and
+"there is a X; walk to it").
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ TEMPLATES: dict[tuple[Family, str], dict[str, tuple[str, ...]]] = {
                 "walk over to the {obj}", "go up to the {obj}", "walk towards the {obj} and stop there",
                 "come over to the {obj}", "travel to the {obj}", "walk up to the {obj}", "reach the {obj}",
                 "go stand next to the {obj}", "your destination is the {obj}", "see the {obj}? go to it",
-                "trot over to the {obj}", "go near the {obj}"),
+                "trot over to the {obj}", "go near the {obj}", "get to the {obj}", "run over to the {obj}",
+                "jog to the {obj}", "stroll over to the {obj}", "move up to the {obj}", "walk right up to the {obj}",
+                "go over to the {obj}", "go all the way to the {obj}", "hurry to the {obj}",
+                "walk until you reach the {obj}", "end up next to the {obj}", "get near the {obj}",
+                "walk to where the {obj} is", "move next to the {obj}", "go and stand by the {obj}",
+                "i want you at the {obj}", "there is a {obj}; walk to it", "walk up and stop at the {obj}",
+                "bring yourself to the {obj}", "get yourself over to the {obj}", "pay the {obj} a visit",
+                "cross the room to the {obj}", "finish next to the {obj}"),
         HELDOUT: ("head over to the {obj}", "make your way to the {obj}", "navigate to the {obj}",
                   "the {obj}: go there", "get close to the {obj}", "to the {obj}, walk"),
     },
@@ -34,71 +45,115 @@ TEMPLATES: dict[tuple[Family, str], dict[str, tuple[str, ...]]] = {
         TRAIN: ("turn to face the {obj}", "face the {obj}", "turn towards the {obj}", "look at the {obj}",
                 "look towards the {obj}", "turn until the {obj} is in front of you", "aim at the {obj}",
                 "square up to the {obj}", "watch the {obj}", "turn so you look at the {obj}",
-                "without walking, turn to the {obj}"),
+                "without walking, turn to the {obj}", "look straight at the {obj}", "turn and look at the {obj}",
+                "get the {obj} in front of you", "swivel to face the {obj}", "turn in place towards the {obj}",
+                "have the {obj} straight ahead of you", "line up with the {obj}", "look in the direction of the {obj}",
+                "stand facing the {obj}", "centre the {obj} in your view", "turn your nose to the {obj}",
+                "eyes on the {obj}", "stay in place and face the {obj}", "there is a {obj}; look at it",
+                "turn around to the {obj}", "keep your spot but look at the {obj}"),
         HELDOUT: ("point yourself at the {obj}", "rotate until you face the {obj}", "the {obj}, face it",
                   "orient toward the {obj}"),
     },
     (Family.BACK_AWAY, ""): {
         TRAIN: ("back away from the {obj}", "step back from the {obj}", "move away from the {obj} backwards",
                 "walk backwards away from the {obj}", "move back from the {obj}",
-                "give the {obj} some space; step back"),
+                "give the {obj} some space; step back", "step away from the {obj}", "back up from the {obj}",
+                "walk back away from the {obj}", "move backwards, away from the {obj}",
+                "put some distance between you and the {obj}", "get away from the {obj} backwards",
+                "keep your distance from the {obj}, step back", "there is a {obj}; back away from it",
+                "go backwards away from the {obj}", "increase your distance to the {obj} by walking backwards"),
         HELDOUT: ("retreat from the {obj}", "back off from the {obj}", "from the {obj}, back away"),
     },
     (Family.WALK, "forward"): {
         TRAIN: ("walk forward {n} meters", "go forward {n} m", "move ahead {n} meters", "walk {n} meters forward",
-                "go straight {n} meters", "move forward {n} m", "march forward {n} meters"),
+                "go straight {n} meters", "move forward {n} m", "march forward {n} meters", "walk ahead {n} meters",
+                "go {n} meters forward", "move {n} m ahead", "walk straight for {n} meters", "go forwards {n} m",
+                "travel {n} meters forward", "walk {n} m straight ahead", "trot forward {n} m",
+                "walk forward for {n} meters", "cover {n} meters going forward", "go ahead {n} m",
+                "take {n} meters forward", "move straight on for {n} m"),
         HELDOUT: ("advance {n} metres", "{n} metres forward, go", "proceed straight ahead for {n} meters",
                   "step forward {n} metres"),
     },
     (Family.WALK, "back"): {
         TRAIN: ("walk back {n} meters", "go backwards {n} m", "back up {n} meters", "walk {n} meters backwards",
-                "walk backward {n} meters", "move back {n} m", "march backwards {n} meters"),
+                "walk backward {n} meters", "move back {n} m", "march backwards {n} meters", "go back {n} meters",
+                "move backwards {n} meters", "walk backwards for {n} m", "back up by {n} m", "step back {n} meters",
+                "travel {n} meters backwards", "go {n} m backwards", "move {n} meters back",
+                "trot backwards {n} m", "back up for {n} meters", "walk back by {n} m",
+                "take {n} meters backwards"),
         HELDOUT: ("reverse {n} metres", "{n} metres back, go", "retreat {n} meters", "move in reverse for {n} metres"),
     },
     (Family.TURN, "left"): {
         TRAIN: ("turn left", "turn left {deg} degrees", "rotate left by {deg} degrees", "turn {deg} degrees to the left",
-                "rotate left", "turn to your left", "turn counterclockwise {deg} degrees", "swing left {deg} degrees"),
+                "rotate left", "turn to your left", "turn counterclockwise {deg} degrees", "swing left {deg} degrees",
+                "turn to the left {deg} degrees", "rotate {deg} degrees left", "turn left by {deg} degrees",
+                "rotate to the left", "make a left", "turn yourself left", "rotate anticlockwise {deg} degrees",
+                "swivel left", "swing to the left", "twist left {deg} degrees", "turn {deg} deg left",
+                "turn leftwards", "turn left in place", "rotate left {deg} deg", "turn {deg} degrees left"),
         HELDOUT: ("spin to the left {deg} degrees", "do a {deg} degree turn to the left", "left turn", "pivot left"),
     },
     (Family.TURN, "right"): {
         TRAIN: ("turn right", "turn right {deg} degrees", "rotate right by {deg} degrees",
                 "turn {deg} degrees to the right", "rotate right", "turn to your right",
-                "turn clockwise {deg} degrees", "swing right {deg} degrees"),
+                "turn clockwise {deg} degrees", "swing right {deg} degrees", "turn to the right {deg} degrees",
+                "rotate {deg} degrees right", "turn right by {deg} degrees", "rotate to the right", "make a right",
+                "turn yourself right", "swivel right", "swing to the right", "twist right {deg} degrees",
+                "turn {deg} deg right", "turn rightwards", "turn right in place", "rotate right {deg} deg",
+                "turn {deg} degrees right"),
         HELDOUT: ("spin to the right {deg} degrees", "do a {deg} degree turn to the right", "right turn",
                   "pivot right"),
     },
     (Family.SIDESTEP, "left"): {
         TRAIN: ("step to the left", "sidestep left", "step left {n} meters", "sidestep {n} m to the left",
-                "take a step to the left", "crab walk left", "side step {n} meters left"),
+                "take a step to the left", "crab walk left", "side step {n} meters left", "step left",
+                "step {n} m to the left", "sidestep to the left {n} meters", "move left {n} meters without turning",
+                "crab left {n} m", "walk to your left without turning", "side-step left", "move over to the left",
+                "scoot left", "scoot {n} m to the left", "step over to your left", "sidestep {n} meters left"),
         HELDOUT: ("strafe left", "slide {n} metres to the left", "shuffle sideways to the left",
                   "move sideways left {n} metres"),
     },
     (Family.SIDESTEP, "right"): {
         TRAIN: ("step to the right", "sidestep right", "step right {n} meters", "sidestep {n} m to the right",
-                "take a step to the right", "crab walk right", "side step {n} meters right"),
+                "take a step to the right", "crab walk right", "side step {n} meters right", "step right",
+                "step {n} m to the right", "sidestep to the right {n} meters", "move right {n} meters without turning",
+                "crab right {n} m", "walk to your right without turning", "side-step right",
+                "move over to the right", "scoot right", "scoot {n} m to the right", "step over to your right",
+                "sidestep {n} meters right"),
         HELDOUT: ("strafe right", "slide {n} metres to the right", "shuffle sideways to the right",
                   "move sideways right {n} metres"),
     },
     (Family.POSTURE, "sit"): {
-        TRAIN: ("sit down", "sit", "sit on the floor", "sit down now", "be seated"),
+        TRAIN: ("sit down", "sit", "sit on the floor", "sit down now", "be seated", "get seated", "sit on the ground",
+                "sit like a good dog", "go to a sitting position", "lower yourself into a sit", "sit on your bottom",
+                "sit back", "plop down and sit", "now sit"),
         HELDOUT: ("take a seat", "have a seat", "rest on your haunches"),
     },
     (Family.POSTURE, "stand_down"): {
-        TRAIN: ("lie down", "stand down", "lie on the floor", "lie down on the ground", "drop to the floor"),
+        TRAIN: ("lie down", "stand down", "lie on the floor", "lie down on the ground", "drop to the floor",
+                "lower yourself to the floor", "lower your body to the ground", "rest on the floor",
+                "lie on your belly", "drop down", "go down to the floor", "lie down now"),
         HELDOUT: ("lay down", "get down flat", "go prone"),
     },
     (Family.POSTURE, "stand_up"): {
-        TRAIN: ("stand up", "get up", "stand tall", "stand upright"),
+        TRAIN: ("stand up", "get up", "stand tall", "stand upright", "stand", "stand up now", "stand up straight",
+                "come up to standing", "return to standing", "get up off the floor", "stand on all fours",
+                "up, stand"),
         HELDOUT: ("rise", "on your feet", "get back up"),
     },
     (Family.STOP, ""): {
         TRAIN: ("stop", "stop moving", "stay where you are", "halt", "stop right there", "wait here",
-                "cease moving"),
+                "cease moving", "stop now", "stop where you are", "no more moving", "stay here", "stay right here",
+                "stop walking", "quit moving", "stay in place", "remain here", "pause", "stop everything",
+                "do not go anywhere"),
         HELDOUT: ("freeze", "hold still", "don't move", "stay put"),
     },
     (Family.FIND, ""): {
         TRAIN: ("find the {obj}", "look for the {obj}", "search for the {obj}", "look around for the {obj}",
-                "go find the {obj}", "turn until you see the {obj}", "spot the {obj}"),
+                "go find the {obj}", "turn until you see the {obj}", "spot the {obj}", "find me the {obj}",
+                "search around for the {obj}", "look around until you see the {obj}", "try to find the {obj}",
+                "scan for the {obj}", "hunt for the {obj}", "can you see the {obj}? look for it",
+                "turn around and find the {obj}", "track down the {obj}", "get the {obj} in sight",
+                "look for a {obj}"),
         HELDOUT: ("locate the {obj}", "where is the {obj}? find it", "seek out the {obj}"),
     },
     (Family.REFUSE, ""): {
@@ -197,6 +252,12 @@ def _style(text: str, split: str, rng: random.Random) -> str:
             text = f"please {text}"
         elif polite < 0.4:
             text = f"{text}, please"
+        elif polite < 0.46:
+            text = f"can you {text}?"
+        elif polite < 0.5:
+            text = f"{text} for me"
+        elif polite < 0.54:
+            text = f"hey, {text}"
         if rng.random() < 0.4:
             text = text[:1].upper() + text[1:]
         if rng.random() < 0.2:

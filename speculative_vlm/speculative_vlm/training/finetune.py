@@ -46,6 +46,9 @@ class FitSettings:
     minutes: float = 75.0  # hard cap on the training time
     max_steps: int | None = None  # stop after this many steps (tests, pilots); the schedule still spans all
     log_every: int = 10
+    # Mixed precision: the forward pass under torch.autocast in this dtype ("bfloat16"), the trained weights and
+    # the optimiser in float32. None: all float32. bfloat16 took a SmolLM2 LoRA step 1.4x faster on this CPU.
+    autocast: str | None = None
 
 
 @dataclass
@@ -169,6 +172,7 @@ def fit(
     if settings.max_steps is not None:
         order = order[: settings.max_steps]
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device.type
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     report = FitReport(0, planned, 0, 0.0, 0.0, False)
 
@@ -194,7 +198,9 @@ def fit(
         for group in optimiser.param_groups:
             group["lr"] = settings.lr * warm * 0.5 * (1 + math.cos(math.pi * (step - 1) / planned))
         batch = [examples[i] for i in chunk]
-        loss, accuracy = step_loss(model, batch, step) if step_loss else batch_loss(model, collate(batch, pad_id))
+        with torch.autocast(device, dtype=getattr(torch, settings.autocast or "float32"),
+                            enabled=settings.autocast is not None):
+            loss, accuracy = step_loss(model, batch, step) if step_loss else batch_loss(model, collate(batch, pad_id))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -35,8 +35,9 @@ from pathlib import Path
 
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, render_prompt
 from speculative_vlm.commands.scene_text import Pose
-from speculative_vlm.evaluation.episodes import Episode, generate_episodes
+from speculative_vlm.evaluation.episodes import FAMILIES, Episode, generate_episodes
 from speculative_vlm.evaluation.examples import Example, training_examples
+from speculative_vlm.evaluation.families import Family
 from speculative_vlm.evaluation.phrasings import TRAIN
 from speculative_vlm.evaluation.splits import make_splits
 from speculative_vlm.evaluation.world import WorldConfig
@@ -46,15 +47,21 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _SOURCES = ("evaluation", "commands", "go2")  # the code that makes the rollouts
 
 
+# The families dealt to the training rollouts in turn: every family once, and again those whose commands
+# carry numbers read off the instruction and the progress line (how far to walk or turn, when to stop).
+TRAINING_FAMILIES: tuple[Family, ...] = (*FAMILIES, Family.GO_TO, Family.FACE, Family.WALK, Family.TURN)
+
+
 @dataclass(frozen=True)
 class DataRecipe:
     """Which train-split rollouts make the data (episode indices ``[0, episodes + perturbed_episodes)``)."""
 
-    episodes: int = 900  # plain expert rollouts
-    perturbed_episodes: int = 400  # rollouts with some moves replaced by random ones
+    episodes: int = 2200  # plain expert rollouts
+    perturbed_episodes: int = 800  # rollouts with some moves replaced by random ones
     perturb: float = 0.3  # chance that one of the expert's moves is replaced in those
     seed: int = 1  # episode seed (``speculative-vlm eval`` draws its train-like episodes from seed 0)
     split_seed: int = 0  # which colour/shape combinations are held out (as ``eval --split-seed``)
+    families: tuple[Family, ...] = TRAINING_FAMILIES  # dealt to the episodes in turn
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,9 @@ def expert_examples(recipe: DataRecipe, config: WorldConfig | None = None,
     """The recipe's examples in a fixed order; a prompt already seen with the same answer is kept once
     (with ``distinct_frames``, only when it was also seen from the same pose)."""
     config = config or WorldConfig.from_config()
-    plain = training_examples(recipe.episodes, recipe.seed, recipe.split_seed, config)
+    plain = training_examples(recipe.episodes, recipe.seed, recipe.split_seed, config, recipe.families)
     perturbed = training_examples(recipe.perturbed_episodes, recipe.seed, recipe.split_seed, config,
-                                  perturb=recipe.perturb, start=recipe.episodes)
+                                  recipe.families, perturb=recipe.perturb, start=recipe.episodes)
     seen: set[tuple] = set()
     examples: list[Example] = []
     total = recipe.episodes + recipe.perturbed_episodes
@@ -130,7 +137,8 @@ class FrameExample:
 def recipe_episodes(recipe: DataRecipe) -> dict[str, Episode]:
     """The recipe's train-split episodes by id (as :func:`expert_examples` rolled them out)."""
     split = make_splits(recipe.split_seed)[TRAIN]
-    return {e.id: e for e in generate_episodes(split, recipe.episodes + recipe.perturbed_episodes, recipe.seed)}
+    return {e.id: e for e in generate_episodes(split, recipe.episodes + recipe.perturbed_episodes, recipe.seed,
+                                               recipe.families)}
 
 
 def frame_examples(recipe: DataRecipe, config: WorldConfig, cache_dir: Path | None,

@@ -32,7 +32,7 @@ from pathlib import Path
 from speculative_vlm.decoding.model_store import ROBOT_ADAPTER, ROBOT_TARGET, SMOLLM2
 from speculative_vlm.evaluation.world import SIM_CONFIG
 from speculative_vlm.training import train_vlm
-from speculative_vlm.training.target_data import DEFAULT_CACHE
+from speculative_vlm.training.target_data import DEFAULT_CACHE, DataRecipe
 from speculative_vlm.training.vlm_frames import Variation
 from speculative_vlm.training.vlm_model import VisionSettings
 
@@ -51,11 +51,12 @@ class TrainTargetOptions:
     target: str = SMOLLM2  # base model folder or store name
     out: Path | None = None  # None: the shipped folder (SHIPPED_ADAPTER, or train_vlm.SHIPPED_DELTA)
     # data (train split only)
-    episodes: int = 900  # expert rollouts
-    perturbed_episodes: int = 400  # rollouts with some expert moves replaced by random ones
-    perturb: float = 0.3  # chance a move is replaced in those
-    data_seed: int = 1  # episode seed of the training rollouts (eval's train-like episodes use seed 0)
-    restyle: float = 0.3  # share of the episodes also trained with the instruction restyled (augment.py)
+    episodes: int = DataRecipe.episodes  # expert rollouts
+    perturbed_episodes: int = DataRecipe.perturbed_episodes  # rollouts with some expert moves replaced by random ones
+    perturb: float = DataRecipe.perturb  # chance a move is replaced in those
+    data_seed: int = DataRecipe.seed  # episode seed of the training rollouts (eval's train-like episodes use seed 0)
+    reword: float = 0.75  # share of the steps trained with a fresh wording of their instruction (augment.py)
+    restyle: float = 0.4  # share of those fresh wordings also restyled (augment.py)
     split_seed: int = 0  # which combinations are held out (as eval's)
     data_cache: Path | None = DEFAULT_CACHE  # where rollouts are cached (None: no cache)
     # training
@@ -66,6 +67,7 @@ class TrainTargetOptions:
     rank: int | None = None
     alpha: int | None = None
     dropout: float = 0.05
+    autocast: str | None = "bfloat16"  # mixed precision of the forward pass (None: float32 throughout)
     minutes: float | None = None  # hard cap on the training time
     max_steps: int | None = None
     seed: int = 0  # torch seed and data order
@@ -261,12 +263,12 @@ def run(args: TrainTargetOptions) -> int:
     from speculative_vlm.evaluation.single_step import expert_states
     from speculative_vlm.evaluation.splits import make_splits
     from speculative_vlm.evaluation.world import WorldConfig
-    from speculative_vlm.training.augment import restyled_copies
+    from speculative_vlm.training.augment import reworded
     from speculative_vlm.training.finetune import FitSettings, LoraSettings, add_lora, fit
     from speculative_vlm.training.target_data import (
-        DataRecipe,
         cached_examples,
         describe,
+        recipe_episodes,
         stop_token_id,
         tokenize,
     )
@@ -289,7 +291,8 @@ def run(args: TrainTargetOptions) -> int:
     recipe = DataRecipe(args.episodes, args.perturbed_episodes, args.perturb, args.data_seed, args.split_seed)
     with log.phase("data"):
         examples = cached_examples(recipe, config, args.data_cache, log)
-        examples += restyled_copies(examples, args.restyle, args.data_seed)
+        intents = {i: e.intent for i, e in recipe_episodes(recipe).items()}
+        examples = reworded(examples, intents, args.reword, args.restyle, args.data_seed)
         tokenizer = AutoTokenizer.from_pretrained(target_dir)
         model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
         tokens = tokenize(examples, tokenizer, stop_token_id(tokenizer, model.config))
@@ -302,7 +305,7 @@ def run(args: TrainTargetOptions) -> int:
             loop_episodes = [replace(e, max_steps=min(e.max_steps, args.eval_max_steps)) for e in loop_episodes]
         log(f"[data] held-out measurement: {len(states)} prompts, {len(loop_episodes)} episodes")
 
-    metrics: dict = {"data": {**data, "recipe": {**asdict(recipe), "restyle": args.restyle}}}
+    metrics: dict = {"data": {**data, "recipe": {**asdict(recipe), "reword": args.reword, "restyle": args.restyle}}}
     if args.baseline:
         with log.phase("measure stock"):
             stock = ModelAdapter(model, tokenizer, name=str(args.target))
@@ -312,7 +315,7 @@ def run(args: TrainTargetOptions) -> int:
     lora = LoraSettings(args.rank, args.alpha, args.dropout)
     settings = FitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            warmup_steps=args.warmup_steps, seed=args.seed, minutes=args.minutes,
-                           max_steps=args.max_steps)
+                           max_steps=args.max_steps, autocast=args.autocast)
     with log.phase("train"):
         model.train()
         torch.manual_seed(args.seed)  # the adapters' initialisation, whatever ran before
@@ -404,6 +407,10 @@ line, so a robot that uses it needs the drafter's `progress_line` on.
 - {d['examples']} distinct examples from {d['episodes']} rollouts; mean prompt {d['prompt_tokens_mean']} tokens,
   answer {d['answer_tokens_mean']}. Families: {', '.join(f'{k} {v}' for k, v in d['families'].items())}.
   Actions: {', '.join(f'{k} {v}' for k, v in d['actions'].items())}.
+- Wording: {r.get('reword', 0):.0%} of the steps are trained with a fresh train-split wording of their
+  episode's intent instead of the episode's own (`training/augment.py`: another train template and
+  style), {r.get('restyle', 0):.0%} of those also restyled by train-only surface changes; the episodes
+  deal the families in turn, with go to, face, walk and turn twice (`target_data.TRAINING_FAMILIES`).
 
 ## Method and hyperparameters
 - LoRA rank {lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']} on {', '.join(lora['targets'])}
@@ -412,7 +419,7 @@ line, so a robot that uses it needs the drafter's `progress_line` on.
   warm-up steps then cosine to 0 over {t['planned_steps']} steps ({fs['epochs']} epochs, batch {fs['batch_size']}),
   gradient clipping 1.0, seed {fs['seed']} (torch and data order). Each batch runs the prompts'
   shared prefix once.
-- fp32 on {m['threads']} CPU thread(s): {t['steps']} steps, {t['examples_seen']} examples in {t['minutes']:.1f} min
+- {'bfloat16 autocast (float32 weights and optimiser)' if fs.get('autocast') else 'fp32'} on {m['threads']} CPU thread(s): {t['steps']} steps, {t['examples_seen']} examples in {t['minutes']:.1f} min
   ({t['seconds_per_example']:.2f} s per example on average, {t['fastest_seconds_per_example']:.2f} in the fastest
   step: on a busy machine the average is the slower for it).{capped}
 - Loss (mean over the steps logged): {curve_text}.

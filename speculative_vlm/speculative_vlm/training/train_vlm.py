@@ -60,12 +60,12 @@ TEXT_PROJECTIONS = r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|
 
 # Options whose default differs with --vision: name -> (text target's, VLM target's).
 MODE_DEFAULTS: dict[str, tuple] = {
-    "epochs": (1.25, 1.2),
+    "epochs": (1.0, 1.2),
     "lr": (1e-3, 1e-3),
     "warmup_steps": (20, 40),
     "rank": (16, 8),
     "alpha": (32, 16),
-    "minutes": (78.0, 95.0),
+    "minutes": (76.0, 95.0),
     "probe": (32, 32),
     "probe_every": (150, 250),
 }
