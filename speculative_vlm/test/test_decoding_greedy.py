@@ -88,6 +88,19 @@ def test_vlm_target_with_an_image_and_a_text_only_draft():
         assert result.token_ids == expected, draft.name
 
 
+def test_a_draft_prompt_is_what_the_draft_reads_and_the_output_stays_the_targets():
+    from speculative_vlm.decoding.drafter import Drafter
+
+    target, draft = tiny_vlm(seed=1), tiny_vlm_text_draft()
+    settings = GenerationSettings(max_new_tokens=16)
+    request = SessionRequest(PROMPTS[0], image=jpeg(), settings=settings, draft_prompt=PROMPTS[1])
+    result = speculative(target, draft, request, exit_layers=[1], early_threshold=0.0)
+    assert result.token_ids == hf_greedy(target, SessionRequest(PROMPTS[0], image=jpeg(), settings=settings))
+    read = Drafter(draft, request).kv.prompt_len
+    assert read == len(draft.encode(SessionRequest(PROMPTS[1], settings=settings)).ids)
+    assert read != len(draft.encode(SessionRequest(PROMPTS[0], settings=settings)).ids)
+
+
 def test_the_image_changes_the_vlm_output():
     target = tiny_vlm(seed=1)
     settings = GenerationSettings(max_new_tokens=8)

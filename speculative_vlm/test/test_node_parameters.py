@@ -34,7 +34,8 @@ READ_ONLY = {
     "bridge": {"cloud_address", "fallback_addresses", "auth_token_env", "auth_token_file", "tls_ca", "tls_cert",
                "tls_key"},
     "monitor": {"image_topic", "text_topic", "command_topic", "stats_topic", "odom_topic", "base_frame"},
-    "drafter": {"draft_model", "draft_device", "draft_dtype", "perception", "grammar", "on_link_lost",
+    "drafter": {"draft_model", "draft_device", "draft_dtype", "perception", "draft_perception", "grammar",
+                "on_link_lost",
                 "execute_unverified", "torch_threads", "image_topic"},
 }
 

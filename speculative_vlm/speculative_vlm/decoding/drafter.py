@@ -33,8 +33,11 @@ class Drafter:
     def __init__(self, model: ModelAdapter, request: SessionRequest):
         self.model = model
         self.settings = request.settings
+        if request.draft_prompt:
+            request = dataclasses.replace(request, prompt=request.draft_prompt)
         if request.image is not None and not model.is_vlm:
-            # A text-only draft serving a VLM target drafts from the instruction alone.
+            # A text-only draft serving a VLM target drafts from its prompt's words alone (the scene as the
+            # robot describes it when the request carries a draft_prompt, else no scene).
             request = dataclasses.replace(request, image=None)
         self.kv = model.start(model.encode(request))
         self.out = make_tracker(model, request)  # the drafter's view: committed + drafted

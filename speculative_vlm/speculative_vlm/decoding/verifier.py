@@ -116,6 +116,10 @@ class SessionRequest:
     system: str = ""  # system message; each side applies its own chat template
     image: bytes | None = None  # JPEG for a VLM target
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    # The user message the draft reads when it is not ``prompt`` ("" = ``prompt``): a text draft serving a
+    # VLM target reads the on-robot scene text where the target sees the frame. Only generated tokens are
+    # shared and verified, so output stays the target's; it never leaves the robot (no transport carries it).
+    draft_prompt: str = ""
 
 
 @dataclass(frozen=True)

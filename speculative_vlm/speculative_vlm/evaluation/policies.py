@@ -83,7 +83,9 @@ class ModelPolicy(Policy):
 
     ``target`` and ``draft`` are :class:`~speculative_vlm.decoding.models.ModelAdapter` objects or
     names the model store resolves. ``perception`` is ``scene_text`` for a text-only target or
-    ``image`` for a VLM target (the frame goes to the model, the prompt's scene line stays empty).
+    ``image`` for a VLM target (the frame goes to the model, the prompt's scene line stays empty);
+    a text draft then reads the scene text (``draft_perception`` ``scene_text``, as the drafter node's
+    parameter) or no scene (``none``).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class ModelPolicy(Policy):
         exit_layers=(),
         exit_heads=None,
         system_prompt: str = SYSTEM_PROMPT,
+        draft_perception: str = "scene_text",
     ) -> None:
         from speculative_vlm.decoding.inprocess import InProcessVerifier
         from speculative_vlm.decoding.loop import SpeculativeDecoder
@@ -106,7 +109,10 @@ class ModelPolicy(Policy):
 
         if perception not in ("scene_text", "image"):
             raise ValueError(f"perception must be 'scene_text' or 'image', got {perception!r}")
+        if draft_perception not in ("scene_text", "none"):
+            raise ValueError(f"draft_perception must be 'scene_text' or 'none', got {draft_perception!r}")
         self.perception = perception
+        self.draft_perception = draft_perception
         self.target = load_model(target) if isinstance(target, str) else target
         self.draft = load_model(draft) if isinstance(draft, str) else draft
         self.name = name or (self.target.name + (f"+{self.draft.name}" if self.draft is not None else ""))
@@ -126,7 +132,12 @@ class ModelPolicy(Policy):
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens, grammar="command")
         if self.perception == "image":  # pixels alone, also for observations that hold scene text (perception all)
             prompt = user_message(obs.instruction, "", obs.progress)
-            return SessionRequest(prompt=prompt, system=self.system_prompt, image=obs.frame_jpeg, settings=settings)
+            draft_prompt = ""
+            if self.draft is not None and not self.draft.is_vlm and self.draft_perception == "scene_text":
+                # The draft reads the frame as the robot describes it; the target never sees these words.
+                draft_prompt = user_message(obs.instruction, obs.scene_text or _describe(obs.frame_jpeg), obs.progress)
+            return SessionRequest(prompt=prompt, system=self.system_prompt, image=obs.frame_jpeg, settings=settings,
+                                  draft_prompt=draft_prompt)
         return SessionRequest(prompt=obs.prompt(), system=self.system_prompt, settings=settings)
 
     def act(self, obs: Observation) -> Reply:
@@ -146,3 +157,15 @@ class ModelPolicy(Policy):
         if self._verifier is not None:
             self._verifier.shutdown()
             self._verifier = None
+
+
+def _describe(jpeg: bytes | None) -> str:
+    """The scene text of a JPEG frame, as the drafter node describes its camera frame."""
+    import cv2
+    import numpy as np
+
+    from speculative_vlm.commands.scene_text import describe_image
+
+    if not jpeg:
+        return ""
+    return describe_image(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR))

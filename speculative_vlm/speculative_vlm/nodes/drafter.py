@@ -79,6 +79,7 @@ from speculative_vlm_msgs.msg import DecodingStats, LocomotionCommand
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 PERCEPTIONS = ("scene_text", "image")
+DRAFT_PERCEPTIONS = ("scene_text", "none")
 LINK_POLICIES = ("stop", "draft_only")
 
 
@@ -175,6 +176,10 @@ class DrafterNode(Node):
         d("perception", "scene_text", ParameterDescriptor(read_only=True,
             description=f"how a frame reaches the models, one of {PERCEPTIONS}: scene_text describes coloured "
             "objects in words (text-only target), image sends the JPEG (VLM target)"))
+        d("draft_perception", "scene_text", ParameterDescriptor(read_only=True,
+            description=f"what a text draft reads of the frame when perception is image, one of "
+            f"{DRAFT_PERCEPTIONS}: scene_text describes it on the robot (the target still sees only the JPEG), "
+            "none drafts from the instruction and progress alone"))
         d("system_prompt", "", ParameterDescriptor(description="system message; '' = the built-in command prompt"))
         d("grammar", "command", ParameterDescriptor(read_only=True, description="output grammar: 'command' or '' (none)"))
         d("draft_length", 4, _int(0, 16, "tokens per draft block (the start value when adaptive; under method "
@@ -220,8 +225,8 @@ class DrafterNode(Node):
             placement.parse(self.get_parameter("draft_device").value, self.get_parameter("draft_dtype").value)
         except placement.PlacementError as exc:
             raise ValueError(f"parameters draft_device/draft_dtype: {exc}") from None
-        for name in ("perception", "on_link_lost"):
-            allowed = PERCEPTIONS if name == "perception" else LINK_POLICIES
+        for name, allowed in (("perception", PERCEPTIONS), ("draft_perception", DRAFT_PERCEPTIONS),
+                              ("on_link_lost", LINK_POLICIES)):
             if self.get_parameter(name).value not in allowed:
                 raise ValueError(f"parameter {name}={self.get_parameter(name).value!r} is not one of {allowed}")
 
@@ -498,13 +503,15 @@ class DrafterNode(Node):
         from parameters."""
         p = self.get_parameter
         bgr = _bgr(frame)
-        image = None
+        image, draft_prompt = None, ""
         if p("perception").value == "image":
             import cv2
 
             ok, jpeg = cv2.imencode(".jpg", bgr)
             image = jpeg.tobytes() if ok else None
             scene = ""
+            if p("draft_perception").value == "scene_text":
+                draft_prompt = user_message(instruction, describe_image(bgr), progress)
         else:
             scene = describe_image(bgr)
         settings = GenerationSettings(
@@ -513,7 +520,7 @@ class DrafterNode(Node):
         )
         return SessionRequest(prompt=user_message(instruction, scene, progress),
                               system=p("system_prompt").value or SYSTEM_PROMPT,
-                              image=image, settings=settings)
+                              image=image, settings=settings, draft_prompt=draft_prompt)
 
     def _step(self, run: _GoalRun, instruction: str, step: int) -> tuple[LocomotionCommand, GenerationResult]:
         """One step: decode a command for the latest frame. Raises Cancelled when the goal must stop."""

@@ -318,6 +318,7 @@ def run(args: TrainTargetOptions) -> int:
     from speculative_vlm.evaluation.splits import make_splits
     from speculative_vlm.evaluation.world import WorldConfig
     from speculative_vlm.training import train_target
+    from speculative_vlm.training.augment import reworded
     from speculative_vlm.training.finetune import FitSettings, fit
     from speculative_vlm.training.target_data import DataRecipe, frame_examples, stop_token_id
     from speculative_vlm.training.vlm_model import build_vlm, vision_parameters
@@ -338,6 +339,11 @@ def run(args: TrainTargetOptions) -> int:
     recipe = DataRecipe(args.episodes, args.perturbed_episodes, args.perturb, args.data_seed, args.split_seed)
     with log.phase("data"):
         frames = frame_examples(recipe, config, args.data_cache, log)
+        # The same fresh wordings as the text target's (augment.reworded), drawn from the same seed.
+        intents = {f.example.episode: f.episode.intent for f in frames}
+        frames = [FrameExample(e, f.episode) for e, f in
+                  zip(reworded([f.example for f in frames], intents, args.reword, args.restyle, args.data_seed),
+                      frames, strict=True)]
         tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
         backbone = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=torch.float32)
         base_vocab = int(backbone.get_output_embeddings().weight.shape[0])
@@ -360,7 +366,8 @@ def run(args: TrainTargetOptions) -> int:
             loop_episodes = [replace(e, max_steps=min(e.max_steps, args.eval_max_steps)) for e in loop_episodes]
         log(f"[data] held-out measurement: {len(states)} prompts with their frames, {len(loop_episodes)} episodes")
 
-    metrics: dict = {"data": {**data, "recipe": asdict(recipe), "variation": asdict(variation)}}
+    metrics: dict = {"data": {**data, "recipe": {**asdict(recipe), "reword": args.reword, "restyle": args.restyle},
+                              "variation": asdict(variation)}}
     if args.baseline:
         with log.phase("measure text target"):
             text = ModelAdapter(backbone, tokenizer, name=backbone_name)
@@ -371,7 +378,7 @@ def run(args: TrainTargetOptions) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fit_settings = FitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                warmup_steps=args.warmup_steps, seed=args.seed, minutes=args.minutes,
-                               max_steps=args.max_steps)
+                               max_steps=args.max_steps, autocast=args.autocast)
     with log.phase("train"):
         torch.manual_seed(args.seed)
         model = add_trainable(vlm, args.rank, args.alpha, args.dropout)
@@ -504,7 +511,9 @@ frame's prompt ({m['prefill']['tokens']} ids) took {m['prefill']['prompt_ms']:.0
 - The text target's rollouts (`training/target_data.py`): {r['episodes']} expert episodes plus
   {r['perturbed_episodes']} with moves replaced at random (chance {r['perturb']}), episode seed {r['seed']},
   split seed {r['split_seed']}; {d['examples']} steps from {d['episodes']} rollouts (steps with the same prompt text kept
-  once per pose). Families: {', '.join(f'{k} {x}' for k, x in d['families'].items())}.
+  once per pose). Families: {', '.join(f'{k} {x}' for k, x in d['families'].items())}. As for the text target,
+  {r.get('reword', 0):.0%} of the steps carry a fresh train-split wording of their intent ({r.get('restyle', 0):.0%} of
+  those restyled; `training/augment.py`).
 - Each step's frame rendered again from the robot's pose every time it is used, with a look drawn from
   (seed, step, row) (`training/vlm_frames.py`): {fr['plain']} plain frames, {fr['varied']} varied (room colours and
   tiling, light gain and colour, gradient, noise, blur, JPEG quality 35-95), {fr['occluded']} with an occluder
@@ -518,7 +527,7 @@ frame's prompt ({m['prefill']['tokens']} ids) took {m['prefill']['prompt_ms']:.0
 - Loss: cross-entropy on the answer tokens only, over the 49,152 output ids. AdamW (no weight decay), lr
   {fs['lr']}, {fs['warmup_steps']} warm-up steps then cosine to 0 over {t['planned_steps']} steps ({fs['epochs']} epochs,
   batch {fs['batch_size']}), gradient clipping 1.0, seed {fs['seed']} (torch, data order and looks).
-- fp32 on {m['threads']} CPU thread(s): {t['steps']} steps, {t['examples_seen']} examples in {t['minutes']:.1f} min
+- {'bfloat16 autocast (float32 weights and optimiser)' if fs.get('autocast') else 'fp32'} on {m['threads']} CPU thread(s): {t['steps']} steps, {t['examples_seen']} examples in {t['minutes']:.1f} min
   ({t['seconds_per_example']:.2f} s per example on average, {t['fastest_seconds_per_example']:.2f} in the fastest
   step).{capped}
 - Loss (mean over the steps logged): {curve_text}.
