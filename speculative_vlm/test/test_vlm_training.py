@@ -143,6 +143,49 @@ def test_an_image_policy_sends_the_frame_and_no_describer_text_even_from_a_state
     assert state.observation.scene_text not in request.prompt and "\nScene: \n" in request.prompt
 
 
+def test_the_text_draft_of_an_image_policy_reads_the_scene_text_and_the_target_never_does(tiny):
+    from speculative_vlm.decoding.models import ModelAdapter
+    from speculative_vlm.evaluation.episodes import generate_episodes
+    from speculative_vlm.evaluation.phrasings import HELDOUT
+    from speculative_vlm.evaluation.policies import ModelPolicy
+    from speculative_vlm.evaluation.single_step import expert_states
+
+    vlm, processor, _ = tiny
+    state = expert_states(generate_episodes(make_splits(0)[HELDOUT], 1, 0), CONFIG, 1)[0]
+    target = ModelAdapter(vlm, processor.tokenizer, processor)
+    for perception, reads in (("scene_text", True), ("none", False)):
+        policy = ModelPolicy(target, tiny_causal_lm(layers=1), perception="image", draft_perception=perception)
+        try:
+            request = policy.request(state.observation)
+        finally:
+            policy.close()
+        assert state.observation.scene_text not in request.prompt
+        assert (state.observation.scene_text in request.draft_prompt) == reads
+
+
+def test_a_noisy_image_policy_sees_another_frame_the_same_each_time(tiny):
+    from speculative_vlm.decoding.models import ModelAdapter
+    from speculative_vlm.evaluation.episodes import generate_episodes
+    from speculative_vlm.evaluation.phrasings import HELDOUT
+    from speculative_vlm.evaluation.policies import ModelPolicy
+    from speculative_vlm.evaluation.run import make_policy
+    from speculative_vlm.evaluation.single_step import expert_states
+    from speculative_vlm.go2.render import with_noise
+
+    vlm, processor, _ = tiny
+    state = expert_states(generate_episodes(make_splits(0)[HELDOUT], 1, 0), CONFIG, 1)[0]
+    clean = state.observation.frame_jpeg
+    assert with_noise(clean, 14, 3) == with_noise(clean, 14, 3) != with_noise(clean, 14, 4) != clean
+    policy = ModelPolicy(ModelAdapter(vlm, processor.tokenizer, processor), perception="image", frame_noise=14)
+    try:
+        one, two = policy.request(state.observation), policy.request(state.observation)
+    finally:
+        policy.close()
+    assert one.image == two.image and one.image != clean
+    with pytest.raises(ValueError, match="grey levels"):
+        make_policy("image~loud:x", CONFIG)
+
+
 def vision_args(backbone: Path, out: Path, tmp_path: Path, *extra: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     train_target_cli.add_arguments(parser)

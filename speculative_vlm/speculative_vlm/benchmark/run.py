@@ -72,6 +72,7 @@ class BenchOptions:
     robot_core: int = 0
     cloud_core: int = 1
     inprocess_threads: int = 2
+    perception: str | None = None  # scene_text | image (the frame to a VLM target); None: the sim config's drafter's
 
 
 def _ints(text: str) -> list[int]:
@@ -93,8 +94,8 @@ def run_bench(options: BenchOptions) -> int:
     from speculative_vlm.benchmark.fleet import run_fleet
     from speculative_vlm.benchmark.netem import DelayProxy
     from speculative_vlm.benchmark.workload import build_prompts, contact_sheet
-    from speculative_vlm.evaluation.world import SIM_CONFIG
-    from speculative_vlm.training.train_exits import RobotRequests, config_target
+    from speculative_vlm.evaluation.world import SIM_CONFIG, WorldConfig
+    from speculative_vlm.training.train_exits import config_target
 
     started = time.time()
     load_before = os.getloadavg()[0]  # other work on the machine makes timings noisy; the report says how busy it was
@@ -137,7 +138,10 @@ def run_bench(options: BenchOptions) -> int:
                       f"{' (stand-in, ' + str(draft_dtype) + ')' if stand_in else ''}, {n_prompts} prompts, "
                       f"RTTs {rtts} ms, exits at {list(exit_layers)}, fleet {fleet_sizes}; work in {workdir}")
     # As the sim config's drafter asks: with the progress line when it sends one (the trained target reads it).
-    prompts, frames = build_prompts(n_prompts, progress=RobotRequests.from_config(SIM_CONFIG).progress_line)
+    drafter = WorldConfig.from_config(SIM_CONFIG)
+    # The quick run's tiny target reads text; a full run asks as the sim config's drafter asks.
+    image = (options.perception or ("scene_text" if quick else drafter.perception)) == "image"
+    prompts, frames = build_prompts(n_prompts, progress=drafter.progress_line, image=image)
     prompt_json = [p.to_json() for p in prompts]
     common = {"target": target, "draft": draft, "draft_dtype": draft_dtype, "prompts": prompt_json,
               "gamma": options.gamma, "max_new_tokens": options.max_new_tokens, "free_prompts": free_prompts,
@@ -220,7 +224,8 @@ def run_bench(options: BenchOptions) -> int:
                                      workdir, cloud_cores, robot_cores)
 
     meta = {"quick": quick, "target": target, "draft": draft, "draft_dtype": draft_dtype, "stand_in": stand_in,
-            "prompts": n_prompts, "progress_line": bool(prompts and prompts[0].progress), "free_prompts": free_prompts, "rtts_ms": rtts, "methods": methods,
+            "prompts": n_prompts, "progress_line": bool(prompts and prompts[0].progress),
+            "perception": "image" if image else "scene_text", "free_prompts": free_prompts, "rtts_ms": rtts, "methods": methods,
             "bandwidth_mbps": options.bandwidth_mbps,
             "jitter_ms": options.jitter_ms, "exit_layers": list(exit_layers), "exit_heads": exit_heads,
             "early_threshold": options.early_threshold,
@@ -279,7 +284,7 @@ def _vocab(target: str) -> int:
 
     from speculative_vlm.decoding import model_store
 
-    return int(AutoConfig.from_pretrained(model_store.resolve(target)).vocab_size)
+    return int(AutoConfig.from_pretrained(model_store.resolve(target)).get_text_config(decoder=True).vocab_size)
 
 
 def _replica_fleets(counts: list[int], target: str, robots: int, commands: list[dict], per_robot: int, load: dict,

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"draft model folder (default {DEFAULT_DRAFT} when it holds a model, "
                              f"else {STAND_IN_DRAFT} in bfloat16 as a stand-in)")
     parser.add_argument("--draft-dtype", default=None, help="load the draft in this dtype (e.g. bfloat16)")
+    parser.add_argument("--perception", choices=("scene_text", "image"), default=None,
+                        help="what the target reads of each frame: scene text, or the JPEG (a VLM target; the "
+                             "text draft then reads the scene text); default: the sim config's drafter's")
     parser.add_argument("--exit-layers", default=None,
                         help="target layers with early exits (default: one, the earliest trained layer, or 3/4 "
                              "depth without trained heads)")

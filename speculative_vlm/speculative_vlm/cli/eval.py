@@ -26,7 +26,8 @@ D = EvalOptions  # the defaults
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", action="append", default=None,
-                        help="'expert', 'TARGET', 'TARGET+DRAFT' or 'image:TARGET[+DRAFT]', with '@N' to run only the "
+                        help="'expert', 'TARGET', 'TARGET+DRAFT', 'image:TARGET[+DRAFT]' (a VLM target sees the frame) "
+                             "or 'image~N:TARGET[+DRAFT]' (frames with N grey levels of extra noise), with '@N' to run only the "
                              "first N episodes of each split (a slow baseline); repeat to compare "
                              f"(default: {' and '.join(DEFAULT_POLICIES)}; --quick: expert and tiny random models)")
     parser.add_argument("--quick", action="store_true",

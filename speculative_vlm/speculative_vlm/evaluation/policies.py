@@ -12,6 +12,7 @@ speculative run is faster when the draft fits).
 from __future__ import annotations
 
 import time
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from speculative_vlm.commands.grammar import command_text
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
 from speculative_vlm.evaluation.expert import Expert, ExpertSettings, Situation
 from speculative_vlm.go2.motion_rules import MotionLimits
+from speculative_vlm.go2.render import with_noise
 
 PERCEPTIONS = ("truth", "scene_text", "image")
 
@@ -85,7 +87,8 @@ class ModelPolicy(Policy):
     names the model store resolves. ``perception`` is ``scene_text`` for a text-only target or
     ``image`` for a VLM target (the frame goes to the model, the prompt's scene line stays empty);
     a text draft then reads the scene text (``draft_perception`` ``scene_text``, as the drafter node's
-    parameter) or no scene (``none``).
+    parameter) or no scene (``none``). ``frame_noise`` adds Gaussian pixel noise of that many grey levels
+    to every frame an image policy sees (seeded by the step): a camera noisier than training showed.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class ModelPolicy(Policy):
         exit_heads=None,
         system_prompt: str = SYSTEM_PROMPT,
         draft_perception: str = "scene_text",
+        frame_noise: float = 0.0,
     ) -> None:
         from speculative_vlm.decoding.inprocess import InProcessVerifier
         from speculative_vlm.decoding.loop import SpeculativeDecoder
@@ -113,6 +117,7 @@ class ModelPolicy(Policy):
             raise ValueError(f"draft_perception must be 'scene_text' or 'none', got {draft_perception!r}")
         self.perception = perception
         self.draft_perception = draft_perception
+        self.frame_noise = frame_noise
         self.target = load_model(target) if isinstance(target, str) else target
         self.draft = load_model(draft) if isinstance(draft, str) else draft
         self.name = name or (self.target.name + (f"+{self.draft.name}" if self.draft is not None else ""))
@@ -132,11 +137,15 @@ class ModelPolicy(Policy):
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens, grammar="command")
         if self.perception == "image":  # pixels alone, also for observations that hold scene text (perception all)
             prompt = user_message(obs.instruction, "", obs.progress)
+            frame, scene_text = obs.frame_jpeg, obs.scene_text
+            if self.frame_noise > 0 and frame:  # a noisier camera than training ever showed, seeded by the step
+                frame = with_noise(frame, self.frame_noise, zlib.crc32(f"{obs.instruction}:{obs.step}".encode()))
+                scene_text = ""  # the robot describes the frame it has
             draft_prompt = ""
             if self.draft is not None and not self.draft.is_vlm and self.draft_perception == "scene_text":
                 # The draft reads the frame as the robot describes it; the target never sees these words.
-                draft_prompt = user_message(obs.instruction, obs.scene_text or _describe(obs.frame_jpeg), obs.progress)
-            return SessionRequest(prompt=prompt, system=self.system_prompt, image=obs.frame_jpeg, settings=settings,
+                draft_prompt = user_message(obs.instruction, scene_text or _describe(frame), obs.progress)
+            return SessionRequest(prompt=prompt, system=self.system_prompt, image=frame, settings=settings,
                                   draft_prompt=draft_prompt)
         return SessionRequest(prompt=obs.prompt(), system=self.system_prompt, settings=settings)
 

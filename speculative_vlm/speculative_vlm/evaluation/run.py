@@ -6,7 +6,9 @@
 
 A policy is ``expert`` (the scripted expert), ``TARGET`` (a model decoding alone), ``TARGET+DRAFT``
 (speculative decoding, same output, faster), each a folder or a model-store name; prefix
-``image:`` for a VLM target that reads the camera frame instead of the scene text. Several
+``image:`` for a VLM target that reads the camera frame instead of the scene text (its text draft
+reads the scene text), or ``image~N:`` for the same with N grey levels of Gaussian noise added to
+every frame (noisier than any training frame: those have at most 9). Several
 policies go side by side in one report. ``--graph N`` also runs N held-out episodes of the last
 model policy (or the expert) through the full ROS graph (``speculative-vlm up``'s nodes, the
 simulated Go2 and a verifier as separate processes) and reports whether they end as in-process.
@@ -62,18 +64,26 @@ def make_policy(spec: str, config: WorldConfig, draft_length: int = 4, name: str
     """A policy from its command-line spec (see the module docstring)."""
     if spec == "expert":
         return ExpertPolicy(config.limits)
-    perception = "scene_text"
-    if spec.startswith("image:"):
-        perception, spec = "image", spec.removeprefix("image:")
+    perception, noise, full = "scene_text", 0.0, spec
+    head, colon, rest = spec.partition(":")
+    if colon and head.split("~")[0] == "image":
+        perception, spec = "image", rest
+        if "~" in head:  # image~N: frames with N grey levels of extra noise
+            try:
+                noise = float(head.split("~", 1)[1])
+            except ValueError:
+                raise ValueError(f"policy {full}: the noise after 'image~' must be a number of grey levels") from None
     target, _, draft = spec.partition("+")
-    return ModelPolicy(target, draft or None, perception=perception, name=name or spec, draft_length=draft_length)
+    return ModelPolicy(target, draft or None, perception=perception, name=name or full, draft_length=draft_length,
+                       frame_noise=noise)
 
 
 def _describe(policy: Policy) -> str:
     if isinstance(policy, ExpertPolicy):
         return "the scripted expert (ground truth, geometric planner)"
     how = f"speculative decoding with draft `{policy.draft.name}`" if policy.draft is not None else "the target alone"
-    return f"target `{policy.target.name}` ({policy.perception} perception), {how}, command grammar, greedy"
+    noise = f", frames with Gaussian noise of {policy.frame_noise:g} grey levels added" if policy.frame_noise else ""
+    return f"target `{policy.target.name}` ({policy.perception} perception{noise}), {how}, command grammar, greedy"
 
 
 def split_subset(spec: str) -> tuple[str, int | None]:

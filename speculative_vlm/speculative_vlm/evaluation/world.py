@@ -48,10 +48,11 @@ class WorldConfig:
     settle_s: float = 2.0  # longest wait for the robot to come to rest after a command
     path_hz: float = 10.0  # trajectory samples kept for the plots
     progress_line: bool = True  # the drafter's progress_line: prompts tell the model its odometry
+    perception: str = "scene_text"  # the drafter's perception: scene_text, or image (the frame to a VLM target)
 
     @classmethod
     def from_config(cls, path: str | Path = SIM_CONFIG) -> WorldConfig:
-        """The motion limits, Move rate, camera size and progress line of a bringup config (default:
+        """The motion limits, Move rate, camera size, progress line and perception of a bringup config (default:
         ``config/sim.yaml``)."""
         sections = yaml.safe_load(Path(path).read_text()) or {}
         motion = (sections.get("motion") or {}).get("ros__parameters") or {}
@@ -62,6 +63,7 @@ class WorldConfig:
             move_rate_hz=float(motion.get("move_rate_hz", 25.0)),
             frame_size=(int(camera.get("width", 0)), int(camera.get("height", 0))),
             progress_line=bool(drafter.get("progress_line", True)),
+            perception=str(drafter.get("perception", "scene_text")),
         )
 
 

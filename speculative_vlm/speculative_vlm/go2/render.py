@@ -138,3 +138,12 @@ def encode_jpeg(image_bgr: np.ndarray, quality: int = 85) -> bytes:
     if not ok:
         raise RuntimeError("OpenCV could not encode the frame as JPEG")
     return buf.tobytes()
+
+
+def with_noise(jpeg: bytes, std: float, seed: int, quality: int = 85) -> bytes:
+    """``jpeg`` with Gaussian pixel noise of ``std`` grey levels added (seeded), encoded again: a noisier camera."""
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("not a JPEG frame")
+    noisy = image.astype(np.float32) + np.random.default_rng(seed).normal(0.0, std, image.shape).astype(np.float32)
+    return encode_jpeg(np.clip(noisy, 0, 255).astype(np.uint8), quality)
