@@ -36,12 +36,18 @@ class Graph:
     """Sim Go2 + verifier server + the robot nodes in this process, torn down together; rclpy is
     initialised by the ``rclpy_context`` fixture."""
 
-    def __init__(self, tmp_path):
-        # Seed 9 answers the start frame's prompts with MOVE commands, so the robot moves.
-        self.target, draft = tiny_pair(seed=9, noise=0.02, draft_seed=4)
-        self.draft_dir = tmp_path / "draft"
-        draft.model.save_pretrained(self.draft_dir)
-        draft.tokenizer.save_pretrained(self.draft_dir)
+    def __init__(self, tmp_path, target=None, draft_model: str = "", drafter: dict | None = None):
+        """``target`` (a ModelAdapter), ``draft_model`` (a folder or store name) and ``drafter`` (more drafter
+        parameters) replace the tiny pair, e.g. with the shipped VLM pair and ``perception="image"``."""
+        if target is None:
+            # Seed 9 answers the start frame's prompts with MOVE commands, so the robot moves.
+            self.target, draft = tiny_pair(seed=9, noise=0.02, draft_seed=4)
+            self.draft_dir = tmp_path / "draft"
+            draft.model.save_pretrained(self.draft_dir)
+            draft.tokenizer.save_pretrained(self.draft_dir)
+            draft_model = str(self.draft_dir)
+        else:
+            self.target = target
         self.sim = SimProcess("--width", "160", "--height", "120")
         self.port = None
         self.server = None
@@ -61,9 +67,9 @@ class Graph:
             BridgeNode(parameter_overrides=_params(cloud_address=self.link.address, deadline_s=3.0)),
             # No progress line: every step of every goal asks the same question, so what the tiny
             # target answers (MOVE) does not depend on where earlier tests left the robot.
-            DrafterNode(parameter_overrides=_params(
-                draft_model=str(self.draft_dir), max_new_tokens=64, verdict_timeout_s=3.0, max_steps=2,
-                draft_length=3, adaptive_draft_length=False, progress_line=False)),
+            DrafterNode(parameter_overrides=_params(**{
+                "draft_model": draft_model, "max_new_tokens": 64, "verdict_timeout_s": 3.0, "max_steps": 2,
+                "draft_length": 3, "adaptive_draft_length": False, "progress_line": False, **(drafter or {})})),
         ]
         self.camera_params = _params(dds_domain_id=domain, rate_hz=5.0, width=160, height=120)
         self.camera_class = CameraNode
@@ -86,7 +92,8 @@ class Graph:
         from speculative_vlm.go2.scene import load_scene
         from speculative_vlm.nodes.image_conversion import numpy_to_image
 
-        frame = numpy_to_image(render_bgr(load_scene(None), 0.0, 0.0, 0.0, CameraModel(width=160, height=120)), "bgr8")
+        self.frame_bgr = render_bgr(load_scene(None), 0.0, 0.0, 0.0, CameraModel(width=160, height=120))
+        frame = numpy_to_image(self.frame_bgr, "bgr8")
         self.frame_pub = self.probe.create_publisher(Image, "camera/image_raw", qos_profile_sensor_data)
         self.frame_timer = self.probe.create_timer(0.2, lambda: self.frame_pub.publish(frame))
 

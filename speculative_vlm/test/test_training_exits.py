@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import yaml
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
 from speculative_vlm.decoding.exits import save_exit_heads
@@ -22,7 +21,6 @@ from speculative_vlm.training import train_exits as train_exits_module
 from speculative_vlm.training.target_data import prompt_ids
 from speculative_vlm.training.train_exits import (
     VALIDATION_START,
-    ImagePerceptionNotSupported,
     RobotRequests,
     config_target,
     train_exits,
@@ -110,14 +108,42 @@ def test_the_configs_drafter_section_decides_the_progress_line_system_prompt_and
     assert request.settings.max_new_tokens == 20
 
 
-def test_the_default_target_is_the_configs_verifier_model_and_image_prompts_are_refused(tmp_path):
+def test_the_default_target_is_the_configs_verifier_model_and_an_image_drafter_sends_the_frame(tmp_path):
     sections = yaml.safe_load(SIM_CONFIG.read_text())
     assert config_target(SIM_CONFIG) == sections["cloud_server"]["ros__parameters"]["model"]
     sections["drafter"]["ros__parameters"]["perception"] = "image"
     path = tmp_path / "vlm.yaml"
     path.write_text(yaml.safe_dump(sections))
-    with pytest.raises(ImagePerceptionNotSupported, match="scene_text"):
-        RobotRequests.from_config(path)
+    robot = RobotRequests.from_config(path)
+    example = next(e for e in robot.examples(4) if e.scene_text != "no coloured objects in view.")
+    request = robot.request(example)
+    assert request.image[:2] == b"\xff\xd8" and "\nScene: \n" in request.prompt  # a JPEG, no scene text
+    assert example.scene_text not in request.prompt
+    # The frame is the one the rollout's robot saw: described, it names the objects the example's scene text names.
+    import re
+
+    import cv2
+    import numpy as np
+    from speculative_vlm.commands.scene_text import describe_image
+
+    frame = cv2.imdecode(np.frombuffer(request.image, np.uint8), cv2.IMREAD_COLOR)
+    def named(text):
+        return re.findall(r"(\w+ \w+): about", text)
+
+    assert named(describe_image(frame)) == named(example.scene_text) != []
+
+
+def test_exits_train_on_a_vlm_targets_image_prompts(tmp_path):
+    from speculative_vlm.decoding.models import ModelAdapter
+    from tiny_vlm_target import tiny_vlm_target
+
+    vlm, processor, _ = tiny_vlm_target(seed=6)
+    target = ModelAdapter(vlm, processor.tokenizer, processor)
+    robot = RobotRequests(perception="image", settings=GenerationSettings(max_new_tokens=6, grammar=""))
+    heads, report = train_exits(target, [1], train_prompts=3, validation_prompts=2, steps=5, robot=robot,
+                                log=lambda _: None)
+    assert report["prompts"]["perception"] == "image" and report["train_positions"] > 0
+    assert set(report["agreement_after"]) == {"1"}
 
 
 def test_the_command_trains_the_configs_target_with_the_progress_line_asked_for(tmp_path, capsys):

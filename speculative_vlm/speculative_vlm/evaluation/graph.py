@@ -62,8 +62,9 @@ def scene_yaml(episode: Episode) -> dict:
 
 
 def bringup_yaml(base: Path, target: str, draft: str, go2_domain: int, port: int, max_steps: int,
-                 progress_line: bool = True) -> dict:
-    """The sim config with this episode's models, ports and domain (exits off: they never change output)."""
+                 progress_line: bool = True, perception: str = "scene_text") -> dict:
+    """The sim config with this episode's models, perception, ports and domain (exits off: they never change
+    output)."""
     sections = yaml.safe_load(base.read_text())
     sections.pop("foxglove", None)
     b = sections["bringup"]["ros__parameters"]
@@ -74,7 +75,7 @@ def bringup_yaml(base: Path, target: str, draft: str, go2_domain: int, port: int
     for node in ("camera", "motion"):
         sections[node]["ros__parameters"]["dds_domain_id"] = go2_domain
     drafter = sections["drafter"]["ros__parameters"]
-    drafter.update(draft_model=draft, max_steps=max_steps, progress_line=progress_line)
+    drafter.update(draft_model=draft, max_steps=max_steps, progress_line=progress_line, perception=perception)
     return sections
 
 
@@ -87,11 +88,13 @@ def run_graph_episodes(
     timeout_s: float = 600.0,
     progress_line: bool | None = None,
 ) -> list[dict]:
-    """Run each episode through the graph with the policy ``spec`` (``TARGET+DRAFT``); one row each.
+    """Run each episode through the graph with the policy ``spec`` (``TARGET+DRAFT``, or ``image:TARGET+DRAFT``
+    for a VLM target: the drafter sends the frame); one row each.
 
     ``progress_line`` is the drafter's parameter (None: the config's, as the in-process runs take it)."""
     from speculative_vlm.evaluation.success import judge
 
+    perception = "image" if spec.startswith("image:") else "scene_text"
     target, _, draft = spec.removeprefix("image:").partition("+")
     if spec == "expert" or not draft:
         raise GraphEpisodeError(f"--graph needs a model policy with a draft (TARGET+DRAFT), got {spec!r}: the "
@@ -108,7 +111,8 @@ def run_graph_episodes(
             go2_domain = random.Random().randint(121, 230)
             (work / "scene.yaml").write_text(yaml.safe_dump(scene_yaml(episode)))
             (work / "bringup.yaml").write_text(yaml.safe_dump(
-                bringup_yaml(config, target, draft, go2_domain, _free_port(), episode.max_steps, progress_line)))
+                bringup_yaml(config, target, draft, go2_domain, _free_port(), episode.max_steps, progress_line,
+                             perception)))
             (work / "episode.json").write_text(json.dumps({
                 "instruction": episode.instruction, "max_steps": episode.max_steps,
                 "start_mode": episode.start_mode.name.lower(), "go2_domain": go2_domain}))

@@ -67,6 +67,26 @@ class WorldConfig:
         )
 
 
+def camera_frame(video_jpeg: bytes, config: WorldConfig) -> np.ndarray:
+    """The Go2 video service's JPEG as the camera node publishes it: decoded and resized to its output size."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(video_jpeg, np.uint8), cv2.IMREAD_COLOR)
+    w, h = config.frame_size
+    if w and h and (image.shape[1], image.shape[0]) != (w, h):
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def drafter_jpeg(scene: Scene, pose: Pose, config: WorldConfig) -> bytes:
+    """The JPEG the drafter node sends a VLM target for the robot at ``pose``: the simulator's frame through
+    the camera node, encoded as the drafter encodes it."""
+    import cv2
+
+    video = encode_jpeg(render_bgr(scene, pose.x, pose.y, pose.yaw, config.camera))
+    return cv2.imencode(".jpg", camera_frame(video, config))[1].tobytes()
+
+
 class ManualClock:
     """A monotonic clock that moves only when told (the simulator's dynamics read it)."""
 
@@ -107,13 +127,7 @@ class SimWorld:
 
     def frame_bgr(self) -> np.ndarray:
         """The frame as the camera node publishes it: decoded and resized to its output size."""
-        import cv2
-
-        image = cv2.imdecode(np.frombuffer(self.frame_jpeg(), np.uint8), cv2.IMREAD_COLOR)
-        w, h = self.config.frame_size
-        if w and h and (image.shape[1], image.shape[0]) != (w, h):
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-        return image
+        return camera_frame(self.frame_jpeg(), self.config)
 
     # ---- acting -------------------------------------------------------------------------------
     def execute(self, command: LocomotionCommand) -> LocomotionCommand:

@@ -2,7 +2,8 @@
 
 The prompts are the requests the robot's drafter sends (``DrafterNode.request_for``): the system
 prompt of :mod:`speculative_vlm.commands.prompts` and its user message (instruction, scene text,
-progress line), with the grammar and token limit of the config's drafter section. The states they
+progress line), with the grammar and token limit of the config's drafter section; for a VLM target
+(the drafter's ``perception: image``) the camera frame at the state's pose instead of the scene text. The states they
 describe come from expert rollouts of the evaluation's *train* split
 (:func:`speculative_vlm.evaluation.examples.training_examples`, what ``train-target`` learns from),
 one step drawn from each rollout so every family and every point of an episode shows up; the
@@ -29,19 +30,19 @@ import torch
 import yaml
 
 from speculative_vlm.commands.prompts import SYSTEM_PROMPT, user_message
+from speculative_vlm.commands.scene_text import Pose
 from speculative_vlm.decoding.exits import ExitAdapter, ExitHeads
 from speculative_vlm.decoding.models import ModelAdapter
 from speculative_vlm.decoding.target_engine import TargetEngine
 from speculative_vlm.decoding.verifier import DraftBlock, GenerationSettings, SessionRequest
+from speculative_vlm.evaluation.episodes import FAMILIES, Episode, make_episode
 from speculative_vlm.evaluation.examples import Example, training_examples
-from speculative_vlm.evaluation.world import SIM_CONFIG, WorldConfig
+from speculative_vlm.evaluation.phrasings import TRAIN
+from speculative_vlm.evaluation.splits import make_splits
+from speculative_vlm.evaluation.world import SIM_CONFIG, WorldConfig, drafter_jpeg
 
 DEFAULT_LAYERS = (12, 18, 22, 26)  # the shipped heads' layers (models/exit-heads/card.md)
 VALIDATION_START = 10_000  # validation rollouts' first episode index: far from the training ones
-
-
-class ImagePerceptionNotSupported(ValueError):
-    """The config's drafter sends camera images; train-exits builds the text prompts of a text-only target."""
 
 
 def _drafter_settings() -> GenerationSettings:
@@ -58,22 +59,18 @@ class RobotRequests:
     world: WorldConfig = field(default_factory=WorldConfig)
     seed: int = 2  # episode seed of the rollouts
     split_seed: int = 0  # which colour/shape combinations are held out (as ``eval --split-seed``)
+    perception: str = "scene_text"  # the drafter's: scene_text, or image (the frame to a VLM target)
 
     @classmethod
     def from_config(cls, path: str | Path = SIM_CONFIG, **overrides) -> RobotRequests:
         """The drafter section (system prompt, progress line, grammar, token limit) and world of a bringup config."""
         sections = yaml.safe_load(Path(path).read_text()) or {}
         drafter = (sections.get("drafter") or {}).get("ros__parameters") or {}
-        if drafter.get("perception", "scene_text") != "scene_text":
-            raise ImagePerceptionNotSupported(
-                f"{path}: the drafter sends camera images (perception {drafter['perception']!r}); train-exits "
-                "builds the scene-text prompts of a text-only target: use a config with perception scene_text"
-            )
         settings = GenerationSettings(max_new_tokens=int(drafter.get("max_new_tokens", 64)),
                                       grammar=str(drafter.get("grammar", "command")))
         fields = dict(system_prompt=drafter.get("system_prompt") or SYSTEM_PROMPT,
                       progress_line=bool(drafter.get("progress_line", True)), settings=settings,
-                      world=WorldConfig.from_config(path))
+                      world=WorldConfig.from_config(path), perception=str(drafter.get("perception", "scene_text")))
         return cls(**{**fields, **overrides})
 
     def examples(self, count: int, start: int = 0) -> list[Example]:
@@ -96,10 +93,21 @@ class RobotRequests:
         return chosen[:count]
 
     def request(self, example: Example) -> SessionRequest:
-        """The session request the drafter sends for this state (``DrafterNode.request_for``)."""
+        """The session request the drafter sends for this state (``DrafterNode.request_for``): with perception
+        image, the frame at the state's pose and no scene text (the target sees the pixels)."""
         progress = example.progress if self.progress_line else ""
+        if self.perception == "image":
+            return SessionRequest(prompt=user_message(example.instruction, "", progress), system=self.system_prompt,
+                                  image=drafter_jpeg(self._episode(example.episode).scene,
+                                                     Pose(example.x, example.y, example.yaw), self.world),
+                                  settings=self.settings)
         return SessionRequest(prompt=user_message(example.instruction, example.scene_text, progress),
                               system=self.system_prompt, settings=self.settings)
+
+    def _episode(self, episode_id: str) -> Episode:
+        """The train-split episode a rollout ran (``training_examples`` deals the families in turn)."""
+        index = int(episode_id.rsplit("-", 1)[1])
+        return make_episode(make_splits(self.split_seed)[TRAIN], FAMILIES[index % len(FAMILIES)], index, self.seed)
 
 
 def generate_answers(engine: TargetEngine, requests: list[SessionRequest]) -> list[list[int]]:
@@ -129,18 +137,20 @@ class Features:
 
 
 @torch.inference_mode()
-def collect(target: ModelAdapter, sequences: list[tuple[list[int], int]], layers: list[int], top_k: int) -> Features:
-    """Hidden states at the exit layers and the teacher's top-k, at every answer position."""
+def collect(target: ModelAdapter, sequences: list[tuple[list[int], int, dict]], layers: list[int],
+            top_k: int) -> Features:
+    """Hidden states at the exit layers and the teacher's top-k, at every answer position (``sequences``: full
+    ids, prompt length, and the prompt's extra model inputs: a VLM's pixels)."""
     hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     idx, logp, best = [], [], []
-    for ids, prompt_len in sequences:
-        out = target.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    for ids, prompt_len, extra in sequences:
+        out = target.model(input_ids=torch.tensor([ids]), **extra, output_hidden_states=True)
         # Positions predicting answer tokens: from the last prompt token to the last-but-one id.
         sl = slice(prompt_len - 1, len(ids) - 1)
         for layer in layers:
             # hidden_states[0] is the embedding output; layer l's output is hidden_states[l + 1].
             hidden[layer].append(out.hidden_states[layer + 1][0, sl].float())
-        logits = out.logits[0, sl].float()
+        logits = out.logits[0, sl, : target.vocab_size].float()  # a VLM's image-token ids are never output
         lp = torch.log_softmax(logits, -1)
         top = torch.topk(lp, top_k, dim=-1)
         idx.append(top.indices)
@@ -210,7 +220,8 @@ def train_exits(
     requests = [robot.request(e) for e in (*train_examples, *validation_examples)]
     seqs = []
     for request, ids in zip(requests, generate_answers(engine, requests), strict=True):
-        seqs.append((ids, len(target.encode(request).ids)))
+        prompt = target.encode(request)
+        seqs.append((ids, len(prompt.ids), prompt.extra))
     generated_at = time.monotonic()
     log(f"generated {len(seqs)} answers ({sum(len(i) - n for i, n in seqs)} tokens) in {generated_at - start:.0f} s")
     train = collect(target, seqs[:train_prompts], layers, top_k)
@@ -228,6 +239,7 @@ def train_exits(
         "layers": layers,
         "prompts": {
             "source": "the drafter's requests (commands/prompts.py) for states of train-split expert rollouts",
+            "perception": robot.perception,
             "seed": robot.seed, "split_seed": robot.split_seed, "progress_line": robot.progress_line,
             "system_prompt_is_default": robot.system_prompt == SYSTEM_PROMPT,
             "grammar": robot.settings.grammar, "max_new_tokens": robot.settings.max_new_tokens,
