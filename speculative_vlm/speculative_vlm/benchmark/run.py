@@ -121,7 +121,7 @@ def run_bench(options: BenchOptions) -> int:
         raise SystemExit(f"unknown --methods {unknown}; the rungs are {[m.key for m in ladder.NETWORKED]}")
     fleet_sizes = _ints(options.fleet) if not quick or options.fleet != BenchOptions.fleet else [1, 2]
     layers = _target_layers(target)
-    exit_heads = None if quick else (options.exit_heads or _shipped_exit_heads())
+    exit_heads = None if quick else (options.exit_heads or _config_exit_heads(SIM_CONFIG, target))
     # One exit by default: every exit adds a full-vocabulary head product to each verification
     # pass. Trained: the earliest trained layer, because preemption only pays when the early
     # verdict leaves time to draft the next block before the pass ends (and then a miss costs
@@ -252,11 +252,17 @@ def run_bench(options: BenchOptions) -> int:
     return 0
 
 
-def _shipped_exit_heads() -> str | None:
-    """A train-exits checkpoint shipped in the package's models folder, if there is exactly one."""
-    found = sorted(p for p in (PACKAGE_ROOT / "models").rglob("*") if p.is_file() and "exit" in p.name
-                   and p.suffix in (".pt", ".pth"))
-    return str(found[0]) if len(found) == 1 else None
+def _config_exit_heads(config: Path, target: str) -> str | None:
+    """The exit heads the config's verifier serves ``target`` with (its cloud_server ``exit_heads``), when
+    ``target`` is that verifier's model; else None (the untrained shared head)."""
+    import yaml
+
+    from speculative_vlm.decoding import model_store
+
+    cloud = (yaml.safe_load(Path(config).read_text()).get("cloud_server") or {}).get("ros__parameters") or {}
+    if cloud.get("model") != target or not cloud.get("exit_heads"):
+        return None
+    return str(model_store.resolve_file(cloud["exit_heads"]))
 
 
 def _checkpoint_layers(path: str) -> list[int]:

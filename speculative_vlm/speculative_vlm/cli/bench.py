@@ -13,7 +13,6 @@ from pathlib import Path
 from speculative_vlm.benchmark.run import (
     DEFAULT_DRAFT,
     DEFAULT_OUT,
-    PACKAGE_ROOT,
     STAND_IN_DRAFT,
     BenchOptions,
     run_bench,
@@ -39,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target layers with early exits (default: one, the earliest trained layer, or 3/4 "
                              "depth without trained heads)")
     parser.add_argument("--exit-heads", default=None,
-                        help=f"trained exit adapters (a train-exits checkpoint; default: the one shipped under "
-                             f"{PACKAGE_ROOT / 'models'} if any, else the untrained shared head)")
+                        help="trained exit adapters (a train-exits checkpoint; default: the sim config's cloud_server "
+                             "exit_heads when the target is its model, else the untrained shared head)")
     parser.add_argument("--early-threshold", type=float, default=D.early_threshold,
                         help="exit confidence needed to draft preemptively")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per method and RTT (full: 10)")
