@@ -223,7 +223,7 @@ def train_exits(
         prompt = target.encode(request)
         seqs.append((ids, len(prompt.ids), prompt.extra))
     generated_at = time.monotonic()
-    log(f"generated {len(seqs)} answers ({sum(len(i) - n for i, n in seqs)} tokens) in {generated_at - start:.0f} s")
+    log(f"generated {len(seqs)} answers ({sum(len(i) - n for i, n, _ in seqs)} tokens) in {generated_at - start:.0f} s")
     train = collect(target, seqs[:train_prompts], layers, top_k)
     validation = collect(target, seqs[train_prompts:], layers, top_k)
     collected_at = time.monotonic()
