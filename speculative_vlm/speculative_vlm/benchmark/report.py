@@ -410,7 +410,10 @@ def markdown(results: dict) -> str:
         f"Run {meta['started_utc']} UTC, {meta['minutes']} min, {'QUICK (tiny random models: timings mean nothing)' if meta['quick'] else 'full'} mode. "
         f"Target `{meta['target']}` ({meta['target_layers']} layers); draft `{meta['draft']}`"
         + (f" — a **stand-in** ({meta['draft_dtype']} copy of the target), not the trained draft" if meta["stand_in"] else "")
-        + f". {meta['prompts']} prompts (scene frames of the simulated Go2 described as text + template instructions"
+        + f". {meta['prompts']} prompts (scene frames of the simulated Go2 "
+        + ("sent to the target as JPEG, the draft reading them described as text"
+           if meta.get("perception") == "image" else "described as text")
+        + " + template instructions"
         + (" + the progress line of an instruction's first command" if meta.get("progress_line") else "") + "), "
         f"command grammar, greedy, at most {meta['max_new_tokens']} new tokens. Early exits at layers "
         f"{meta['exit_layers']} ({'trained adapters ' + str(meta['exit_heads']) if meta['exit_heads'] else 'untrained: shared final norm + LM head'}), "
