@@ -95,6 +95,34 @@ def test_frames_of_a_step_differ_between_steps_and_repeat_for_the_same_seed(fram
     assert sum(a != b for a, b in zip(first, later, strict=True)) >= 4
 
 
+def test_a_caption_row_asks_for_its_own_frame_described_and_the_rest_stay_commands(frames, tiny):
+    import cv2
+    import numpy as np
+    from speculative_vlm.commands.scene_text import describe_image
+
+    _, processor, _ = tiny
+    tokens = train_vlm.tokenize_frames(frames[:8], processor, stop_id=2)
+    maker = train_vlm.FrameSteps(processor, CONFIG, VOCAB, 2, 0, vlm_frames.Variation(), make_splits(0)[TRAIN].combos,
+                                 caption=0.5, stop_id=2)
+    jpegs = maker.frames(tokens, 3)
+    rows = maker.captioned(tokens, jpegs, 3)
+    captions = [i for i, r in enumerate(rows) if r.family == "caption"]
+    assert 0 < len(captions) < len(rows) and maker.captions == len(captions)
+    assert rows == maker.captioned(tokens, jpegs, 3)  # the same rows for the same seed and step
+    for i, (row, token, jpeg) in enumerate(zip(rows, tokens, jpegs, strict=True)):
+        if i not in captions:
+            assert row == token
+            continue
+        said = describe_image(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR))
+        assert processor.tokenizer.decode(row.answer_ids[:-1]) == said and row.answer_ids[-1] == 2
+        text = processor.tokenizer.decode(row.prompt_ids)
+        assert train_vlm.CAPTION_REQUEST in text and "Instruction:" not in text
+    batch = train_vlm.collate_frames(rows, jpegs, processor, pad_id=2)  # both kinds share a batch
+    assert batch.targets.tolist() == [t for r in rows for t in r.answer_ids]
+    none = train_vlm.FrameSteps(processor, CONFIG, VOCAB, 2, 0, vlm_frames.Variation(), make_splits(0)[TRAIN].combos)
+    assert none.captioned(tokens, jpegs, 3) == tokens
+
+
 def test_only_the_vision_tower_connector_and_lora_train(tiny):
     vlm, _, _ = tiny_vlm_target(seed=6)
     model = train_vlm.add_trainable(vlm, rank=2, alpha=4, dropout=0.0)
