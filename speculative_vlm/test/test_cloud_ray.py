@@ -223,10 +223,14 @@ def test_a_killed_replica_loses_only_its_sessions_which_reopen_losslessly(fleet,
 def test_the_fronts_health_is_not_serving_while_no_replica_runs_and_serving_again_with_replacements(fleet):
     import ray
 
+    # An earlier test's replacement may still be starting: one that came up after the kill would
+    # keep the front serving, so both replicas must serve before both are killed.
+    assert replicas_serving(fleet, 2, 120) == 2
     watch = HealthWatch(fleet.port)
     try:
         assert watch.reaches(SERVING, 10), watch.statuses
         killed = fleet.service.fleet.replica_actors()
+        assert len(killed) == 2, killed
         for actor in killed.values():
             ray.kill(actor, no_restart=True)
         assert watch.reaches(NOT_SERVING, 30), watch.statuses
@@ -256,6 +260,7 @@ def test_the_fronts_health_is_not_serving_when_every_replicas_scheduler_broke_un
         return replica.replica
 
     caplog.set_level(logging.INFO, logger="speculative_vlm.cloud.ray_serve")
+    assert replicas_serving(fleet, 2, 120) == 2  # as above: no replacement still starting
     watch = HealthWatch(fleet.port)
     try:
         assert watch.reaches(SERVING, 10), watch.statuses

@@ -140,10 +140,10 @@ def test_exits_train_on_a_vlm_targets_image_prompts(tmp_path):
     vlm, processor, _ = tiny_vlm_target(seed=6)
     target = ModelAdapter(vlm, processor.tokenizer, processor)
     robot = RobotRequests(perception="image", settings=GenerationSettings(max_new_tokens=6, grammar=""))
-    heads, report = train_exits(target, [1], train_prompts=3, validation_prompts=2, steps=5, robot=robot,
+    heads, report = train_exits(target, [0], train_prompts=3, validation_prompts=2, steps=5, robot=robot,
                                 log=lambda _: None)
     assert report["prompts"]["perception"] == "image" and report["train_positions"] > 0
-    assert set(report["agreement_after"]) == {"1"}
+    assert set(report["agreement_after"]) == {"0"}
 
 
 def test_the_command_trains_the_configs_target_with_the_progress_line_asked_for(tmp_path, capsys):

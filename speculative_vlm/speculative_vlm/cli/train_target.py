@@ -100,6 +100,9 @@ def _add_vision_arguments(parser: argparse.ArgumentParser) -> None:
                    help="pixel shuffle; image tokens = (image/patch)^2 / scale^2")
     g.add_argument("--plain-frames", type=float, default=D.plain_frames,
                    help="share of frames rendered exactly as the simulator does (the rest vary)")
+    g.add_argument("--caption", type=float, default=D.caption,
+                   help="share of the rows that ask instead for the frame's description, answered with the scene "
+                        "describer's words for that rendered frame (dense supervision for the vision tower)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -91,6 +91,7 @@ class TrainTargetOptions:
     vision_heads: int = VisionSettings.heads
     scale_factor: int = VisionSettings.scale_factor
     plain_frames: float = Variation.plain
+    caption: float = 0.5  # share of the rows asking for the frame's description instead (train_vlm.FrameSteps)
 
 
 class RunLog:
