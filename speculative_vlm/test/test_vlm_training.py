@@ -123,6 +123,25 @@ def test_a_caption_row_asks_for_its_own_frame_described_and_the_rest_stay_comman
     assert none.captioned(tokens, jpegs, 3) == tokens
 
 
+def test_the_step_loss_logs_caption_and_command_tokens_apart(frames, tiny):
+    import re
+
+    vlm, processor, _ = tiny
+    tokens = train_vlm.tokenize_frames(frames[:8], processor, stop_id=2)
+    lines: list[str] = []
+    maker = train_vlm.FrameSteps(processor, CONFIG, VOCAB, 2, 0, vlm_frames.Variation(), make_splits(0)[TRAIN].combos,
+                                 caption=0.5, stop_id=2, log=lines.append)
+    with torch.no_grad():
+        loss, _ = maker(vlm, tokens, 0)  # step 0 logs
+    rows = maker.captioned(tokens, maker.frames(tokens, 0), 0)
+    counts = {kind: sum(len(r.answer_ids) for r in rows if (r.family == "caption") == (kind == "caption"))
+              for kind in ("caption", "command")}
+    seen = {k: (float(v), int(n)) for k, v, n in re.findall(r"(caption|command) ([\d.]+) \((\d+) tokens\)", lines[-1])}
+    assert {k: n for k, (_, n) in seen.items()} == counts and all(counts.values())
+    mean = sum(v * n for v, n in seen.values()) / sum(counts.values())
+    assert abs(mean - loss.item()) < 1e-3
+
+
 def test_only_the_vision_tower_connector_and_lora_train(tiny):
     vlm, _, _ = tiny_vlm_target(seed=6)
     model = train_vlm.add_trainable(vlm, rank=2, alpha=4, dropout=0.0)

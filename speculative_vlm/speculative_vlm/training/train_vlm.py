@@ -165,7 +165,14 @@ def collate_frames(examples: Sequence[FrameTokens], jpegs: Sequence[bytes], proc
 
 
 def frame_batch_loss(model, batch: FrameBatch, vocab: int) -> tuple[torch.Tensor, float]:
-    """Mean cross-entropy over the answer tokens (logits over the first ``vocab`` ids only), and accuracy.
+    """Mean cross-entropy over the answer tokens (logits over the first ``vocab`` ids only), and accuracy."""
+    losses, accuracy = answer_token_losses(model, batch, vocab)
+    return losses.mean(), accuracy
+
+
+def answer_token_losses(model, batch: FrameBatch, vocab: int) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of each answer token (in ``batch.rows`` order; logits over the first ``vocab`` ids only),
+    and the accuracy over them all.
 
     The shared prefix runs once per batch (without gradients when no text weight trains).
     """
@@ -181,8 +188,8 @@ def frame_batch_loss(model, batch: FrameBatch, vocab: int) -> tuple[torch.Tensor
                    **batch.images).last_hidden_state
     head = vlm.get_output_embeddings().weight[:vocab]
     logits = torch.nn.functional.linear(hidden[batch.rows, batch.cols], head).float()
-    loss = torch.nn.functional.cross_entropy(logits, batch.targets)
-    return loss, (logits.argmax(-1) == batch.targets).float().mean().item()
+    losses = torch.nn.functional.cross_entropy(logits, batch.targets, reduction="none")
+    return losses, (logits.argmax(-1) == batch.targets).float().mean().item()
 
 
 CAPTION_REQUEST = "Describe the camera frame."
@@ -261,16 +268,16 @@ class FrameSteps:
     def __call__(self, model, examples: list[FrameTokens], step: int) -> tuple[torch.Tensor, float]:
         jpegs = self.frames(examples, step)
         rows = self.captioned(examples, jpegs, step)
-        loss, accuracy = frame_batch_loss(model, collate_frames(rows, jpegs, self.processor, self.pad_id), self.vocab)
-        kind = "caption" if all(r.family == "caption" for r in rows) else "command"
-        if any(r.family == "caption" for r in rows) and kind == "command":
-            kind = "mixed"
-        self._losses.setdefault(kind, []).append(loss.item())
+        batch = collate_frames(rows, jpegs, self.processor, self.pad_id)
+        losses, accuracy = answer_token_losses(model, batch, self.vocab)
+        captions = torch.tensor([r.family == "caption" for r in rows])[batch.rows]
+        for kind, mask in (("caption", captions), ("command", ~captions)):
+            self._losses[kind].extend(losses[mask].detach().tolist())
         if self.log is not None and step % 50 == 0:
-            self.log(f"[train] step {step}: mean loss of the last batches by kind: " + ", ".join(
-                f"{k} {sum(v) / len(v):.4f} ({len(v)})" for k, v in self._losses.items() if v))
+            self.log(f"[train] step {step}: mean answer-token loss since the last line: " + ", ".join(
+                f"{k} {sum(v) / len(v):.4f} ({len(v)} tokens)" for k, v in self._losses.items() if v))
             self._losses = {k: [] for k in self._losses}
-        return loss, accuracy
+        return losses.mean(), accuracy
 
 
 def add_trainable(vlm, rank: int, alpha: int, dropout: float):
