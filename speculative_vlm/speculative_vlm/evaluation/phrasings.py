@@ -245,31 +245,26 @@ def _typo(template: str, split: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
+# Politeness by split: (cumulative chance, template); one draw picks the first whose chance exceeds it.
+_POLITE = {
+    TRAIN: ((0.2, "please {}"), (0.4, "{}, please"), (0.46, "can you {}?"), (0.5, "{} for me"), (0.54, "hey, {}")),
+    HELDOUT: ((0.15, "could you {}?"), (0.3, "would you kindly {}"), (0.45, "{}, thanks!")),
+}
+
+
+def _polite(text: str, split: str, rng: random.Random) -> str:
+    draw = rng.random()
+    return next((template.format(text) for edge, template in _POLITE[split] if draw < edge), text)
+
+
 def _style(text: str, split: str, rng: random.Random) -> str:
+    text = _polite(text, split, rng)
     if split == TRAIN:
-        polite = rng.random()
-        if polite < 0.2:
-            text = f"please {text}"
-        elif polite < 0.4:
-            text = f"{text}, please"
-        elif polite < 0.46:
-            text = f"can you {text}?"
-        elif polite < 0.5:
-            text = f"{text} for me"
-        elif polite < 0.54:
-            text = f"hey, {text}"
         if rng.random() < 0.4:
             text = text[:1].upper() + text[1:]
         if rng.random() < 0.2:
             text += "."
         return text
-    polite = rng.random()
-    if polite < 0.15:
-        text = f"could you {text}?"
-    elif polite < 0.3:
-        text = f"would you kindly {text}"
-    elif polite < 0.45:
-        text = f"{text}, thanks!"
     case = rng.random()
     if case < 0.2:
         text = text.upper()
