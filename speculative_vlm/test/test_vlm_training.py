@@ -240,7 +240,7 @@ def vision_args(backbone: Path, out: Path, tmp_path: Path, *extra: str) -> argpa
         "--vision", "--backbone", str(backbone), "--out", str(out), *TINY_VISION_ARGS,
         "--episodes", "3", "--perturbed-episodes", "1", "--epochs", "1", "--batch-size", "4", "--rank", "2",
         "--single-step", "2", "--probe", "1", "--probe-every", "2", "--eval-episodes", "1", "--eval-max-steps", "1",
-        "--threads", "1", "--data-cache", str(tmp_path / "data"), *extra])
+        "--threads", "1", "--data-cache", str(tmp_path / "data"), "--vision-pretrain-steps", "2", *extra])
 
 
 def test_vision_flag_takes_the_vlm_defaults_and_leaves_the_text_targets_alone():
@@ -289,13 +289,15 @@ def test_train_target_vision_writes_the_delta_its_card_log_and_metrics(trained):
     for model in ("text", "trained"):
         assert metrics[model]["single_step"]["answers"] == 2
         assert metrics[model]["closed_loop"]["episodes"] == 1
-    assert metrics["frames"]["plain"] + metrics["frames"]["varied"] == 3 * 4
+    assert metrics["frames"]["plain"] + metrics["frames"]["varied"] == 3 * 4  # stage 1's frames counted apart
+    assert metrics["vision_pretrain"]["steps"] == 2 and metrics["vision_pretrain"]["grid"] == 2
     assert metrics["prefill"]["tokens"] > 0 and metrics["prefill"]["prompt_ms"] > 0
     assert all("\nScene: \nProgress: moved " in s["prompt"] for s in metrics["trained"]["samples"])  # pixels alone
     log = (out / "train-log.txt").read_text()
     assert "[train] step 3/" in log and "min left" in log and "[phase] train:" in log and "probe at step 2" in log
     card = (out / "card.md").read_text()
     assert "train split only" in card and "closed-loop success" in card and "4 image" in card
+    assert "Stage 1" in card and "2 steps of 16 frames" in card and "[phase] vision pretraining:" in log
 
 
 def test_the_delta_weighs_what_its_weights_weigh_in_fp16(trained):

@@ -103,6 +103,10 @@ def _add_vision_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--caption", type=float, default=D.caption,
                    help="share of the rows that ask instead for the frame's description, answered with the scene "
                         "describer's words for that rendered frame (dense supervision for the vision tower)")
+    g.add_argument("--vision-pretrain-steps", type=int, default=D.vision_pretrain_steps,
+                   help="stage 1: steps of 16 frames in which the vision tower and connector learn each image "
+                        "token's region (colour and shape of the object there, from the describer's blobs) before "
+                        "the language model reads them (training/vision_pretrain.py); 0 skips it")
 
 
 def run(args: argparse.Namespace) -> int:

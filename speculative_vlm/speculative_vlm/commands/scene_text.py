@@ -98,6 +98,7 @@ def describe_objects(
 # OpenCV hue runs 0..179. Upper bounds, in order; red wraps around at both ends.
 _HUES = ((8, "red"), (20, "orange"), (35, "yellow"), (85, "green"), (100, "cyan"), (130, "blue"),
          (160, "purple"), (170, "pink"), (180, "red"))
+COLOUR_NAMES = tuple(dict.fromkeys(name for _, name in _HUES))  # every colour a blob can be named
 
 
 @dataclass(frozen=True)

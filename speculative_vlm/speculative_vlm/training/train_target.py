@@ -92,6 +92,7 @@ class TrainTargetOptions:
     scale_factor: int = VisionSettings.scale_factor
     plain_frames: float = Variation.plain
     caption: float = 0.5  # share of the rows asking for the frame's description instead (train_vlm.FrameSteps)
+    vision_pretrain_steps: int = 3000  # stage 1: the tower learns region labels first (vision_pretrain.py; 0: none)
 
 
 class RunLog:

@@ -447,6 +447,16 @@ def run(args: TrainTargetOptions) -> int:
     fit_settings = FitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                warmup_steps=args.warmup_steps, seed=args.seed, minutes=args.minutes,
                                max_steps=args.max_steps, autocast=args.autocast)
+    combos = make_splits(args.split_seed)[TRAIN].combos
+    pretrained = None
+    if args.vision_pretrain_steps:
+        from speculative_vlm.training.vision_pretrain import pretrain_vision
+
+        with log.phase("vision pretraining"):
+            # Its own looks (another seed), so stage 2's frames are drawn as without it.
+            looks = FrameSteps(processor, config, base_vocab, pad, args.seed + 1, variation, combos)
+            pretrained = pretrain_vision(vlm, processor, looks.frames, tokens, args.vision_pretrain_steps,
+                                         seed=args.seed, log=log)
     with log.phase("train"):
         torch.manual_seed(args.seed)
         model = add_trainable(vlm, args.rank, args.alpha, args.dropout)
@@ -455,9 +465,8 @@ def run(args: TrainTargetOptions) -> int:
         log(f"[train] vision tower + connector + LoRA rank {args.rank}: {trainable / 1e6:.2f}M trainable parameters; "
             f"{len(tokens)} examples, {args.epochs} epochs, batch {args.batch_size}, {settings.image_tokens} image "
             f"tokens per frame of {settings.image_size} px")
-        steps = FrameSteps(processor, config, base_vocab, pad, args.seed, variation,
-                           make_splits(args.split_seed)[TRAIN].combos, caption=args.caption, stop_id=stop_id,
-                           log=log)
+        steps = FrameSteps(processor, config, base_vocab, pad, args.seed, variation, combos, caption=args.caption,
+                           stop_id=stop_id, log=log)
         probe_states = states[: args.probe]
         metrics["data"]["probe"] = len(probe_states)
 
@@ -498,6 +507,7 @@ def run(args: TrainTargetOptions) -> int:
                    "backbone_stamp": model_stamp(backbone_dir)},
         "training": asdict(report),
         "frames": {**steps.looks, "captions": steps.captions, "caption_share": args.caption},
+        "vision_pretrain": pretrained,
         "render_minutes": round(steps.render_s / 60, 1),
         "prefill": prefill_ms,
         "delta_mb": round(size_mb, 1),
@@ -528,6 +538,18 @@ def prefill_cost(adapter, observation, repeats: int = 3) -> dict:
 
 def _pct(k: int, n: int) -> str:
     return f"{k}/{n} ({100 * k / n:.0f}%)" if n else "-"
+
+
+def _pretrain_text(pre: dict | None) -> str:
+    if not pre:
+        return "none (the tower learned from the answer tokens alone)."
+    b, a = pre["before"], pre["after"]
+    return (f"the vision tower and connector first learned each image token's region ({pre['grid']} x "
+            f"{pre['grid']} grid) from the describer's colour blobs, with a linear probe thrown away afterwards: "
+            f"{pre['steps']} steps of {pre['batch_size']} frames, lr {pre['lr']}, {pre['minutes']} min. On "
+            f"{pre['validation_rows']} training rows kept out of it, regions holding an object named by colour "
+            f"{b['object_colour']:.0%} -> {a['object_colour']:.0%} right and by shape {b['object_shape']:.0%} -> "
+            f"{a['object_shape']:.0%} ({a['object_regions']} of {a['regions']} regions hold one).")
 
 
 def card(m: dict) -> str:
@@ -593,6 +615,7 @@ frame's prompt ({m['prefill']['tokens']} ids) took {m['prefill']['prompt_ms']:.0
   {d['answer_tokens_mean']}.
 
 ## Method and hyperparameters
+- Stage 1 (`training/vision_pretrain.py`): {_pretrain_text(m.get('vision_pretrain'))}
 - Trainable: vision tower and connector (new) and the LoRA; {m['method']['trainable_parameters'] / 1e6:.2f}M parameters.
 - Caption task: {fr.get('caption_share', 0):.0%} of the rows ({fr.get('captions', 0)} in all) ask instead to describe their frame
   ("{CAPTION_REQUEST}", no instruction) and are answered with what the scene describer reads in that very
