@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from speculative_vlm.evaluation.splits import TRAIN, make_splits
 from speculative_vlm.evaluation.world import WorldConfig
 from speculative_vlm.training import train_vlm, vlm_frames
@@ -23,7 +22,7 @@ def test_a_region_is_labelled_with_the_colour_and_shape_that_cover_it():
     colours, shapes = region_labels(frame, 4)
     assert COLOURS[colours[0]] == "red" and SHAPES[shapes[0]] == "box"
     assert COLOURS[colours[15]] == "blue" and SHAPES[shapes[15]] == "ball"
-    assert all(c == 0 and s == 0 for i, (c, s) in enumerate(zip(colours, shapes)) if i not in (0, 15))
+    assert all(c == 0 and s == 0 for i, (c, s) in enumerate(zip(colours, shapes, strict=True)) if i not in (0, 15))
 
 
 def test_image_tokens_follow_the_regions_in_row_major_order():
